@@ -1,0 +1,43 @@
+"""catpatch: CAT pruning (cluster-aware token pruning with feature caching) for SD3 pipelines.
+
+    from catpatch import CATConfig, apply_cat, remove_cat, cat_stats
+    apply_cat(pipe, CATConfig(keep_ratio=0.3, warmup_steps=8))
+    image = pipe(prompt, num_inference_steps=28).images[0]
+    print(cat_stats(pipe).summary())
+    remove_cat(pipe)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .config import CATConfig
+from .patching import apply_cat, cat_generation, is_patched, remove_cat
+from .stats import CATStats
+
+__version__ = "0.1.0"
+__all__ = [
+    "CATConfig",
+    "CATStats",
+    "apply_cat",
+    "remove_cat",
+    "cat_stats",
+    "cat_generation",
+    "is_patched",
+]
+
+
+def cat_stats(target: Any) -> CATStats:
+    """What the last generation of a CAT-patched pipeline or transformer did.
+
+    Steps, pruned steps, S and L, the fraction of image tokens computed, and the MACs of the
+    run against the same run unpatched (see `catpatch.stats`).
+    """
+    from .patching import _resolve, get_patch
+    from .stats import collect
+
+    transformer, _ = _resolve(target)
+    patch = get_patch(transformer)
+    if patch is None:
+        raise ValueError("cat_stats needs a CAT-patched model: call apply_cat first")
+    return collect(patch, transformer)

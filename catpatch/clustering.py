@@ -1,0 +1,117 @@
+"""Spatial clusters of the token grid: position-coded k-means and cluster-graph pooling.
+
+Everything here runs on the model's device with static shapes. The token-grid graph comes from
+torch-geometric (`utils.grid`); token features are pooled into clusters with its graph-pooling
+ops (`max_pool_x`, `avg_pool_x`), which use torch-scatter when installed and torch's
+`scatter_reduce` otherwise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch_geometric.nn.pool import avg_pool_x, max_pool_x
+from torch_geometric.utils import grid, remove_self_loops
+
+
+@dataclass
+class GridGeometry:
+    """What the clustering needs to know about a token grid; built once per resolution."""
+
+    height: int
+    width: int
+    position: Tensor  # (L, 2): row / H', col / W'
+    edges: Tensor  # (2, E): 8-neighbour grid edges, no self loops
+    init: Tensor  # (C,): token indices of the initial centroids
+
+    @classmethod
+    def build(cls, height: int, width: int, num_clusters: int, device) -> GridGeometry:
+        rows = torch.arange(height, dtype=torch.float32).repeat_interleave(width) / height
+        cols = torch.arange(width, dtype=torch.float32).repeat(height) / width
+        position = torch.stack([rows, cols], dim=1)
+        edges, _ = remove_self_loops(grid(height, width)[0])
+        init = farthest_points(position, num_clusters)
+        return cls(height, width, position.to(device), edges.to(device), init.to(device))
+
+
+def farthest_points(points: Tensor, count: int) -> Tensor:
+    """Deterministic, well spread seeds: farthest-point sampling from token 0. (N, d) -> (count,)."""
+    chosen = torch.zeros(count, dtype=torch.long)
+    dist = torch.full((points.shape[0],), float("inf"))
+    for i in range(1, count):
+        dist = torch.minimum(dist, (points - points[chosen[i - 1]]).square().sum(-1))
+        chosen[i] = dist.argmax()
+    return chosen
+
+
+def _flat_cluster_index(labels: Tensor, num_clusters: int) -> Tensor:
+    offsets = torch.arange(labels.shape[0], device=labels.device)[:, None] * num_clusters
+    return (labels + offsets).reshape(-1)
+
+
+def kmeans(features: Tensor, init: Tensor, iters: int) -> Tensor:
+    """Lloyd's k-means with a fixed iteration count. (G, L, d), seeds (C,) -> labels (G, L).
+
+    A cluster that loses all its tokens keeps its previous centroid, so the result is
+    deterministic and every shape is static.
+    """
+    groups, num_tokens, dim = features.shape
+    num_clusters = init.shape[0]
+    centroids = features[:, init]
+    flat = features.reshape(-1, dim)
+    ones = features.new_ones(groups * num_tokens, 1)
+    for _ in range(iters):
+        labels = torch.cdist(features, centroids).argmin(-1)
+        index = _flat_cluster_index(labels, num_clusters)
+        size = groups * num_clusters
+        means, _ = avg_pool_x(index, flat, None, batch_size=1, size=size)
+        counts, _ = max_pool_x(index, ones, None, batch_size=1, size=size)
+        filled = counts.view(groups, num_clusters, 1) > 0
+        centroids = torch.where(filled, means.view(groups, num_clusters, dim), centroids)
+    return torch.cdist(features, centroids).argmin(-1)
+
+
+def cluster_features(output: Tensor, position: Tensor, scale: float) -> Tensor:
+    """k-means features: scale·output next to the position code. (G, L, F) -> (G, L, F+2)."""
+    pos = position.to(torch.float32).expand(output.shape[0], -1, -1)
+    return torch.cat([scale * output.float(), pos], dim=-1)
+
+
+def cluster_scores(diff: Tensor, labels: Tensor, num_clusters: int) -> Tensor:
+    """Score per cluster: norm of the channel-wise max of `diff` over the cluster's tokens.
+
+    Graph max-pooling of token features into cluster nodes. (G, L, F) -> (G, C); an empty
+    cluster scores 0.
+    """
+    groups, _, dim = diff.shape
+    index = _flat_cluster_index(labels, num_clusters)
+    pooled, _ = max_pool_x(
+        index, diff.reshape(-1, dim).float(), None, batch_size=1, size=groups * num_clusters
+    )
+    return pooled.view(groups, num_clusters, dim).norm(dim=-1)
+
+
+def cluster_adjacency(labels: Tensor, edges: Tensor, num_clusters: int) -> Tensor:
+    """Which clusters touch on the token grid (the coarsened graph). -> (G, C, C) bool."""
+    groups = labels.shape[0]
+    src, dst = labels[:, edges[0]], labels[:, edges[1]]
+    pair = src * num_clusters + dst
+    flat = _flat_cluster_index(pair, num_clusters * num_clusters)
+    size = groups * num_clusters * num_clusters
+    ones = torch.ones(flat.shape[0], 1, device=labels.device)
+    touch, _ = max_pool_x(flat, ones, None, batch_size=1, size=size)
+    adjacency = touch.view(groups, num_clusters, num_clusters) > 0
+    eye = torch.eye(num_clusters, dtype=torch.bool, device=labels.device)
+    return adjacency & ~eye
+
+
+def smooth_scores(score: Tensor, adjacency: Tensor) -> Tensor:
+    """Neighbour aggregation on the cluster graph: own score + mean + max of the neighbours'."""
+    neighbours = adjacency.to(score.dtype)
+    degree = neighbours.sum(-1)
+    mean = (neighbours * score[:, None, :]).sum(-1) / degree.clamp(min=1)
+    masked = torch.where(adjacency, score[:, None, :], torch.full_like(neighbours, -torch.inf))
+    maximum = torch.where(degree > 0, masked.amax(-1), torch.zeros_like(score))
+    return score + mean + maximum

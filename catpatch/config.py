@@ -1,0 +1,134 @@
+"""`CATConfig`: every knob of CAT pruning, validated on construction."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+SELECTION_MODES = ("cat", "random", "noise", "stale")
+CFG_SELECTION_MODES = ("shared", "per_row")
+
+
+@dataclass
+class CATConfig:
+    """Settings of CAT pruning (cluster-aware token pruning with feature caching).
+
+    Attributes:
+        keep_ratio (float, default 0.3): α, the fraction of image tokens recomputed on each pruned
+            step; the budget is S = floor(α·L) for L image tokens. Lower is faster (a pruned step
+            costs about (S+T)/(L+T) of a full one, T text tokens) and drifts further from the
+            unpatched image. 1.0 recomputes every token (the pruned path equals the model).
+        warmup_steps (int, default 8): t0, full steps before pruning starts (at least 2: step
+            t0-2 gives the reference output, step t0-1 the clusters and first selection). More
+            warm-up keeps the layout of the image closer to unpatched and saves less. A run with
+            no more steps than this is not pruned at all.
+        num_clusters (int, default 20): C, spatial k-means clusters of the token grid, made once
+            per run. More clusters spread the cluster quota over smaller regions; must not exceed
+            the number of image tokens of the call.
+        recency_decay (float, default 0.5): each pruned step multiplies every token's recency
+            counter by this before adding 1 to the tokens just recomputed. Lower forgets faster.
+        cluster_fraction (float, default 0.25): share of S given to the cluster quota (tokens
+            that drifted most, walked cluster by cluster); the rest goes to the least recently
+            recomputed tokens. 0 gives pure round robin by staleness.
+        cluster_quota (float, default 0.05): k as a fraction of S. Walking clusters from the
+            best score down, the quotas of top-drift tokens are 3k, 2k, k, k, ...; every cluster
+            but the first also gives its k/2 least recently computed tokens.
+        first_quota (float, default 0.1): per-cluster quota, as a fraction of S, of the first
+            selection (made at step t0-1 from drift alone).
+        cluster_feature_scale (float, default 0.05): weight of the model output in the k-means
+            features next to the 2-D position code (row/H', col/W'). 0 gives pure spatial tiles;
+            larger lets content shape the clusters more.
+        kmeans_iters (int, default 10): Lloyd iterations (fixed count: no data-dependent stop).
+        selection (str, default "cat"): "cat" (cluster-aware, the paper), or the same-budget
+            ablations "random" (uniform), "noise" (largest drift only, no clusters, no
+            staleness) and "stale" (round robin by recency only).
+        cfg_selection (str, default "shared"): under classifier-free guidance, "shared" gives
+            the unconditional row the selection of its conditional row (the rows are one image);
+            "per_row" selects for every batch row on its own output.
+        seed (int, default 0): seeds the "random" selection mode. Clustering is deterministic.
+    """
+
+    keep_ratio: float = 0.3
+    warmup_steps: int = 8
+    num_clusters: int = 20
+    recency_decay: float = 0.5
+    cluster_fraction: float = 0.25
+    cluster_quota: float = 0.05
+    first_quota: float = 0.1
+    cluster_feature_scale: float = 0.05
+    kmeans_iters: int = 10
+    selection: str = "cat"
+    cfg_selection: str = "shared"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        def fail(field: str, why: str) -> None:
+            raise ValueError(f"CATConfig.{field}={getattr(self, field)!r}: {why}")
+
+        for name in ("warmup_steps", "num_clusters", "kmeans_iters", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                fail(name, "must be an int")
+        for name in (
+            "keep_ratio",
+            "recency_decay",
+            "cluster_fraction",
+            "cluster_quota",
+            "first_quota",
+            "cluster_feature_scale",
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                fail(name, "must be a number")
+            if not math.isfinite(value):
+                fail(name, "must be finite")
+        if not 0.0 < self.keep_ratio <= 1.0:
+            fail("keep_ratio", "must be in (0, 1]; e.g. 0.3 recomputes 30% of tokens per step")
+        if self.warmup_steps < 2:
+            fail("warmup_steps", "must be >= 2 (step t0-2 is the reference, t0-1 clusters)")
+        if self.num_clusters < 1:
+            fail("num_clusters", "must be >= 1")
+        if not 0.0 <= self.recency_decay < 1.0:
+            fail("recency_decay", "must be in [0, 1)")
+        if not 0.0 <= self.cluster_fraction <= 1.0:
+            fail("cluster_fraction", "must be in [0, 1]")
+        if not 0.0 < self.cluster_quota <= 1.0:
+            fail("cluster_quota", "must be in (0, 1]")
+        if not 0.0 < self.first_quota <= 1.0:
+            fail("first_quota", "must be in (0, 1]")
+        if self.cluster_feature_scale < 0:
+            fail("cluster_feature_scale", "must be >= 0")
+        if self.kmeans_iters < 1:
+            fail("kmeans_iters", "must be >= 1")
+        if self.selection not in SELECTION_MODES:
+            fail("selection", f"must be one of {SELECTION_MODES}")
+        if self.cfg_selection not in CFG_SELECTION_MODES:
+            fail("cfg_selection", f"must be one of {CFG_SELECTION_MODES}")
+
+    @classmethod
+    def paper(cls, **overrides) -> CATConfig:
+        """The reference setting of the paper: α 0.3, t0 8, 20 clusters."""
+        return cls(**{"keep_ratio": 0.3, "warmup_steps": 8, "num_clusters": 20, **overrides})
+
+    def replace(self, **changes) -> CATConfig:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def budget(self, num_tokens: int) -> int:
+        """S, the tokens recomputed per pruned step for L = `num_tokens` (at least 1)."""
+        return max(1, min(num_tokens, int(math.floor(self.keep_ratio * num_tokens + 1e-9))))
+
+    def __repr__(self) -> str:
+        # Only what differs from the defaults, so a printed config reads as the user wrote it.
+        default = CATConfig.__new__(CATConfig)
+        for f in dataclasses.fields(self):
+            setattr(default, f.name, f.default)
+        changed = [
+            f"{f.name}={getattr(self, f.name)!r}"
+            for f in dataclasses.fields(self)
+            if getattr(self, f.name) != getattr(default, f.name)
+        ]
+        core = [f"keep_ratio={self.keep_ratio!r}", f"warmup_steps={self.warmup_steps!r}"]
+        rest = [c for c in changed if not c.startswith(("keep_ratio=", "warmup_steps="))]
+        return f"CATConfig({', '.join(core + rest)})"

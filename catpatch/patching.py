@@ -1,0 +1,174 @@
+"""`apply_cat` / `remove_cat` / `cat_generation`: put CAT on a pipeline or transformer and take it off.
+
+A patch touches only the given objects: hooks and per-instance `forward` overrides on the
+transformer (see `sd3.py`), and on a pipeline a wrapt wrapper around the instance's
+`progress_bar`, whose `with` block is exactly one denoising loop: entering it starts a run
+(state reset), leaving it, also by an exception or an interrupt, ends the run (caches freed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections.abc import Iterator
+from typing import Any, TypeVar
+
+import wrapt
+
+from .config import CATConfig
+from .hooks import PatchSet
+from .sd3 import SD3Adapter, check_transformer
+from .state import CATState
+
+T = TypeVar("T")
+_ATTRIBUTE = "_catpatch"
+SUPPORTED_PIPELINES = (
+    "StableDiffusion3Pipeline",
+    "StableDiffusion3Img2ImgPipeline",
+    "StableDiffusion3InpaintPipeline",
+    "StableDiffusion3ControlNetPipeline",
+    "StableDiffusion3ControlNetInpaintingPipeline",
+)
+
+
+class Patch:
+    """Everything `apply_cat` changed, so `remove_cat` can undo it."""
+
+    def __init__(self, transformer, config: CATConfig):
+        self.config = config
+        self.state = CATState(config, len(transformer.transformer_blocks))
+        self.adapter = SD3Adapter(transformer, self.state)
+        self.pipeline_patches = PatchSet()
+        self.pipelines: list[weakref.ref] = []
+
+    def add_pipeline(self, pipe) -> None:
+        if any(ref() is pipe for ref in self.pipelines):
+            return
+        self.pipelines.append(weakref.ref(pipe))
+        state_ref = weakref.ref(self.state)
+        pipe_ref = weakref.ref(pipe)
+
+        def start_run(wrapped, instance, args, kwargs):
+            bar = wrapped(*args, **kwargs)
+            state = state_ref()
+            if state is None or kwargs.get("total") is None:
+                return bar
+            return _RunScope(bar, state, pipe_ref(), kwargs["total"])
+
+        self.pipeline_patches.set_attribute(
+            pipe, "progress_bar", wrapt.FunctionWrapper(pipe.progress_bar, start_run)
+        )
+
+    def remove(self) -> None:
+        self.pipeline_patches.undo()
+        self.adapter.remove()
+
+
+class _RunScope(wrapt.ObjectProxy):
+    """The pipeline's progress bar, which also marks the start and end of a CAT run."""
+
+    def __init__(self, bar, state: CATState, pipe, total: int):
+        super().__init__(bar)
+        self._self_state = state
+        self._self_cfg = bool(getattr(pipe, "do_classifier_free_guidance", False))
+        self._self_total = total
+
+    def __enter__(self):
+        self._self_state.begin_run(self._self_total)
+        self._self_state.cfg_rows = self._self_cfg
+        return self.__wrapped__.__enter__()
+
+    def __exit__(self, *exc):
+        self._self_state.end_run()
+        return self.__wrapped__.__exit__(*exc)
+
+
+def _resolve(target: Any):
+    """(transformer, pipeline or None) of a pipeline or transformer; TypeError otherwise."""
+    from diffusers import DiffusionPipeline
+
+    if isinstance(target, DiffusionPipeline):
+        name = type(target).__name__
+        supported = [c for c in type(target).__mro__ if c.__name__ in SUPPORTED_PIPELINES]
+        if not supported:
+            raise TypeError(
+                f"{name} is not a supported SD3-family pipeline; CAT supports "
+                f"{', '.join(SUPPORTED_PIPELINES)} (or a bare SD3Transformer2DModel)"
+            )
+        transformer = getattr(target, "transformer", None)
+        if transformer is None:
+            raise TypeError(f"{name} has no transformer loaded; load one before apply_cat")
+        return _unwrap(transformer), target
+    return _unwrap(target), None
+
+
+def _unwrap(module):
+    return getattr(module, "_orig_mod", module)  # a torch.compile OptimizedModule
+
+
+def apply_cat(target: T, config: CATConfig | None = None) -> T:
+    """Patch an SD3-family pipeline (or a bare `SD3Transformer2DModel`) with CAT pruning.
+
+    Returns `target`. Applying again replaces the previous config (hooks never stack). All
+    checks run before anything is changed: on error the target is untouched.
+    """
+    config = CATConfig() if config is None else config
+    if not isinstance(config, CATConfig):
+        raise TypeError(f"config must be a CATConfig, got {type(config).__name__}")
+    transformer, pipe = _resolve(target)
+    check_transformer(transformer)
+
+    patch: Patch | None = getattr(transformer, _ATTRIBUTE, None)
+    pipes = [] if patch is None else [ref() for ref in patch.pipelines if ref() is not None]
+    if patch is not None:
+        patch.remove()
+        del transformer.__dict__[_ATTRIBUTE]
+    patch = Patch(transformer, config)
+    patch.adapter.install()
+    for other in [*pipes, pipe]:
+        if other is not None:
+            patch.add_pipeline(other)
+    transformer.__dict__[_ATTRIBUTE] = patch
+    return target
+
+
+def remove_cat(target: T) -> T:
+    """Undo `apply_cat` exactly (also for every pipeline sharing the transformer); no-op if
+    `target` is not patched. Returns `target`."""
+    transformer, _ = _resolve(target)
+    patch = get_patch(transformer)
+    if patch is not None:
+        patch.remove()
+        del transformer.__dict__[_ATTRIBUTE]
+    return target
+
+
+def get_patch(target: Any) -> Patch | None:
+    """The CAT patch of a pipeline or transformer, or None."""
+    from diffusers import DiffusionPipeline
+
+    if isinstance(target, DiffusionPipeline):
+        target = getattr(target, "transformer", None)
+    return getattr(_unwrap(target), "__dict__", {}).get(_ATTRIBUTE)
+
+
+def is_patched(target: Any) -> bool:
+    return get_patch(target) is not None
+
+
+@contextlib.contextmanager
+def cat_generation(target: Any, num_inference_steps: int | None = None) -> Iterator[None]:
+    """One generation of your own denoising loop with a CAT-patched transformer.
+
+    Every transformer call inside is one step (a call with `skip_layers=` is not); caches are
+    freed on exit. Pipelines do this themselves. `num_inference_steps`, when given, lets a run
+    no longer than the warm-up skip the cache recording.
+    """
+    patch = get_patch(target)
+    if patch is None:
+        raise ValueError("cat_generation needs a CAT-patched model: call apply_cat first")
+    patch.state.begin_run(num_inference_steps)
+    try:
+        yield
+    finally:
+        patch.state.end_run()

@@ -1,0 +1,340 @@
+"""The SD3-family model adapter: where CAT plugs into `SD3Transformer2DModel`.
+
+All knowledge of the diffusers layout lives here. The transformer's own `forward` stays in
+charge (LoRA scaling, skip layers, ControlNet residuals, unpatchify); CAT changes it at five
+points, all on this model instance:
+
+- transformer pre/post hooks: decide the step's mode, count steps, gather ControlNet residuals;
+- `pos_embed` output: on a pruned step only the selected tokens enter the blocks;
+- each block's `forward`: on the recording step and on pruned steps, our block function;
+- `norm_out` input: the dense residual stream of all tokens, with the computed tokens in place;
+- `proj_out` output: unselected tokens take their previous output; the next selection is made.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .hooks import PatchSet
+from .state import BlockCache, CATState, Geometry, Mode
+
+# Attention processors whose computation our pruned attention reproduces.
+KNOWN_PROCESSORS = ("JointAttnProcessor2_0", "FusedJointAttnProcessor2_0")
+
+
+def check_transformer(transformer) -> None:
+    """Raise `TypeError` if CAT cannot serve this transformer as it is set up now."""
+    from diffusers import SD3Transformer2DModel
+
+    if not isinstance(transformer, SD3Transformer2DModel):
+        raise TypeError(
+            f"expected an SD3Transformer2DModel, got {type(transformer).__name__}; CAT supports "
+            f"SD3-family transformers (SD3-medium, SD3.5-medium, SD3.5-large)"
+        )
+    if getattr(transformer, "image_proj", None) is not None:
+        raise TypeError(
+            "an IP-Adapter is loaded on this transformer; CAT does not support IP-Adapter yet. "
+            "Call pipe.unload_ip_adapter() first"
+        )
+    for name, proc in transformer.attn_processors.items():
+        if type(proc).__name__ not in KNOWN_PROCESSORS:
+            raise TypeError(
+                f"attention processor {type(proc).__name__} at {name} would be bypassed on "
+                f"pruned steps; CAT supports {', '.join(KNOWN_PROCESSORS)}. Restore the default "
+                f"with transformer.set_attn_processor(JointAttnProcessor2_0()) first"
+            )
+
+
+# ---- the pruned / recording block ------------------------------------------------------------
+def _rows_index(index: Tensor, shape: torch.Size) -> Tensor:
+    """Expand (R, S) token indices over the trailing dims of a (R, L, ...) tensor."""
+    return index.view(*index.shape, *([1] * (len(shape) - 2))).expand(
+        index.shape[0], index.shape[1], *shape[2:]
+    )
+
+
+def gather_tokens(x: Tensor, index: Tensor) -> Tensor:
+    """x[r, index[r]] for every row r. (R, L, ...) -> (R, S, ...)."""
+    return x.gather(1, _rows_index(index, x.shape))
+
+
+def _store(cache: Tensor | None, values: Tensor, index: Tensor | None) -> Tensor:
+    """Write computed tokens into a cache: all of them (recording step) or the selected ones."""
+    if index is None:
+        return values.contiguous()
+    return cache.scatter_(1, _rows_index(index, cache.shape), values)
+
+
+def _split_heads(x: Tensor, heads: int) -> Tensor:
+    return x.view(x.shape[0], x.shape[1], heads, -1)
+
+
+def _projections(attn, x: Tensor, context: bool) -> tuple[Tensor, Tensor, Tensor]:
+    fused = getattr(attn, "to_added_qkv" if context else "to_qkv", None)
+    if getattr(attn, "fused_projections", False) and fused is not None:
+        return fused(x).chunk(3, dim=-1)
+    if context:
+        return attn.add_q_proj(x), attn.add_k_proj(x), attn.add_v_proj(x)
+    return attn.to_q(x), attn.to_k(x), attn.to_v(x)
+
+
+def attention(
+    attn, x: Tensor, context: Tensor | None, cache: BlockCache, slot: str, index: Tensor | None
+) -> tuple[Tensor, Tensor | None]:
+    """Joint attention for the computed image tokens against all L cached image K/V (+ text).
+
+    Mirrors diffusers' `JointAttnProcessor2_0`; `slot` "" is the joint attention, "2" the
+    image-only second attention of dual-attention blocks. With `index` None every token is
+    computed and the caches are (re)filled.
+    """
+    heads = attn.heads
+    q, k, v = (_split_heads(t, heads) for t in _projections(attn, x, context=False))
+    if attn.norm_q is not None:
+        q = attn.norm_q(q)
+    if attn.norm_k is not None:
+        k = attn.norm_k(k)
+    keys = _store(getattr(cache, "key" + slot), k, index)
+    values = _store(getattr(cache, "value" + slot), v, index)
+    setattr(cache, "key" + slot, keys)
+    setattr(cache, "value" + slot, values)
+    computed = q.shape[1]
+    if context is not None:
+        cq, ck, cv = (_split_heads(t, heads) for t in _projections(attn, context, context=True))
+        if attn.norm_added_q is not None:
+            cq = attn.norm_added_q(cq)
+        if attn.norm_added_k is not None:
+            ck = attn.norm_added_k(ck)
+        q = torch.cat([q, cq], dim=1)
+        keys = torch.cat([keys, ck], dim=1)
+        values = torch.cat([values, cv], dim=1)
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), dropout_p=0.0
+    )
+    out = out.transpose(1, 2).reshape(q.shape[0], q.shape[1], -1).to(q.dtype)
+    image, text = out[:, :computed], out[:, computed:]
+    image = attn.to_out[1](attn.to_out[0](image))
+    if context is None:
+        return image, None
+    if not attn.context_pre_only:
+        text = attn.to_add_out(text)
+    return image, text
+
+
+def _feed_forward(block, x: Tensor) -> Tensor:
+    if block._chunk_size is not None:
+        from diffusers.models.attention import _chunked_feed_forward
+
+        return _chunked_feed_forward(block.ff, x, block._chunk_dim, block._chunk_size)
+    return block.ff(x)
+
+
+def cat_block_forward(
+    block,
+    cache: BlockCache,
+    index: Tensor | None,
+    residual: Tensor | None,
+    hidden_states: Tensor,
+    encoder_hidden_states: Tensor,
+    temb: Tensor,
+) -> tuple[Tensor | None, Tensor]:
+    """`JointTransformerBlock.forward` for the computed tokens, reading/writing `cache`.
+
+    `hidden_states` holds the computed tokens only (all L with `index` None). On pruned steps
+    the gated cached outputs of all tokens are also added to `residual`, the dense residual
+    stream from which the unselected tokens' outputs are estimated.
+    """
+    if block.use_dual_attention:
+        normed, gate_msa, shift_mlp, scale_mlp, gate_mlp, normed2, gate_msa2 = block.norm1(
+            hidden_states, emb=temb
+        )
+    else:
+        normed, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.norm1(hidden_states, emb=temb)
+    if block.context_pre_only:
+        normed_context = block.norm1_context(encoder_hidden_states, temb)
+    else:
+        normed_context, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = block.norm1_context(
+            encoder_hidden_states, emb=temb
+        )
+
+    attn_output, context_attn_output = attention(
+        block.attn, normed, normed_context, cache, "", index
+    )
+    cache.attn = _store(cache.attn, attn_output, index)
+    hidden_states = hidden_states + gate_msa.unsqueeze(1) * attn_output
+    if block.use_dual_attention:
+        attn_output2, _ = attention(block.attn2, normed2, None, cache, "2", index)
+        cache.attn2 = _store(cache.attn2, attn_output2, index)
+        hidden_states = hidden_states + gate_msa2.unsqueeze(1) * attn_output2
+
+    normed = block.norm2(hidden_states)
+    normed = normed * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
+    ff_output = _feed_forward(block, normed)
+    cache.ff = _store(cache.ff, ff_output, index)
+    hidden_states = hidden_states + gate_mlp.unsqueeze(1) * ff_output
+
+    if residual is not None:
+        residual.addcmul_(gate_msa.unsqueeze(1), cache.attn)
+        if block.use_dual_attention:
+            residual.addcmul_(gate_msa2.unsqueeze(1), cache.attn2)
+        residual.addcmul_(gate_mlp.unsqueeze(1), cache.ff)
+
+    if block.context_pre_only:
+        return None, hidden_states
+    encoder_hidden_states = encoder_hidden_states + c_gate_msa.unsqueeze(1) * context_attn_output
+    normed_context = block.norm2_context(encoder_hidden_states)
+    normed_context = normed_context * (1 + c_scale_mlp[:, None]) + c_shift_mlp[:, None]
+    if block._chunk_size is not None:
+        from diffusers.models.attention import _chunked_feed_forward
+
+        context_ff = _chunked_feed_forward(
+            block.ff_context, normed_context, block._chunk_dim, block._chunk_size
+        )
+    else:
+        context_ff = block.ff_context(normed_context)
+    encoder_hidden_states = encoder_hidden_states + c_gate_mlp.unsqueeze(1) * context_ff
+    return encoder_hidden_states, hidden_states
+
+
+# ---- installing on a transformer ------------------------------------------------------------
+def _call_argument(args: tuple, kwargs: dict, name: str, position: int):
+    if name in kwargs:
+        return kwargs[name]
+    return args[position] if len(args) > position else None
+
+
+class SD3Adapter:
+    """Hooks CAT into one `SD3Transformer2DModel` instance; `remove()` undoes it exactly."""
+
+    def __init__(self, transformer, state: CATState):
+        self.transformer = transformer
+        self.state = state
+        self.patches = PatchSet()
+        self.controlnet: list[Tensor] | None = None
+        self._warned_outside = False
+
+    # -- install / remove
+    def install(self) -> None:
+        t, p = self.transformer, self.patches
+        p.add_handle(t.register_forward_pre_hook(self._pre_call, with_kwargs=True))
+        p.add_handle(t.register_forward_hook(self._post_call, with_kwargs=True))
+        p.add_handle(t.pos_embed.register_forward_hook(self._after_embed))
+        p.add_handle(t.norm_out.register_forward_pre_hook(self._before_norm_out))
+        p.add_handle(t.proj_out.register_forward_hook(self._after_proj_out))
+        for i, block in enumerate(t.transformer_blocks):
+            forward = functools.partial(self._block_forward, i, block.forward)
+            p.set_attribute(block, "forward", functools.update_wrapper(forward, block.forward))
+
+    def remove(self) -> None:
+        self.patches.undo()
+        self.state.end_run()
+
+    # -- transformer call
+    def _geometry(self, args: tuple, kwargs: dict) -> Geometry:
+        hidden = _call_argument(args, kwargs, "hidden_states", 0)
+        context = _call_argument(args, kwargs, "encoder_hidden_states", 1)
+        patch = self.transformer.config.patch_size
+        return Geometry(
+            rows=hidden.shape[0],
+            height=hidden.shape[-2] // patch,
+            width=hidden.shape[-1] // patch,
+            text_tokens=context.shape[1],
+            device=hidden.device,
+            dtype=hidden.dtype,
+        )
+
+    def _pre_call(self, module, args, kwargs):
+        state = self.state
+        if _call_argument(args, kwargs, "skip_layers", 7) is not None:
+            state.mode = Mode.PASS  # skip-layer guidance: an extra call inside the same step
+            return None
+        if not state.in_run:
+            self._warn_outside()
+        mode = state.plan_call(self._geometry(args, kwargs))
+        state.mode = mode
+        if mode is not Mode.PRUNED:
+            return None
+        index = state.begin_pruned_step()
+        controlnet = kwargs.get("block_controlnet_hidden_states")
+        self.controlnet = controlnet
+        if controlnet is not None:
+            kwargs = dict(kwargs)
+            kwargs["block_controlnet_hidden_states"] = [gather_tokens(c, index) for c in controlnet]
+            return args, kwargs
+        return None
+
+    def _post_call(self, module, args, kwargs, output):
+        state = self.state
+        mode, state.mode = state.mode, Mode.PASS
+        self.controlnet = None
+        state.finish_call(mode)
+        return None
+
+    def _warn_outside(self) -> None:
+        if not self._warned_outside:
+            self._warned_outside = True
+            warnings.warn(
+                "catpatch: the transformer was called outside a generation, so CAT ran it "
+                "unpruned. Pipelines start a generation themselves; with your own denoising loop, "
+                "wrap it in `with catpatch.cat_generation(transformer, num_inference_steps=N):`",
+                stacklevel=4,
+            )
+
+    # -- inside the call
+    def _after_embed(self, module, args, output: Tensor):
+        state = self.state
+        if state.mode is not Mode.PRUNED:
+            return None
+        if state.residual is None:
+            state.residual = output.clone()
+        else:
+            state.residual.copy_(output)
+        return gather_tokens(output, state.index)
+
+    def _block_forward(
+        self, i: int, original, hidden_states, encoder_hidden_states=None, temb=None,
+        joint_attention_kwargs=None,
+    ):
+        state = self.state
+        if state.mode is Mode.PRUNED:
+            return cat_block_forward(
+                self.transformer.transformer_blocks[i], state.caches[i], state.index,
+                state.residual, hidden_states, encoder_hidden_states, temb,
+            )
+        if state.mode is Mode.RECORD:
+            return cat_block_forward(
+                self.transformer.transformer_blocks[i], state.caches[i], None, None,
+                hidden_states, encoder_hidden_states, temb,
+            )
+        return original(
+            hidden_states=hidden_states,
+            encoder_hidden_states=encoder_hidden_states,
+            temb=temb,
+            joint_attention_kwargs=joint_attention_kwargs,
+        )
+
+    def _before_norm_out(self, module, args):
+        state = self.state
+        if state.mode is not Mode.PRUNED:
+            return None
+        hidden, rest = args[0], args[1:]
+        dense = state.residual
+        if self.controlnet is not None:
+            # The transformer adds ControlNet residuals after every block but the last.
+            blocks = self.transformer.transformer_blocks
+            interval = len(blocks) / len(self.controlnet)
+            for i, block in enumerate(blocks):
+                if block.context_pre_only is False:
+                    dense.add_(self.controlnet[int(i / interval)])
+        dense.scatter_(1, _rows_index(state.index, dense.shape), hidden)
+        return (dense, *rest)
+
+    def _after_proj_out(self, module, args, output: Tensor):
+        state = self.state
+        if state.mode in (Mode.PASS, Mode.FULL):
+            return None
+        return state.observe_output(state.mode, output)

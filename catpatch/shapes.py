@@ -1,0 +1,88 @@
+"""Named SD3-family transformer shapes, for benchmarks and tests with random weights.
+
+Speed does not depend on weight values, so a transformer built from one of these configs with
+random weights times the same as the released checkpoint of that shape.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# Real shapes, read off the released checkpoints' transformer configs.
+_SD3_MEDIUM: dict[str, Any] = dict(
+    sample_size=128,
+    patch_size=2,
+    in_channels=16,
+    out_channels=16,
+    num_layers=24,
+    attention_head_dim=64,
+    num_attention_heads=24,
+    joint_attention_dim=4096,
+    caption_projection_dim=1536,
+    pooled_projection_dim=2048,
+    pos_embed_max_size=192,
+    dual_attention_layers=(),
+    qk_norm=None,
+)
+
+SHAPES: dict[str, dict[str, Any]] = {
+    "sd3-medium": _SD3_MEDIUM,
+    "sd3.5-medium": {
+        **_SD3_MEDIUM,
+        "pos_embed_max_size": 384,
+        "dual_attention_layers": tuple(range(13)),
+        "qk_norm": "rms_norm",
+    },
+    "sd3.5-large": {
+        **_SD3_MEDIUM,
+        "num_layers": 38,
+        "num_attention_heads": 38,
+        "caption_projection_dim": 2432,
+        "qk_norm": "rms_norm",
+    },
+    # CPU benchmark shape: width 256, 8 layers (the issue's CPU target).
+    "cpu-256x8": {
+        **_SD3_MEDIUM,
+        "num_layers": 8,
+        "num_attention_heads": 4,
+        "caption_projection_dim": 256,
+        "joint_attention_dim": 256,
+        "pooled_projection_dim": 64,
+    },
+    # Tiny shapes for tests: the three SD3-family layouts at toy size.
+    "tiny-sd3": {
+        **_SD3_MEDIUM,
+        "sample_size": 32,
+        "num_layers": 4,
+        "attention_head_dim": 16,
+        "num_attention_heads": 2,
+        "caption_projection_dim": 32,
+        "joint_attention_dim": 64,
+        "pooled_projection_dim": 64,
+        "pos_embed_max_size": 96,
+    },
+}
+SHAPES["tiny-sd3.5-medium"] = {
+    **SHAPES["tiny-sd3"],
+    "dual_attention_layers": (0, 1),
+    "qk_norm": "rms_norm",
+}
+SHAPES["tiny-sd3.5-large"] = {**SHAPES["tiny-sd3"], "num_layers": 5, "qk_norm": "rms_norm"}
+
+
+def transformer_config(shape: str, **overrides: Any) -> dict[str, Any]:
+    """The `SD3Transformer2DModel` config of a named shape, with optional overrides."""
+    if shape not in SHAPES:
+        raise ValueError(f"unknown shape {shape!r}; choose one of {sorted(SHAPES)}")
+    return {**SHAPES[shape], **overrides}
+
+
+def build_transformer(shape: str, seed: int = 0, **overrides: Any):
+    """An `SD3Transformer2DModel` of a named shape with seeded random weights (float32, CPU)."""
+    import torch
+    from diffusers import SD3Transformer2DModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = SD3Transformer2DModel(**transformer_config(shape, **overrides))
+    return model.eval()

@@ -1,0 +1,146 @@
+"""Cost accounting: the MAC model of a transformer step, and `cat_stats` of the last run.
+
+The model is the specification's (per block and sample, D hidden, L image, T text, S computed
+tokens): 12·D²·(S+T) for projections and FFNs plus 2·D·(S+T)·(L+T) for joint attention, made
+exact for what the spec leaves out: the last block has no text output projection or text FFN,
+SD3.5 dual-attention blocks add an image-only attention (4·D²·S + 2·D·S·L), and every step pays
+the embedders, the AdaLN modulation and the output projection of all L tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .config import CATConfig
+from .state import Mode
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """The sizes of an SD3-family transformer that its cost depends on."""
+
+    hidden: int
+    layers: int
+    dual_layers: int
+    patch: int
+    in_channels: int
+    out_channels: int
+    joint_dim: int
+    pooled_dim: int
+    ff_mult: int = 4
+    time_proj_dim: int = 256
+
+    @classmethod
+    def from_config(cls, config) -> ModelDims:
+        get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
+        layers = get("num_layers")
+        return cls(
+            hidden=get("num_attention_heads") * get("attention_head_dim"),
+            layers=layers,
+            dual_layers=len([i for i in (get("dual_attention_layers") or ()) if i < layers]),
+            patch=get("patch_size"),
+            in_channels=get("in_channels"),
+            out_channels=get("out_channels") or get("in_channels"),
+            joint_dim=get("joint_attention_dim"),
+            pooled_dim=get("pooled_projection_dim"),
+        )
+
+
+def block_macs(d: int, tokens: int, text: int, computed: int, last: bool, dual: bool) -> int:
+    """MACs of one block for one sample, `computed` of the `tokens` image tokens computed."""
+    ff = 2 * 4 * d * d  # two linears, hidden 4·D
+    image = (4 * d * d + ff) * computed  # Q, K, V, out + FFN
+    context = 3 * d * d * text + (0 if last else (d * d + ff) * text)
+    attention = 2 * d * (computed + text) * (tokens + text)
+    modulation = d * (9 if dual else 6) * d + d * (2 if last else 6) * d
+    if dual:
+        image += 4 * d * d * computed
+        attention += 2 * d * computed * tokens
+    return image + context + attention + modulation
+
+
+def step_macs(dims: ModelDims, tokens: int, text: int, computed: int | None = None) -> int:
+    """MACs of one transformer call for one sample (batch rows multiply it)."""
+    d = dims.hidden
+    computed = tokens if computed is None else computed
+    outer = (
+        tokens * dims.patch**2 * dims.in_channels * d  # patch embedding
+        + text * dims.joint_dim * d  # context embedder
+        + dims.time_proj_dim * d + d * d + dims.pooled_dim * d + d * d  # time/text embedding
+        + d * 2 * d  # final AdaLN
+        + tokens * d * dims.patch**2 * dims.out_channels  # proj_out on every token
+    )
+    blocks = sum(
+        block_macs(d, tokens, text, computed, last=i == dims.layers - 1, dual=i < dims.dual_layers)
+        for i in range(dims.layers)
+    )
+    return outer + blocks
+
+
+def spec_step_ratio(tokens: int, text: int, budget: int) -> float:
+    """The specification's cost of a pruned step relative to a full one: (S+T)/(L+T)."""
+    return (budget + text) / (tokens + text)
+
+
+def run_bound(steps: int, warmup: int, tokens: int, text: int, budget: int) -> float:
+    """Arithmetic speed-up bound of a run: N / (t0 + (N - t0)·(S+T)/(L+T))."""
+    if steps <= warmup:
+        return 1.0
+    return steps / (warmup + (steps - warmup) * spec_step_ratio(tokens, text, budget))
+
+
+@dataclass
+class CATStats:
+    """What the last generation of a patched model did."""
+
+    config: CATConfig
+    steps: int = 0
+    pruned_steps: int = 0
+    tokens: int = 0  # L, image tokens per sample
+    budget: int = 0  # S, tokens computed per pruned step
+    text_tokens: int = 0
+    rows: int = 0  # batch rows per transformer call (2B under CFG)
+    computed_fraction: float = 1.0  # image tokens computed over the run / all
+    macs: int = 0  # the run, all rows
+    macs_unpatched: int = 0  # the same run unpatched
+    cache_bytes: int = 0  # held by the caches during pruned steps
+    passthrough_calls: int = 0  # skip-layer-guidance / out-of-run calls run unpruned
+    per_step: list[tuple[str, int, int]] = field(default_factory=list)  # (mode, S, L)
+
+    @property
+    def macs_ratio(self) -> float:
+        return self.macs / self.macs_unpatched if self.macs_unpatched else 1.0
+
+    def summary(self) -> str:
+        if not self.steps:
+            return "CAT: no generation has run since apply_cat"
+        return (
+            f"CAT {self.config!r}: {self.steps} steps, {self.pruned_steps} pruned "
+            f"(S={self.budget} of L={self.tokens} image tokens, T={self.text_tokens} text, "
+            f"{self.rows} rows); image tokens computed {self.computed_fraction:.1%}; "
+            f"MACs {self.macs / 1e9:.3g} G vs {self.macs_unpatched / 1e9:.3g} G unpatched "
+            f"({self.macs_ratio:.3f}); caches {self.cache_bytes / 2**20:.1f} MiB"
+        )
+
+
+def collect(patch, transformer) -> CATStats:
+    """Build `CATStats` from a patch's run log."""
+    log = patch.state.log
+    stats = CATStats(config=patch.config, passthrough_calls=log.passthrough_calls)
+    if log.geometry is None or not log.steps:
+        return stats
+    geo = log.geometry
+    dims = ModelDims.from_config(transformer.config)
+    stats.steps = len(log.steps)
+    stats.pruned_steps = sum(s.mode is Mode.PRUNED for s in log.steps)
+    stats.tokens, stats.budget = geo.tokens, log.budget
+    stats.text_tokens, stats.rows = geo.text_tokens, geo.rows
+    stats.per_step = [(s.mode.value, s.selected, s.tokens) for s in log.steps]
+    computed = sum(s.selected for s in log.steps)
+    stats.computed_fraction = computed / (geo.tokens * stats.steps)
+    full = step_macs(dims, geo.tokens, geo.text_tokens)
+    pruned = step_macs(dims, geo.tokens, geo.text_tokens, log.budget)
+    stats.macs = geo.rows * ((stats.steps - stats.pruned_steps) * full + stats.pruned_steps * pruned)
+    stats.macs_unpatched = geo.rows * stats.steps * full
+    stats.cache_bytes = log.cache_bytes
+    return stats

@@ -1,0 +1,145 @@
+"""Selection and clustering on hand-made tensors: budgets, ranks, quotas, compactness."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from catpatch import clustering, selection
+
+
+def _valid(index: torch.Tensor, budget: int, tokens: int) -> None:
+    assert index.shape[1] == budget
+    for row in index:
+        assert len(set(row.tolist())) == budget, "duplicate tokens"
+        assert 0 <= int(row.min()) and int(row.max()) < tokens
+        assert torch.equal(row, row.sort().values)
+
+
+def test_ranks_and_rank_within_clusters():
+    key = torch.tensor([[5.0, 1.0, 3.0, 4.0, 2.0, 0.0]])
+    assert selection.ranks(key, descending=True).tolist() == [[0, 4, 2, 1, 3, 5]]
+    labels = torch.tensor([[0, 1, 0, 1, 0, 1]])
+    # cluster 0 holds tokens 0, 2, 4 (keys 5, 3, 2); cluster 1 holds 1, 3, 5 (keys 1, 4, 0)
+    within = selection.rank_within_clusters(key, labels, 2, descending=True)
+    assert within.tolist() == [[0, 1, 1, 0, 2, 2]]
+    assert selection.cluster_sizes(labels, 3).tolist() == [[3, 3, 0]]
+
+
+def test_recency_update():
+    f = torch.tensor([[1.0, 0.0, 2.0, 0.0]])
+    f = selection.update_recency(f, torch.tensor([[1, 2]]), 0.5)
+    assert f.tolist() == [[0.5, 1.0, 2.0, 0.0]]
+
+
+def test_stale_selection_picks_stalest_round_robin():
+    tokens, budget = 10, 4
+    f = torch.zeros(1, tokens)
+    seen = []
+    for _ in range(3):
+        index = selection.stale_selection(f, budget)
+        _valid(index, budget, tokens)
+        seen.append(index[0].tolist())
+        f = selection.update_recency(f, index, 0.5)
+    assert seen[0] == [0, 1, 2, 3] and seen[1] == [4, 5, 6, 7]
+    assert seen[2] == [0, 1, 8, 9]  # the two never-computed, then the two oldest
+
+
+def _two_cluster_case():
+    # 2 groups x 12 tokens; clusters: tokens 0-5 -> 0, 6-11 -> 1
+    labels = torch.tensor([[0] * 6 + [1] * 6] * 2)
+    delta = torch.arange(12.0).repeat(2, 1)
+    delta[1] = delta[1].flip(0)
+    return labels, delta
+
+
+def test_first_selection_walks_best_cluster_first():
+    labels, delta = _two_cluster_case()
+    scores = torch.tensor([[1.0, 5.0], [5.0, 1.0]])
+    index = selection.first_selection(delta, scores, labels, budget=5, quota=3)
+    _valid(index, 5, 12)
+    # group 0: cluster 1 first (top-3 drift 11, 10, 9), then cluster 0's top-2 (5, 4)
+    assert index[0].tolist() == [4, 5, 9, 10, 11]
+    # group 1 (drift reversed): cluster 0 first: tokens 0, 1, 2 then cluster 1's 6, 7
+    assert index[1].tolist() == [0, 1, 2, 6, 7]
+
+
+def test_first_selection_pads_when_clusters_run_out():
+    labels = torch.tensor([[0, 0, 1, 1, 2, 2, 2, 2]])
+    delta = torch.tensor([[8.0, 7, 6, 5, 4, 3, 2, 1]])
+    index = selection.first_selection(delta, torch.tensor([[3.0, 2, 1]]), labels, 7, quota=2)
+    _valid(index, 7, 8)
+    assert index[0].tolist() == [0, 1, 2, 3, 4, 5, 6]
+
+
+def test_cat_selection_budget_split():
+    torch.manual_seed(0)
+    groups, tokens, clusters, budget = 3, 200, 5, 60
+    labels = torch.randint(0, clusters, (groups, tokens))
+    delta = torch.rand(groups, tokens)
+    recency = torch.rand(groups, tokens)
+    scores = torch.rand(groups, clusters)
+    cluster_budget = 15
+    index = selection.cat_selection(delta, scores, labels, recency, budget, cluster_budget, 0.05)
+    _valid(index, budget, tokens)
+    k = 3  # round(0.05 * 60)
+    for g in range(groups):
+        chosen = set(index[g].tolist())
+        best = int(scores[g].argmax())
+        members = (labels[g] == best).nonzero().flatten()
+        top = members[delta[g, members].argsort(descending=True)[: 3 * k]]
+        assert set(top.tolist()) <= chosen, "best cluster's top-drift quota missing"
+        stalest = recency[g].argsort()[: budget - cluster_budget]
+        assert set(stalest.tolist()) <= chosen, "stalest tokens missing"
+
+
+def test_cat_selection_without_cluster_quota_is_staleness():
+    recency = torch.tensor([[3.0, 0.0, 2.0, 1.0, 0.5, 4.0]])
+    delta = torch.zeros(1, 6)
+    index = selection.cat_selection(
+        delta, torch.ones(1, 2), torch.tensor([[0, 0, 0, 1, 1, 1]]), recency, 3, 0, 0.05
+    )
+    assert index[0].tolist() == [1, 3, 4]
+
+
+def test_noise_and_random_selection():
+    delta = torch.tensor([[0.1, 0.9, 0.5, 0.7, 0.2]])
+    assert selection.noise_selection(delta, 2)[0].tolist() == [1, 3]
+    gen = torch.Generator().manual_seed(3)
+    a = selection.random_selection(2, 50, 10, gen, torch.device("cpu"))
+    _valid(a, 10, 50)
+    b = selection.random_selection(2, 50, 10, torch.Generator().manual_seed(3), "cpu")
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("height,width", [(16, 16), (12, 20)])
+def test_kmeans_clusters_are_compact_and_deterministic(height, width):
+    grid = clustering.GridGeometry.build(height, width, 8, "cpu")
+    output = torch.randn(2, height * width, 64)
+    features = clustering.cluster_features(output, grid.position, 0.05)
+    labels = clustering.kmeans(features, grid.init, 10)
+    again = clustering.kmeans(features, grid.init, 10)
+    assert torch.equal(labels, again)
+    assert labels.shape == (2, height * width)
+    pos = grid.position
+    for g in range(2):
+        sizes = selection.cluster_sizes(labels[g : g + 1], 8)[0]
+        assert int((sizes > 0).sum()) == 8, "a cluster is empty"
+        # compact: spatial spread within clusters much smaller than over the image
+        spread = sum(pos[labels[g] == c].var(0).sum() * sizes[c] for c in range(8)) / sizes.sum()
+        assert spread < 0.25 * pos.var(0).sum()
+
+
+def test_cluster_scores_adjacency_and_smoothing():
+    labels = torch.tensor([[0, 0, 1, 1], [0, 1, 1, 2]])  # 1x4 grids
+    grid = clustering.GridGeometry.build(1, 4, 2, "cpu")
+    diff = torch.tensor([[[1.0, -2.0], [3.0, 0.0], [0.0, 4.0], [-1.0, -1.0]]] * 2)
+    scores = clustering.cluster_scores(diff, labels, 3)
+    assert torch.allclose(scores[0], torch.tensor([(9 + 0) ** 0.5, (0 + 16) ** 0.5, 0.0]))
+    adjacency = clustering.cluster_adjacency(labels, grid.edges, 3)
+    assert adjacency[0].tolist() == [[False, True, False], [True, False, False], [False] * 3]
+    assert adjacency[1].tolist() == [[False, True, False], [True, False, True], [False, True, False]]
+    s = torch.tensor([[1.0, 2.0, 4.0], [1.0, 2.0, 4.0]])
+    smoothed = clustering.smooth_scores(s, adjacency)
+    assert smoothed[0].tolist() == [1 + 2 + 2, 2 + 1 + 1, 4.0]
+    assert smoothed[1].tolist() == [1 + 2 + 2, 2 + 2.5 + 4, 4 + 2 + 2]
