@@ -1,10 +1,10 @@
 """catpatch: CAT pruning (cluster-aware token pruning with feature caching) for SD3 pipelines.
 
-    from catpatch import CATConfig, apply_cat, remove_cat, cat_stats
-    apply_cat(pipe, CATConfig(keep_ratio=0.3, warmup_steps=8))
-    image = pipe(prompt, num_inference_steps=28).images[0]
-    print(cat_stats(pipe).summary())
-    remove_cat(pipe)
+from catpatch import CATConfig, apply_cat, remove_cat, cat_stats
+apply_cat(pipe, CATConfig(keep_ratio=0.3, warmup_steps=8))
+image = pipe(prompt, num_inference_steps=28).images[0]
+print(cat_stats(pipe).summary())
+remove_cat(pipe)
 """
 
 from __future__ import annotations

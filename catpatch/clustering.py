@@ -37,7 +37,10 @@ class GridGeometry:
 
 
 def farthest_points(points: Tensor, count: int) -> Tensor:
-    """Deterministic, well spread seeds: farthest-point sampling from token 0. (N, d) -> (count,)."""
+    """Deterministic, well spread seeds: farthest-point sampling from token 0.
+
+    (N, d) -> (count,) indices.
+    """
     chosen = torch.zeros(count, dtype=torch.long)
     dist = torch.full((points.shape[0],), float("inf"))
     for i in range(1, count):

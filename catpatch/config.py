@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 SELECTION_MODES = ("cat", "random", "noise", "stale")
 CFG_SELECTION_MODES = ("shared", "per_row")
+COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune")
 
 
 @dataclass
@@ -47,6 +48,14 @@ class CATConfig:
             the unconditional row the selection of its conditional row (the rows are one image);
             "per_row" selects for every batch row on its own output.
         seed (int, default 0): seeds the "random" selection mode. Clustering is deterministic.
+        persistent_buffers (bool, default False): keep the caches allocated between
+            generations (reused while the resolution and batch stay the same) instead of
+            freeing them when a generation ends. Every state tensor then keeps its address
+            across calls, which CUDA graphs need; costs the cache memory between calls.
+        compile (str or None, default None): compile the patched transformer in place with
+            `torch.compile` in this mode ("default", "reduce-overhead" for CUDA graphs,
+            "max-autotune"); implies `persistent_buffers`. Each phase (warm-up, recording,
+            pruned step) becomes one graph, compiled on first use. `remove_cat` undoes it.
     """
 
     keep_ratio: float = 0.3
@@ -61,6 +70,8 @@ class CATConfig:
     selection: str = "cat"
     cfg_selection: str = "shared"
     seed: int = 0
+    persistent_buffers: bool = False
+    compile: str | None = None
 
     def __post_init__(self) -> None:
         def fail(field: str, why: str) -> None:
@@ -105,6 +116,15 @@ class CATConfig:
             fail("selection", f"must be one of {SELECTION_MODES}")
         if self.cfg_selection not in CFG_SELECTION_MODES:
             fail("cfg_selection", f"must be one of {CFG_SELECTION_MODES}")
+        if not isinstance(self.persistent_buffers, bool):
+            fail("persistent_buffers", "must be a bool")
+        if self.compile not in COMPILE_MODES:
+            fail("compile", f"must be one of {COMPILE_MODES}")
+
+    @property
+    def keeps_buffers(self) -> bool:
+        """Whether state tensors outlive a generation (persistent_buffers, or compile)."""
+        return self.persistent_buffers or self.compile is not None
 
     @classmethod
     def paper(cls, **overrides) -> CATConfig:

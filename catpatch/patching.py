@@ -1,4 +1,4 @@
-"""`apply_cat` / `remove_cat` / `cat_generation`: put CAT on a pipeline or transformer and take it off.
+"""`apply_cat`, `remove_cat`, `cat_generation`: put CAT on a pipeline or transformer, take it off.
 
 A patch touches only the given objects: hooks and per-instance `forward` overrides on the
 transformer (see `sd3.py`), and on a pipeline a wrapt wrapper around the instance's
@@ -36,7 +36,9 @@ class Patch:
 
     def __init__(self, transformer, config: CATConfig):
         self.config = config
-        self.state = CATState(config, len(transformer.transformer_blocks))
+        self.state = CATState(
+            config, len(transformer.transformer_blocks), persistent=config.keeps_buffers
+        )
         self.adapter = SD3Adapter(transformer, self.state)
         self.pipeline_patches = PatchSet()
         self.pipelines: list[weakref.ref] = []
@@ -62,6 +64,7 @@ class Patch:
     def remove(self) -> None:
         self.pipeline_patches.undo()
         self.adapter.remove()
+        self.state.release()
 
 
 class _RunScope(wrapt.ObjectProxy):
@@ -74,8 +77,7 @@ class _RunScope(wrapt.ObjectProxy):
         self._self_total = total
 
     def __enter__(self):
-        self._self_state.begin_run(self._self_total)
-        self._self_state.cfg_rows = self._self_cfg
+        self._self_state.begin_run(self._self_total, cfg_rows=self._self_cfg)
         return self.__wrapped__.__enter__()
 
     def __exit__(self, *exc):

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .hooks import PatchSet
-from .state import BlockCache, CATState, Geometry, Mode
+from .state import BlockCache, CATState, Geometry, Mode, keep
 
 # Attention processors whose computation our pruned attention reproduces.
 KNOWN_PROCESSORS = ("JointAttnProcessor2_0", "FusedJointAttnProcessor2_0")
@@ -63,11 +63,15 @@ def gather_tokens(x: Tensor, index: Tensor) -> Tensor:
     return x.gather(1, _rows_index(index, x.shape))
 
 
-def _store(cache: Tensor | None, values: Tensor, index: Tensor | None) -> Tensor:
-    """Write computed tokens into a cache: all of them (recording step) or the selected ones."""
+def _store(cache: BlockCache, name: str, values: Tensor, index: Tensor | None, keep_all) -> Tensor:
+    """Write computed tokens into `cache.name` (all of them at the recording step, else the
+    selected ones) and return the full updated (R, L, ...) tensor for this step's use."""
     if index is None:
-        return values.contiguous()
-    return cache.scatter_(1, _rows_index(index, cache.shape), values)
+        setattr(cache, name, keep_all(getattr(cache, name), values))
+        return getattr(cache, name)
+    buffer = getattr(cache, name)
+    where = _rows_index(index, buffer.shape)
+    return buffer.scatter_(1, where, values)
 
 
 def _split_heads(x: Tensor, heads: int) -> Tensor:
@@ -84,38 +88,51 @@ def _projections(attn, x: Tensor, context: bool) -> tuple[Tensor, Tensor, Tensor
 
 
 def attention(
-    attn, x: Tensor, context: Tensor | None, cache: BlockCache, slot: str, index: Tensor | None
+    attn,
+    x: Tensor,
+    context: Tensor | None,
+    cache: BlockCache,
+    slot: str,
+    index: Tensor | None,
+    keep_all=keep,
 ) -> tuple[Tensor, Tensor | None]:
     """Joint attention for the computed image tokens against all L cached image K/V (+ text).
 
     Mirrors diffusers' `JointAttnProcessor2_0`; `slot` "" is the joint attention, "2" the
     image-only second attention of dual-attention blocks. With `index` None every token is
-    computed and the caches are (re)filled.
+    computed and the caches are (re)filled through `keep_all` (see `state.keep`).
+
+    K/V are cached after the qk-norm as (R, L+T, D): image tokens first, then this step's text
+    tokens, rewritten in place every step. Attention reads the cache as is, with no
+    concatenation (a `torch.cat` of an in-place-updated cache is what inductor in torch 2.13
+    miscompiles: it builds the update inside the cat's buffer and writes the cache back from
+    it after that buffer was reused).
     """
     heads = attn.heads
-    q, k, v = (_split_heads(t, heads) for t in _projections(attn, x, context=False))
-    if attn.norm_q is not None:
-        q = attn.norm_q(q)
-    if attn.norm_k is not None:
-        k = attn.norm_k(k)
-    keys = _store(getattr(cache, "key" + slot), k, index)
-    values = _store(getattr(cache, "value" + slot), v, index)
-    setattr(cache, "key" + slot, keys)
-    setattr(cache, "value" + slot, values)
+    q, k, v = _projections(attn, x, context=False)
+    q, k = _normed(attn.norm_q, q, heads), _normed(attn.norm_k, k, heads)
     computed = q.shape[1]
     if context is not None:
-        cq, ck, cv = (_split_heads(t, heads) for t in _projections(attn, context, context=True))
-        if attn.norm_added_q is not None:
-            cq = attn.norm_added_q(cq)
-        if attn.norm_added_k is not None:
-            ck = attn.norm_added_k(ck)
+        cq, ck, cv = _projections(attn, context, context=True)
+        cq, ck = _normed(attn.norm_added_q, cq, heads), _normed(attn.norm_added_k, ck, heads)
         q = torch.cat([q, cq], dim=1)
-        keys = torch.cat([keys, ck], dim=1)
-        values = torch.cat([values, cv], dim=1)
-    out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), dropout_p=0.0
-    )
-    out = out.transpose(1, 2).reshape(q.shape[0], q.shape[1], -1).to(q.dtype)
+    if index is None:
+        if context is not None:
+            k, v = torch.cat([k, ck], dim=1), torch.cat([v, cv], dim=1)
+        for name, value in (("key" + slot, k), ("value" + slot, v)):
+            setattr(cache, name, keep_all(getattr(cache, name), value))
+    keys, values = getattr(cache, "key" + slot), getattr(cache, "value" + slot)
+    if index is not None:
+        where = _rows_index(index, keys.shape)
+        keys.scatter_(1, where, k)
+        values.scatter_(1, where, v)
+        if context is not None:
+            text = context.shape[1]
+            keys[:, -text:].copy_(ck)
+            values[:, -text:].copy_(cv)
+    q, keys, values = (_split_heads(t, heads).transpose(1, 2) for t in (q, keys, values))
+    out = F.scaled_dot_product_attention(q, keys, values, dropout_p=0.0)
+    out = out.transpose(1, 2).flatten(2).to(q.dtype)
     image, text = out[:, :computed], out[:, computed:]
     image = attn.to_out[1](attn.to_out[0](image))
     if context is None:
@@ -123,6 +140,11 @@ def attention(
     if not attn.context_pre_only:
         text = attn.to_add_out(text)
     return image, text
+
+
+def _normed(norm, x: Tensor, heads: int) -> Tensor:
+    """The per-head qk-norm (RMS norm over head_dim) of a (R, N, D) projection, if any."""
+    return x if norm is None else norm(_split_heads(x, heads)).flatten(2)
 
 
 def _feed_forward(block, x: Tensor) -> Tensor:
@@ -141,12 +163,14 @@ def cat_block_forward(
     hidden_states: Tensor,
     encoder_hidden_states: Tensor,
     temb: Tensor,
+    keep_all=keep,
 ) -> tuple[Tensor | None, Tensor]:
     """`JointTransformerBlock.forward` for the computed tokens, reading/writing `cache`.
 
     `hidden_states` holds the computed tokens only (all L with `index` None). On pruned steps
     the gated cached outputs of all tokens are also added to `residual`, the dense residual
-    stream from which the unselected tokens' outputs are estimated.
+    stream from which the unselected tokens' outputs are estimated. `keep_all` turns a
+    recording step's tensors into caches (see `state.keep`).
     """
     if block.use_dual_attention:
         normed, gate_msa, shift_mlp, scale_mlp, gate_mlp, normed2, gate_msa2 = block.norm1(
@@ -162,26 +186,26 @@ def cat_block_forward(
         )
 
     attn_output, context_attn_output = attention(
-        block.attn, normed, normed_context, cache, "", index
+        block.attn, normed, normed_context, cache, "", index, keep_all
     )
-    cache.attn = _store(cache.attn, attn_output, index)
+    attn_all = _store(cache, "attn", attn_output, index, keep_all)
     hidden_states = hidden_states + gate_msa.unsqueeze(1) * attn_output
     if block.use_dual_attention:
-        attn_output2, _ = attention(block.attn2, normed2, None, cache, "2", index)
-        cache.attn2 = _store(cache.attn2, attn_output2, index)
+        attn_output2, _ = attention(block.attn2, normed2, None, cache, "2", index, keep_all)
+        attn2_all = _store(cache, "attn2", attn_output2, index, keep_all)
         hidden_states = hidden_states + gate_msa2.unsqueeze(1) * attn_output2
 
     normed = block.norm2(hidden_states)
     normed = normed * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
     ff_output = _feed_forward(block, normed)
-    cache.ff = _store(cache.ff, ff_output, index)
+    ff_all = _store(cache, "ff", ff_output, index, keep_all)
     hidden_states = hidden_states + gate_mlp.unsqueeze(1) * ff_output
 
     if residual is not None:
-        residual.addcmul_(gate_msa.unsqueeze(1), cache.attn)
+        residual.addcmul_(gate_msa.unsqueeze(1), attn_all)
         if block.use_dual_attention:
-            residual.addcmul_(gate_msa2.unsqueeze(1), cache.attn2)
-        residual.addcmul_(gate_mlp.unsqueeze(1), cache.ff)
+            residual.addcmul_(gate_msa2.unsqueeze(1), attn2_all)
+        residual.addcmul_(gate_mlp.unsqueeze(1), ff_all)
 
     if block.context_pre_only:
         return None, hidden_states
@@ -228,10 +252,16 @@ class SD3Adapter:
         for i, block in enumerate(t.transformer_blocks):
             forward = functools.partial(self._block_forward, i, block.forward)
             p.set_attribute(block, "forward", functools.update_wrapper(forward, block.forward))
+        mode = self.state.config.compile
+        if mode is not None:
+            # What `Module.compile()` does, recorded so that remove_cat undoes it.
+            compiled = torch.compile(
+                t._call_impl, mode=None if mode == "default" else mode, dynamic=False
+            )
+            p.set_attribute(t, "_compiled_call_impl", compiled)
 
     def remove(self) -> None:
         self.patches.undo()
-        self.state.end_run()
 
     # -- transformer call
     def _geometry(self, args: tuple, kwargs: dict) -> Geometry:
@@ -247,6 +277,9 @@ class SD3Adapter:
             dtype=hidden.dtype,
         )
 
+    # The step bookkeeping stays out of compiled graphs: it is Python state that changes every
+    # step, which a traced graph would have to guard on (one recompile per step).
+    @torch.compiler.disable
     def _pre_call(self, module, args, kwargs):
         state = self.state
         if _call_argument(args, kwargs, "skip_layers", 7) is not None:
@@ -267,10 +300,12 @@ class SD3Adapter:
             return args, kwargs
         return None
 
+    @torch.compiler.disable
     def _post_call(self, module, args, kwargs, output):
         state = self.state
         mode, state.mode = state.mode, Mode.PASS
         self.controlnet = None
+        state.residual = None
         state.finish_call(mode)
         return None
 
@@ -289,26 +324,38 @@ class SD3Adapter:
         state = self.state
         if state.mode is not Mode.PRUNED:
             return None
-        if state.residual is None:
-            state.residual = output.clone()
-        else:
-            state.residual.copy_(output)
+        state.residual = output.clone()  # lives for this call only
         return gather_tokens(output, state.index)
 
     def _block_forward(
-        self, i: int, original, hidden_states, encoder_hidden_states=None, temb=None,
+        self,
+        i: int,
+        original,
+        hidden_states,
+        encoder_hidden_states=None,
+        temb=None,
         joint_attention_kwargs=None,
     ):
         state = self.state
         if state.mode is Mode.PRUNED:
             return cat_block_forward(
-                self.transformer.transformer_blocks[i], state.caches[i], state.index,
-                state.residual, hidden_states, encoder_hidden_states, temb,
+                self.transformer.transformer_blocks[i],
+                state.caches[i],
+                state.index,
+                state.residual,
+                hidden_states,
+                encoder_hidden_states,
+                temb,
             )
         if state.mode is Mode.RECORD:
             return cat_block_forward(
-                self.transformer.transformer_blocks[i], state.caches[i], None, None,
-                hidden_states, encoder_hidden_states, temb,
+                self.transformer.transformer_blocks[i],
+                state.caches[i],
+                None,
+                None,
+                hidden_states,
+                encoder_hidden_states,
+                temb,
             )
         return original(
             hidden_states=hidden_states,

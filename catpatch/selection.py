@@ -16,14 +16,14 @@ from torch import Tensor
 
 
 def drift(output: Tensor, reference: Tensor) -> Tensor:
-    """Δ: per-token L2 distance of the model output from the reference output. (G, L, F) -> (G, L)."""
+    """Δ: per-token L2 distance of the output from the reference. (G, L, F) -> (G, L)."""
     return (output.float() - reference.float()).norm(dim=-1)
 
 
 def update_recency(recency: Tensor, index: Tensor, decay: float) -> Tensor:
-    """f <- decay·f, then f[T_s] += 1 (the tokens in `index` were just recomputed)."""
-    recency = recency * decay
-    return recency.scatter_add(1, index, torch.ones_like(index, dtype=recency.dtype))
+    """In place: f <- decay·f, then f[T_s] += 1 (the tokens in `index` were just recomputed)."""
+    ones = torch.ones(1, 1, dtype=recency.dtype, device=recency.device).expand_as(index)
+    return recency.mul_(decay).scatter_add_(1, index, ones)
 
 
 def ranks(key: Tensor, descending: bool) -> Tensor:
@@ -50,7 +50,9 @@ def cluster_sizes(labels: Tensor, num_clusters: int) -> Tensor:
     return sizes.scatter_add_(1, labels, torch.ones_like(labels))
 
 
-def rank_within_clusters(key: Tensor, labels: Tensor, num_clusters: int, descending: bool) -> Tensor:
+def rank_within_clusters(
+    key: Tensor, labels: Tensor, num_clusters: int, descending: bool
+) -> Tensor:
     """Rank of each token among the tokens of its own cluster, ordered by `key`.
 
     Two stable sorts group the tokens by cluster while keeping the key order inside each
@@ -104,21 +106,23 @@ def cat_selection(
     recency: Tensor,
     budget: int,
     cluster_budget: int,
-    quota_unit: float,
+    quotas: Tensor,
+    recency_quota: int,
 ) -> Tensor:
     """CAT's selection for the next pruned step: cluster quota, then staleness, padded to S.
 
     1. Cluster quota (`cluster_budget` ≈ 0.25·S): walking clusters from the best score down,
        take each cluster's top-drift tokens (quota 3k, 2k, k, ...), and from every cluster but
        the first its k/2 least recently computed tokens; stop after `cluster_budget` picks.
+       `quotas` (C,) holds the drift quota by cluster rank, `recency_quota` k/2 (see
+       `cluster_quotas`).
     2. Staleness: the least recently computed tokens over the whole image (ties: larger drift
        first), until exactly `budget` distinct tokens are selected.
     """
     num_tokens = labels.shape[1]
     num_clusters = cluster_score.shape[1]
-    quotas, recency_quota = cluster_quotas(num_clusters, budget, quota_unit)
     token_cluster_rank = ranks(cluster_score, descending=True).gather(1, labels)
-    token_quota = torch.tensor(quotas, device=labels.device)[token_cluster_rank]
+    token_quota = quotas[token_cluster_rank]
     drift_rank = rank_within_clusters(delta, labels, num_clusters, descending=True)
     stale_rank = rank_within_clusters(recency, labels, num_clusters, descending=False)
 

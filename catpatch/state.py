@@ -3,6 +3,11 @@
 Knows nothing about diffusers: the model adapter (`sd3.py`) feeds it the token-level model
 output and asks it which tokens to compute. All state hangs off the patched model's
 `CATState`; nothing is global.
+
+Tensors are allocated once per run (at the recording step) and then only updated in place, so
+within a run every state tensor keeps its address: what CUDA graphs need. With
+`persistent_buffers` they also survive the end of a run and are reused by the next run of the
+same geometry; otherwise they are freed when the run ends.
 """
 
 from __future__ import annotations
@@ -45,9 +50,9 @@ class Geometry:
 class BlockCache:
     """What one transformer block keeps between steps (all tokens, per batch row).
 
-    key/value: image K/V of the joint attention (R, L, heads, head_dim); attn/ff: the block's
-    image attention and FFN outputs before gating (R, L, D); *2: the same for the second,
-    image-only attention of SD3.5 dual-attention blocks.
+    key/value: K/V of the joint attention after qk-norm, image tokens then text tokens
+    (R, L+T, D); attn/ff: the block's image attention and FFN outputs before gating (R, L, D);
+    *2: the same for the second, image-only attention of SD3.5 dual-attention blocks (no text).
     """
 
     key: Tensor | None = None
@@ -60,6 +65,18 @@ class BlockCache:
 
     def tensors(self) -> list[Tensor]:
         return [t for t in vars(self).values() if t is not None]
+
+
+def keep(buffer: Tensor | None, value: Tensor, persistent: bool = False) -> Tensor:
+    """`value` as a state tensor: copied into `buffer` when that is reusable, else owned."""
+    if persistent and buffer is not None and buffer.shape == value.shape:
+        if buffer.dtype == value.dtype and buffer.device == value.device:
+            return buffer.copy_(value)
+    value = value.detach()
+    if persistent:
+        value = value.clone(memory_format=torch.contiguous_format)
+        torch._dynamo.mark_static_address(value)
+    return value.contiguous()
 
 
 @dataclass
@@ -83,56 +100,74 @@ class RunLog:
 class CATState:
     """Schedule, selection state and caches of one patched transformer."""
 
-    def __init__(self, config: CATConfig, num_blocks: int):
+    def __init__(self, config: CATConfig, num_blocks: int, persistent: bool = False):
         self.config = config
         self.num_blocks = num_blocks
-        self.cfg_rows = False  # set by the adapter from the pipeline at each run start
+        self.persistent = persistent
+        self.cfg_rows = False  # set at each run start from the pipeline's CFG flag
         self.in_run = False
         self.planned_steps: int | None = None
         self.step = 0
         self.mode = Mode.PASS
         self.log = RunLog()
+        self.geometry: Geometry | None = None
         self._grids: dict[tuple, clustering.GridGeometry] = {}
-        self._clear()
+        self._free()
 
     # ---- run boundaries -------------------------------------------------------------------
-    def begin_run(self, num_steps: int | None = None) -> None:
+    def begin_run(self, num_steps: int | None = None, cfg_rows: bool = False) -> None:
         """Start of a generation: forget everything of the previous one."""
-        self._clear()
+        if not self.persistent:
+            self._free()
         self.in_run = True
+        self.cfg_rows = cfg_rows
         self.planned_steps = num_steps
         self.step = 0
+        self.mode = Mode.PASS
         self.log = RunLog()
 
     def end_run(self) -> None:
-        """End of a generation (also after an exception or interrupt): release the caches."""
+        """End of a generation (also after an exception or interrupt): release the caches
+        unless they are persistent."""
         self.in_run = False
         self.mode = Mode.PASS
-        self._clear()
+        if not self.persistent:
+            self._free()
 
-    def _clear(self) -> None:
-        self.geometry: Geometry | None = None
+    def release(self) -> None:
+        """Free every tensor, persistent ones included."""
+        self.in_run = False
+        self.mode = Mode.PASS
+        self._free()
+
+    def _free(self) -> None:
         self.caches = [BlockCache() for _ in range(self.num_blocks)]
-        self.reference: Tensor | None = None
-        self.previous: Tensor | None = None
-        self.recency: Tensor | None = None
-        self.labels: Tensor | None = None
-        self.scores: Tensor | None = None
-        self.index: Tensor | None = None  # (R, S) tokens computed this step, per row
-        self.group_index: Tensor | None = None  # (G, S) the same, per selection group
-        self.next_group_index: Tensor | None = None  # (G, S) selection for the next step
+        self.reference: Tensor | None = None  # (G, L, F) output at step t0-2
+        self.previous: Tensor | None = None  # (R, L, F) last output of every token
+        self.recency: Tensor | None = None  # (G, L) f
+        self.labels: Tensor | None = None  # (G, L) cluster of each token
+        self.quotas: Tensor | None = None  # (C,) drift quota by cluster rank
+        self.recency_quota = 0
+        self.chosen: Tensor | None = None  # (G, S) selection of the current / next pruned step
+        self.index: Tensor | None = None  # (R, S) the same per batch row, for this step
         self.residual: Tensor | None = None  # (R, L, D) dense residual stream, pruned steps
         self.generator: torch.Generator | None = None
 
+    def keep(self, buffer: Tensor | None, value: Tensor) -> Tensor:
+        """`value` as a state tensor of this run (reusing `buffer` when persistent)."""
+        return keep(buffer, value, self.persistent)
+
+    def state_tensors(self) -> list[Tensor]:
+        tensors = [t for c in self.caches for t in c.tensors()]
+        named = (
+            self.reference, self.previous, self.recency, self.labels, self.chosen,
+            self.index, self.residual,
+        )  # fmt: skip
+        return tensors + [t for t in named if t is not None]
+
     def cache_bytes(self) -> int:
         """Bytes held by caches and selection state now."""
-        tensors = [t for c in self.caches for t in c.tensors()]
-        tensors += [
-            t
-            for t in (self.reference, self.previous, self.recency, self.labels, self.residual)
-            if t is not None
-        ]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return sum(t.numel() * t.element_size() for t in self.state_tensors())
 
     # ---- per call ---------------------------------------------------------------------------
     def plan_call(self, geometry: Geometry) -> Mode:
@@ -141,15 +176,7 @@ class CATState:
         if not self.in_run:
             return Mode.PASS
         if self.step == 0:
-            if cfg.num_clusters > geometry.tokens and self._prunes():
-                raise ValueError(
-                    f"num_clusters={cfg.num_clusters} exceeds the {geometry.tokens} image tokens "
-                    f"of this call ({geometry.height}x{geometry.width} token grid); lower "
-                    f"CATConfig.num_clusters or generate at a larger resolution"
-                )
-            self.geometry = geometry
-            self.log.geometry = geometry
-            self.log.budget = cfg.budget(geometry.tokens)
+            self._start_geometry(geometry)
         elif geometry != self.geometry:
             return Mode.PASS
         t0 = cfg.warmup_steps
@@ -161,12 +188,35 @@ class CATState:
             return Mode.RECORD
         return Mode.PRUNED
 
+    def _start_geometry(self, geometry: Geometry) -> None:
+        cfg = self.config
+        if self.geometry is not None and geometry != self.geometry:
+            self._free()  # persistent buffers of another geometry
+        budget = cfg.budget(geometry.tokens)
+        if self._prunes() and cfg.selection == "cat":
+            if cfg.num_clusters > geometry.tokens:
+                raise ValueError(
+                    f"num_clusters={cfg.num_clusters} exceeds the {geometry.tokens} image tokens "
+                    f"of this call ({geometry.height}x{geometry.width} token grid); lower "
+                    f"CATConfig.num_clusters or generate at a larger resolution"
+                )
+            # Built here, outside any compiled region: the grid graph has data-dependent shape,
+            # and the quota table would be a host-to-device copy on every step.
+            self.grid(geometry)
+            quotas, self.recency_quota = selection.cluster_quotas(
+                cfg.num_clusters, budget, cfg.cluster_quota
+            )
+            self.quotas = torch.tensor(quotas, device=geometry.device)
+        self.geometry = geometry
+        self.log.geometry = geometry
+        self.log.budget = budget
+
     def _prunes(self) -> bool:
         return self.planned_steps is None or self.planned_steps > self.config.warmup_steps
 
     def finish_call(self, mode: Mode) -> None:
         if mode is Mode.PASS:
-            self.log.passthrough_calls += 1
+            self.log.passthrough_calls += self.in_run  # calls outside a run belong to no run
             return
         tokens = self.geometry.tokens
         selected = self.log.budget if mode is Mode.PRUNED else tokens
@@ -197,61 +247,58 @@ class CATState:
     # ---- the output side of each step ------------------------------------------------------
     def begin_pruned_step(self) -> Tensor:
         """The (R, S) token indices to compute in this pruned step."""
-        self.group_index = self.next_group_index
-        self.index = self.rows_of(self.group_index)
+        self.index.copy_(self.rows_of(self.chosen))
         return self.index
 
     def observe_output(self, mode: Mode, output: Tensor) -> Tensor:
         """Take the model output of a step (R, L, F), update the selection state, return the
         output the model should give (unselected tokens replaced by their previous output)."""
         if mode is Mode.REFERENCE:
-            self.reference = self.driver_rows(output).detach().clone()
+            self.reference = keep(self.reference, self.driver_rows(output), self.persistent)
             return output
         if mode is Mode.RECORD:
-            self.previous = output.detach().clone()
+            self.previous = keep(self.previous, output, self.persistent)
             self._start_pruning(self.driver_rows(output))
             return output
         if mode is not Mode.PRUNED:
             return output
-        current = self.driver_rows(output)
-        self.recency = selection.update_recency(
-            self.recency, self.group_index, self.config.recency_decay
-        )
+        selection.update_recency(self.recency, self.chosen, self.config.recency_decay)
         computed = torch.zeros(output.shape[:2], dtype=torch.bool, device=output.device)
         computed.scatter_(1, self.index, True)
         result = torch.where(computed[..., None], output, self.previous)
         self.previous.copy_(result)
-        self.next_group_index = self._select(current)
+        self.chosen.copy_(self._select(self.driver_rows(output)))
         return result
 
     def _start_pruning(self, output: Tensor) -> None:
-        cfg, geo = self.config, self.geometry
+        cfg, geo, p = self.config, self.geometry, self.persistent
         groups, budget = output.shape[0], self.log.budget
-        self.recency = torch.zeros(groups, geo.tokens, device=output.device)
+        self.recency = keep(self.recency, torch.zeros(groups, geo.tokens, device=output.device), p)
         if cfg.selection == "random":
             self.generator = torch.Generator(device=output.device).manual_seed(cfg.seed)
-        if cfg.selection != "cat":
-            self.next_group_index = self._select(output)
-            return
-        grid = self.grid(output.device)
-        features = clustering.cluster_features(output, grid.position, cfg.cluster_feature_scale)
-        self.labels = clustering.kmeans(features, grid.init, cfg.kmeans_iters)
-        diff = output.float() - self.reference.float()
-        score = clustering.cluster_scores(diff, self.labels, cfg.num_clusters)
-        adjacency = clustering.cluster_adjacency(self.labels, grid.edges, cfg.num_clusters)
-        smoothed = clustering.smooth_scores(score, adjacency)
-        quota = selection.first_quota_size(budget, cfg.first_quota)
-        self.next_group_index = selection.first_selection(
-            selection.drift(output, self.reference), smoothed, self.labels, budget, quota
-        )
+        if cfg.selection == "cat":
+            grid = self.grid(geo)
+            features = clustering.cluster_features(output, grid.position, cfg.cluster_feature_scale)
+            labels = clustering.kmeans(features, grid.init, cfg.kmeans_iters)
+            self.labels = keep(self.labels, labels, p)
+            diff = output.float() - self.reference.float()
+            score = clustering.cluster_scores(diff, self.labels, cfg.num_clusters)
+            adjacency = clustering.cluster_adjacency(self.labels, grid.edges, cfg.num_clusters)
+            smoothed = clustering.smooth_scores(score, adjacency)
+            quota = selection.first_quota_size(budget, cfg.first_quota)
+            first = selection.first_selection(
+                selection.drift(output, self.reference), smoothed, self.labels, budget, quota
+            )
+        else:
+            first = self._select(output)
+        self.chosen = keep(self.chosen, first, p)
+        self.index = keep(self.index, self.rows_of(first), p)
 
     def _select(self, output: Tensor) -> Tensor:
         cfg, budget = self.config, self.log.budget
         groups, tokens = output.shape[:2]
         if cfg.selection == "random":
-            return selection.random_selection(
-                groups, tokens, budget, self.generator, output.device
-            )
+            return selection.random_selection(groups, tokens, budget, self.generator, output.device)
         if cfg.selection == "stale":
             return selection.stale_selection(self.recency, budget)
         delta = selection.drift(output, self.reference)
@@ -266,14 +313,14 @@ class CATState:
             self.recency,
             budget,
             int(cfg.cluster_fraction * budget),
-            cfg.cluster_quota,
+            self.quotas,
+            self.recency_quota,
         )
 
-    def grid(self, device) -> clustering.GridGeometry:
-        geo = self.geometry
-        key = (geo.height, geo.width, self.config.num_clusters, str(device))
+    def grid(self, geometry: Geometry) -> clustering.GridGeometry:
+        key = (geometry.height, geometry.width, self.config.num_clusters, str(geometry.device))
         if key not in self._grids:
             self._grids[key] = clustering.GridGeometry.build(
-                geo.height, geo.width, self.config.num_clusters, device
+                geometry.height, geometry.width, self.config.num_clusters, geometry.device
             )
         return self._grids[key]

@@ -66,7 +66,10 @@ def step_macs(dims: ModelDims, tokens: int, text: int, computed: int | None = No
     outer = (
         tokens * dims.patch**2 * dims.in_channels * d  # patch embedding
         + text * dims.joint_dim * d  # context embedder
-        + dims.time_proj_dim * d + d * d + dims.pooled_dim * d + d * d  # time/text embedding
+        + dims.time_proj_dim * d
+        + d * d
+        + dims.pooled_dim * d
+        + d * d  # time/text embedding
         + d * 2 * d  # final AdaLN
         + tokens * d * dims.patch**2 * dims.out_channels  # proj_out on every token
     )
@@ -75,6 +78,15 @@ def step_macs(dims: ModelDims, tokens: int, text: int, computed: int | None = No
         for i in range(dims.layers)
     )
     return outer + blocks
+
+
+def run_macs(
+    dims: ModelDims, rows: int, tokens: int, text: int, budget: int, steps: int, pruned: int
+) -> tuple[int, int]:
+    """(MACs of a run with `pruned` of `steps` steps pruned, MACs of the same run unpatched)."""
+    full = step_macs(dims, tokens, text)
+    cut = step_macs(dims, tokens, text, budget)
+    return rows * ((steps - pruned) * full + pruned * cut), rows * steps * full
 
 
 def spec_step_ratio(tokens: int, text: int, budget: int) -> float:
@@ -138,9 +150,8 @@ def collect(patch, transformer) -> CATStats:
     stats.per_step = [(s.mode.value, s.selected, s.tokens) for s in log.steps]
     computed = sum(s.selected for s in log.steps)
     stats.computed_fraction = computed / (geo.tokens * stats.steps)
-    full = step_macs(dims, geo.tokens, geo.text_tokens)
-    pruned = step_macs(dims, geo.tokens, geo.text_tokens, log.budget)
-    stats.macs = geo.rows * ((stats.steps - stats.pruned_steps) * full + stats.pruned_steps * pruned)
-    stats.macs_unpatched = geo.rows * stats.steps * full
+    stats.macs, stats.macs_unpatched = run_macs(
+        dims, geo.rows, geo.tokens, geo.text_tokens, log.budget, stats.steps, stats.pruned_steps
+    )
     stats.cache_bytes = log.cache_bytes
     return stats

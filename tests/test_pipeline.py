@@ -23,8 +23,12 @@ def _instance_state(pipe) -> dict:
         name: (len(m._forward_hooks), len(m._forward_pre_hooks))
         for name, m in pipe.transformer.named_modules()
     }
-    return {"pipe": set(vars(pipe)), "modules": {k: set(v) for k, v in modules.items()},
-            "hooks": hooks, "forward": {k: v.get("forward") for k, v in modules.items()}}
+    return {
+        "pipe": set(vars(pipe)),
+        "modules": {k: set(v) for k, v in modules.items()},
+        "hooks": hooks,
+        "forward": {k: v.get("forward") for k, v in modules.items()},
+    }
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -142,12 +146,17 @@ def test_batch_shapes(pipe, kwargs, rows):
 
 def test_skip_layer_guidance_does_not_advance_steps():
     pipe = make_pipe("tiny-sd3.5-medium")
-    slg = dict(skip_guidance_layers=[1], skip_layer_guidance_start=0.0,
-               skip_layer_guidance_stop=1.0, num_inference_steps=10)
+    slg = dict(
+        skip_guidance_layers=[1],
+        skip_layer_guidance_start=0.0,
+        skip_layer_guidance_stop=1.0,
+        num_inference_steps=10,
+    )
     apply_cat(pipe, CFG)
     calls = []
-    pipe.transformer.register_forward_pre_hook(lambda m, a, k: calls.append(k.get("skip_layers")),
-                                               with_kwargs=True)
+    pipe.transformer.register_forward_pre_hook(
+        lambda m, a, k: calls.append(k.get("skip_layers")), with_kwargs=True
+    )
     out = generate(pipe, **slg)
     stats = cat_stats(pipe)
     assert sum(c is not None for c in calls) == 9  # SLG runs on steps 1..9
@@ -243,7 +252,8 @@ def test_bad_input_leaves_pipe_untouched(pipe):
         apply_cat(pipe, {"keep_ratio": 0.3})
     with pytest.raises(ValueError, match="keep_ratio"):
         apply_cat(pipe, CATConfig(keep_ratio=1.5))
-    parts = {k: v for k, v in pipe.components.items() if k not in ("image_encoder", "feature_extractor")}
+    skip = ("image_encoder", "feature_extractor")
+    parts = {k: v for k, v in pipe.components.items() if k not in skip}
     pag = StableDiffusion3PAGPipeline(**parts)
     with pytest.raises(TypeError, match="StableDiffusion3Pipeline"):
         apply_cat(pag, CFG)

@@ -12,7 +12,7 @@ def _valid(index: torch.Tensor, budget: int, tokens: int) -> None:
     assert index.shape[1] == budget
     for row in index:
         assert len(set(row.tolist())) == budget, "duplicate tokens"
-        assert 0 <= int(row.min()) and int(row.max()) < tokens
+        assert int(row.min()) >= 0 and int(row.max()) < tokens
         assert torch.equal(row, row.sort().values)
 
 
@@ -80,7 +80,11 @@ def test_cat_selection_budget_split():
     recency = torch.rand(groups, tokens)
     scores = torch.rand(groups, clusters)
     cluster_budget = 15
-    index = selection.cat_selection(delta, scores, labels, recency, budget, cluster_budget, 0.05)
+    quotas, recency_quota = selection.cluster_quotas(clusters, budget, 0.05)
+    assert quotas == [9, 6, 3, 3, 3] and recency_quota == 1
+    index = selection.cat_selection(
+        delta, scores, labels, recency, budget, cluster_budget, torch.tensor(quotas), recency_quota
+    )
     _valid(index, budget, tokens)
     k = 3  # round(0.05 * 60)
     for g in range(groups):
@@ -97,8 +101,9 @@ def test_cat_selection_without_cluster_quota_is_staleness():
     recency = torch.tensor([[3.0, 0.0, 2.0, 1.0, 0.5, 4.0]])
     delta = torch.zeros(1, 6)
     index = selection.cat_selection(
-        delta, torch.ones(1, 2), torch.tensor([[0, 0, 0, 1, 1, 1]]), recency, 3, 0, 0.05
-    )
+        delta, torch.ones(1, 2), torch.tensor([[0, 0, 0, 1, 1, 1]]), recency, 3, 0,
+        torch.tensor([3, 2]), 1,
+    )  # fmt: skip
     assert index[0].tolist() == [1, 3, 4]
 
 
@@ -138,7 +143,7 @@ def test_cluster_scores_adjacency_and_smoothing():
     assert torch.allclose(scores[0], torch.tensor([(9 + 0) ** 0.5, (0 + 16) ** 0.5, 0.0]))
     adjacency = clustering.cluster_adjacency(labels, grid.edges, 3)
     assert adjacency[0].tolist() == [[False, True, False], [True, False, False], [False] * 3]
-    assert adjacency[1].tolist() == [[False, True, False], [True, False, True], [False, True, False]]
+    assert adjacency[1].tolist() == [[0, 1, 0], [1, 0, 1], [0, 1, 0]]
     s = torch.tensor([[1.0, 2.0, 4.0], [1.0, 2.0, 4.0]])
     smoothed = clustering.smooth_scores(s, adjacency)
     assert smoothed[0].tolist() == [1 + 2 + 2, 2 + 1 + 1, 4.0]

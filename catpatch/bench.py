@@ -1,0 +1,319 @@
+"""`catpatch bench`: the denoising loop unpatched vs CAT-patched, side by side in one process.
+
+Builds an SD3-family transformer from a named shape with random weights (speed does not depend
+on weight values) or loads a user's transformer, and times whole denoising loops of the two,
+alternating, after warm-up, reporting medians, their ratio, the arithmetic bound of the config
+(spec cost model), MACs, the memory the caches hold and the selection time per pruned step.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from .config import CATConfig
+from .patching import apply_cat, cat_generation, get_patch
+from .stats import ModelDims, run_bound, run_macs
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class BenchSettings:
+    shape: str = "cpu-256x8"
+    model: str | None = None  # a pipeline or transformer folder / hub id instead of a shape
+    height: int = 512
+    width: int = 512
+    steps: int = 28
+    batch: int = 1
+    cfg: bool = True
+    text_tokens: int = 333
+    keep_ratio: float = 0.3
+    warmup_steps: int = 8
+    num_clusters: int = 20
+    selection: str = "cat"
+    dtype: str = "fp32"
+    device: str = "cpu"
+    compile: str = "none"  # none | default | reduce-overhead | max-autotune
+    repeats: int = 3
+    seed: int = 0
+
+
+@dataclass
+class BenchResult:
+    settings: dict[str, Any]
+    device_name: str
+    tokens: int
+    budget: int
+    rows: int
+    unpatched_s: list[float] = field(default_factory=list)
+    patched_s: list[float] = field(default_factory=list)
+    speedup: float = 0.0
+    bound: float = 0.0
+    fraction_of_bound: float = 0.0
+    macs_ratio: float = 0.0
+    cache_bytes: int = 0
+    peak_extra_bytes: int | None = None
+    full_step_ms: float = 0.0
+    pruned_step_ms: float = 0.0
+    selection_ms: float = 0.0
+    selection_share: float = 0.0
+
+    def table(self) -> str:
+        s = self.settings
+        rows = [
+            ("device", self.device_name),
+            ("model", s["model"] or f"{s['shape']} (random weights)"),
+            (
+                "run",
+                f"{s['height']}x{s['width']} ({self.tokens} tokens), {s['steps']} steps, "
+                f"batch {s['batch']}{' + CFG' if s['cfg'] else ''} ({self.rows} rows), "
+                f"{s['dtype']}, compile={s['compile']}",
+            ),
+            (
+                "CAT",
+                f"keep_ratio {s['keep_ratio']} (S={self.budget}), warmup {s['warmup_steps']}, "
+                f"{s['num_clusters']} clusters, selection={s['selection']}",
+            ),
+            ("loop unpatched (median)", f"{statistics.median(self.unpatched_s) * 1e3:.1f} ms"),
+            ("loop CAT (median)", f"{statistics.median(self.patched_s) * 1e3:.1f} ms"),
+            ("speed-up", f"{self.speedup:.2f}x"),
+            ("arithmetic bound", f"{self.bound:.2f}x  (reached {self.fraction_of_bound:.0%})"),
+            ("MACs ratio", f"{self.macs_ratio:.3f}"),
+            ("full / pruned step", f"{self.full_step_ms:.1f} / {self.pruned_step_ms:.1f} ms"),
+            (
+                "selection per pruned step",
+                f"{self.selection_ms:.2f} ms ({self.selection_share:.1%} of the step)",
+            ),
+            ("cache memory", f"{self.cache_bytes / 2**20:.1f} MiB"),
+        ]
+        if self.peak_extra_bytes is not None:
+            rows.append(("extra peak memory", f"{self.peak_extra_bytes / 2**20:.1f} MiB"))
+        width = max(len(k) for k, _ in rows)
+        return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def load_transformer(settings: BenchSettings):
+    """The transformer to time: a named shape with random weights, or a user's model."""
+    from .shapes import build_transformer
+
+    if settings.model is None:
+        model = build_transformer(settings.shape, seed=settings.seed)
+    else:
+        from diffusers import SD3Transformer2DModel
+
+        try:
+            model = SD3Transformer2DModel.from_pretrained(settings.model, subfolder="transformer")
+        except (OSError, ValueError):
+            model = SD3Transformer2DModel.from_pretrained(settings.model)
+    return model.to(device=settings.device, dtype=DTYPES[settings.dtype]).eval()
+
+
+class Loop:
+    """A denoising loop (flow-matching Euler, CFG) around one transformer."""
+
+    def __init__(self, transformer, settings: BenchSettings):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        self.transformer = transformer
+        self.settings = settings
+        cfg = transformer.config
+        device, dtype = torch.device(settings.device), DTYPES[settings.dtype]
+        gen = torch.Generator().manual_seed(settings.seed)
+        batch = settings.batch
+        rows = 2 * batch if settings.cfg else batch
+        latent = (batch, cfg.in_channels, settings.height // 8, settings.width // 8)
+        self.latents = torch.randn(latent, generator=gen).to(device, dtype)
+        self.context = torch.randn(
+            rows, settings.text_tokens, cfg.joint_attention_dim, generator=gen
+        ).to(device, dtype)
+        self.pooled = torch.randn(rows, cfg.pooled_projection_dim, generator=gen).to(device, dtype)
+        self.scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+        self.device = device
+        self.rows = rows
+        self.forward = transformer
+
+    def __call__(self) -> torch.Tensor:
+        s = self.settings
+        self.scheduler.set_timesteps(s.steps, device=self.device)
+        latents = self.latents.clone()
+        patch = get_patch(self.transformer)
+        scope = cat_generation(self.transformer, s.steps) if patch else _nothing()
+        with torch.no_grad(), scope:
+            for t in self.scheduler.timesteps:
+                x = torch.cat([latents, latents]) if s.cfg else latents
+                out = self.forward(
+                    hidden_states=x,
+                    encoder_hidden_states=self.context,
+                    pooled_projections=self.pooled,
+                    timestep=t.expand(self.rows),
+                    return_dict=False,
+                )[0]
+                if s.cfg:
+                    uncond, cond = out.chunk(2)
+                    out = uncond + 7.0 * (cond - uncond)
+                latents = self.scheduler.step(out, t, latents, return_dict=False)[0]
+        return latents
+
+
+class _nothing:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _timed(fn, device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def _step_times(loop: Loop) -> tuple[float, float]:
+    """Median full-step and pruned-step times (ms) from one run with a sync around every step
+    (instrumented, so not part of the timed loops)."""
+    device, state = loop.device, get_patch(loop.transformer).state
+    modes: list[tuple[str, float]] = []
+    forward = loop.forward
+
+    def timed_forward(**kwargs):
+        _sync(device)
+        start = time.perf_counter()
+        out = forward(**kwargs)
+        _sync(device)
+        modes.append((state.log.steps[-1].mode.value, time.perf_counter() - start))
+        return out
+
+    loop.forward = timed_forward
+    try:
+        loop()
+    finally:
+        loop.forward = forward
+    return _median_ms([t for m, t in modes if m != "pruned"]), _median_ms(
+        [t for m, t in modes if m == "pruned"]
+    )
+
+
+def _selection_time(loop: Loop) -> float:
+    """Median time (ms) of the per-step selection, timed on an eager run of the loop."""
+    device, state = loop.device, get_patch(loop.transformer).state
+    times: list[float] = []
+    select = state._select
+
+    def timed_select(output):
+        _sync(device)
+        start = time.perf_counter()
+        result = select(output)
+        _sync(device)
+        times.append(time.perf_counter() - start)
+        return result
+
+    forward, loop.forward = loop.forward, loop.transformer
+    state._select = timed_select
+    try:
+        loop()
+    finally:
+        loop.forward = forward
+        del state._select
+    return _median_ms(times)
+
+
+def _median_ms(values: list[float]) -> float:
+    return statistics.median(values) * 1e3 if values else 0.0
+
+
+def run(settings: BenchSettings) -> BenchResult:
+    """Time the unpatched and the CAT-patched loop, alternating; see the module docstring."""
+    device = torch.device(settings.device)
+    config = CATConfig(
+        keep_ratio=settings.keep_ratio,
+        warmup_steps=settings.warmup_steps,
+        num_clusters=settings.num_clusters,
+        selection=settings.selection,
+    )
+    base = load_transformer(settings)
+    patched = copy.deepcopy(base)
+    apply_cat(patched, config)
+    loops = {"unpatched": Loop(base, settings), "patched": Loop(patched, settings)}
+    if settings.compile != "none":
+        mode = None if settings.compile == "default" else settings.compile
+        for loop in loops.values():
+            loop.forward = torch.compile(loop.transformer, mode=mode)
+
+    # warm-up: two runs each (compilation, allocator, the first run's recompiles per phase)
+    for _ in range(2):
+        for loop in loops.values():
+            _timed(loop, device)
+
+    peak_extra = None
+    if device.type == "cuda":
+        peaks = {}
+        for name, loop in loops.items():
+            torch.cuda.reset_peak_memory_stats(device)
+            _timed(loop, device)
+            peaks[name] = torch.cuda.max_memory_allocated(device)
+        peak_extra = peaks["patched"] - peaks["unpatched"]
+
+    times: dict[str, list[float]] = {name: [] for name in loops}
+    for _ in range(settings.repeats):
+        for name, loop in loops.items():
+            times[name].append(_timed(loop, device))
+
+    patch = get_patch(patched)
+    log = patch.state.log
+    geo = log.geometry
+    dims = ModelDims.from_config(patched.config)
+    pruned_steps = sum(s.mode.value == "pruned" for s in log.steps)
+    macs, macs_full = run_macs(
+        dims, geo.rows, geo.tokens, geo.text_tokens, log.budget, len(log.steps), pruned_steps
+    )
+    full_ms, pruned_ms = _step_times(loops["patched"])
+    select_ms = _selection_time(loops["patched"])
+    speedup = statistics.median(times["unpatched"]) / statistics.median(times["patched"])
+    bound = run_bound(
+        settings.steps, settings.warmup_steps, geo.tokens, geo.text_tokens, log.budget
+    )
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
+    return BenchResult(
+        settings=asdict(settings),
+        device_name=name,
+        tokens=geo.tokens,
+        budget=log.budget,
+        rows=geo.rows,
+        unpatched_s=times["unpatched"],
+        patched_s=times["patched"],
+        speedup=speedup,
+        bound=bound,
+        fraction_of_bound=speedup / bound,
+        macs_ratio=macs / macs_full,
+        cache_bytes=log.cache_bytes,
+        peak_extra_bytes=peak_extra,
+        full_step_ms=full_ms,
+        pruned_step_ms=pruned_ms,
+        selection_ms=select_ms,
+        selection_share=select_ms / pruned_ms if pruned_ms else 0.0,
+    )
+
+
+def _cpu_name() -> str:
+    import os
+    import platform
+
+    return f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores"

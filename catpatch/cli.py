@@ -1,0 +1,99 @@
+"""The `catpatch` command line: `catpatch bench|demo ...` (also `python -m catpatch ...`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        height, width = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size must look like 1024x1024, got {text!r}") from None
+    return height, width
+
+
+def _bench_parser(sub) -> None:
+    from .shapes import SHAPES
+
+    p = sub.add_parser(
+        "bench",
+        help="time the denoising loop unpatched vs CAT, side by side",
+        description="Time whole denoising loops of an SD3-family transformer unpatched and "
+        "CAT-patched, alternating in one process after warm-up; print medians, the speed-up, "
+        "the arithmetic bound of the config, MACs, cache memory and selection overhead.",
+    )
+    p.add_argument("--shape", default="cpu-256x8", choices=sorted(SHAPES))
+    p.add_argument("--model", help="a pipeline/transformer folder or hub id instead of --shape")
+    p.add_argument("--size", type=_size, default=(512, 512), help="HxW in pixels (512x512)")
+    p.add_argument("--steps", type=int, default=28)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--no-cfg", dest="cfg", action="store_false", help="no CFG (batch B)")
+    p.add_argument("--text-tokens", type=int, default=333)
+    p.add_argument("--keep-ratio", type=float, default=0.3)
+    p.add_argument("--warmup-steps", type=int, default=8)
+    p.add_argument("--num-clusters", type=int, default=20)
+    p.add_argument("--selection", default="cat", choices=["cat", "random", "noise", "stale"])
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=["fp32", "bf16", "fp16"],
+        help="default: bf16 on cuda, fp32 on cpu",
+    )
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument(
+        "--compile", default="none", choices=["none", "default", "reduce-overhead", "max-autotune"]
+    )
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=_bench)
+
+
+def _bench(args) -> int:
+    import torch
+
+    from .bench import BenchSettings, run
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = args.dtype or ("bf16" if device.startswith("cuda") else "fp32")
+    settings = BenchSettings(
+        shape=args.shape,
+        model=args.model,
+        height=args.size[0],
+        width=args.size[1],
+        steps=args.steps,
+        batch=args.batch,
+        cfg=args.cfg,
+        text_tokens=args.text_tokens,
+        keep_ratio=args.keep_ratio,
+        warmup_steps=args.warmup_steps,
+        num_clusters=args.num_clusters,
+        selection=args.selection,
+        dtype=dtype,
+        device=device,
+        compile=args.compile,
+        repeats=args.repeats,
+    )
+    result = run(settings)
+    print(result.to_json() if args.json else result.table())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="catpatch", description="CAT pruning for Stable Diffusion 3 pipelines"
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    _bench_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

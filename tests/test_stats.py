@@ -1,0 +1,89 @@
+"""Cost accounting: a hand calculation, the spec's headline ratios, and torch's FLOP counter."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import generate
+from torch.utils import flop_counter
+from torch.utils.flop_counter import FlopCounterMode
+
+from catpatch import CATConfig, apply_cat, cat_generation, cat_stats
+from catpatch.shapes import SHAPES, build_transformer
+from catpatch.stats import ModelDims, run_bound, run_macs, step_macs
+
+
+def test_cat_stats_against_hand_calculation(pipe):
+    apply_cat(pipe, CATConfig(keep_ratio=0.3, warmup_steps=4, num_clusters=8))
+    generate(pipe, num_inference_steps=10)
+    stats = cat_stats(pipe)
+    assert (stats.steps, stats.pruned_steps, stats.tokens, stats.budget) == (10, 6, 256, 76)
+    assert (stats.text_tokens, stats.rows) == (333, 2)
+    assert stats.per_step[3] == ("record", 256, 256) and stats.per_step[4] == ("pruned", 76, 256)
+    assert stats.computed_fraction == pytest.approx((4 * 256 + 6 * 76) / (10 * 256))
+
+    # tiny-sd3 by hand: D=32, 4 blocks (the last without text output/FFN), patch 2,
+    # 16 latent channels, T5 width 64, pooled 64, T=333, L=256, S=76
+    D, L, T, S = 32, 256, 333, 76
+    outer = L * 4 * 16 * D + T * 64 * D + (256 * D + D * D + 64 * D + D * D) + 2 * D * D
+    outer += L * D * 4 * 16
+
+    def block(n, last):
+        image = 12 * D * D * n
+        text = (3 if last else 12) * D * D * T
+        modulation = 6 * D * D + (2 if last else 6) * D * D
+        return image + text + 2 * D * (n + T) * (L + T) + modulation
+
+    full = outer + 3 * block(L, False) + block(L, True)
+    pruned = outer + 3 * block(S, False) + block(S, True)
+    assert stats.macs_unpatched == 2 * 10 * full
+    assert stats.macs == 2 * (4 * full + 6 * pruned)
+    assert stats.macs_ratio == pytest.approx(stats.macs / stats.macs_unpatched)
+    assert "6 pruned" in stats.summary()
+
+
+@pytest.mark.parametrize("steps,expected", [(28, 0.54), (50, 0.46)])
+def test_sd3_medium_headline_ratio(steps, expected):
+    """The spec: SD3-medium, 1024² (L=4096), α 0.3, t0 8 -> 0.54 of the MACs at 28 steps."""
+    dims = ModelDims.from_config(SHAPES["sd3-medium"])
+    budget = CATConfig().budget(4096)
+    assert budget == 1228
+    cut, full = run_macs(dims, 2, 4096, 333, budget, steps, steps - 8)
+    assert round(cut / full, 2) == expected
+    assert run_bound(28, 8, 4096, 333, 1228) == pytest.approx(1.86, abs=0.01)
+
+
+_CPU_SDPA = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+if _CPU_SDPA not in flop_counter.flop_registry:
+    # torch counts the CUDA attention kernels only; the CPU one has the same arithmetic.
+    @flop_counter.register_flop_formula(_CPU_SDPA)
+    def _cpu_sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
+        return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+@pytest.mark.parametrize("shape", ["tiny-sd3", "tiny-sd3.5-medium"])
+def test_macs_match_flop_counter(shape):
+    torch.manual_seed(0)
+    model = build_transformer(shape)
+    config = CATConfig(keep_ratio=0.3, warmup_steps=2, num_clusters=4)
+    apply_cat(model, config)
+    rows, text = 2, 40
+    args = dict(
+        encoder_hidden_states=torch.randn(rows, text, 64),
+        pooled_projections=torch.randn(rows, 64),
+        timestep=torch.full((rows,), 500.0),
+    )
+    latents = torch.randn(rows, 16, 32, 32)
+    tokens = 16 * 16
+    dims = ModelDims.from_config(model.config)
+    counted = []
+    with torch.no_grad(), cat_generation(model):
+        for _ in range(3):
+            with FlopCounterMode(display=False) as counter:
+                model(hidden_states=latents, **args)
+            counted.append(counter.get_total_flops() / 2)  # FLOPs -> MACs
+    full = rows * step_macs(dims, tokens, text)
+    pruned = rows * step_macs(dims, tokens, text, config.budget(tokens))
+    assert counted[0] == pytest.approx(full, rel=0.10)
+    assert counted[2] == pytest.approx(pruned, rel=0.10)
+    assert counted[2] < 0.7 * counted[0]
