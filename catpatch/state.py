@@ -69,9 +69,13 @@ class BlockCache:
 
 def keep(buffer: Tensor | None, value: Tensor, persistent: bool = False) -> Tensor:
     """`value` as a state tensor: copied into `buffer` when that is reusable, else owned."""
-    if persistent and buffer is not None and buffer.shape == value.shape:
-        if buffer.dtype == value.dtype and buffer.device == value.device:
-            return buffer.copy_(value)
+    reusable = buffer is not None and (buffer.shape, buffer.dtype, buffer.device) == (
+        value.shape,
+        value.dtype,
+        value.device,
+    )
+    if persistent and reusable:
+        return buffer.copy_(value)
     value = value.detach()
     if persistent:
         value = value.clone(memory_format=torch.contiguous_format)
