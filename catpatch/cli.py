@@ -1,4 +1,4 @@
-"""The `catpatch` command line: `catpatch bench|demo ...` (also `python -m catpatch ...`)."""
+"""The `catpatch` command line: `catpatch demo|bench ...` (also `python -m catpatch ...`)."""
 
 from __future__ import annotations
 
@@ -81,11 +81,50 @@ def _bench(args) -> int:
     return 0
 
 
+def _demo_parser(sub) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="CAT on the embedded offline pipeline, with pictures",
+        description="Generate the same prompts with and without CAT on the embedded offline "
+        "pipeline; write a side-by-side PNG, the recomputed tokens per pruned step (PNG grid "
+        "and GIF), the cluster map and summary.json; print the savings.",
+    )
+    p.add_argument("--out", default="out/demo", help="output folder (out/demo)")
+    p.add_argument("--keep-ratio", type=float, default=0.3)
+    p.add_argument("--warmup-steps", type=int, default=8)
+    p.add_argument("--num-clusters", type=int, default=20)
+    p.add_argument("--steps", type=int, help="denoising steps (the pipeline's recommended)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=_demo)
+
+
+def _demo(args) -> int:
+    from .config import CATConfig
+    from .demo import run_demo
+
+    config = CATConfig(
+        keep_ratio=args.keep_ratio, warmup_steps=args.warmup_steps, num_clusters=args.num_clusters
+    )
+    extra = {} if args.steps is None else {"num_inference_steps": args.steps}
+    summary = run_demo(args.out, config=config, seed=args.seed, device=args.device, **extra)
+    print(f"pipeline: {summary['pipeline']}")
+    print(summary["summary_text"])
+    print(
+        f"time this run: unpatched {summary['time_unpatched_s']:.2f} s, CAT "
+        f"{summary['time_cat_s']:.2f} s ({summary['speedup_this_run']:.2f}x; a single run, "
+        f"not a benchmark: see `catpatch bench`)"
+    )
+    print(f"wrote {', '.join(summary['files'])} and summary.json to {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="catpatch", description="CAT pruning for Stable Diffusion 3 pipelines"
     )
     sub = parser.add_subparsers(dest="command", required=True)
+    _demo_parser(sub)
     _bench_parser(sub)
     return parser
 

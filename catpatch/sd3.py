@@ -289,6 +289,8 @@ class SD3Adapter:
             self._warn_outside()
         mode = state.plan_call(self._geometry(args, kwargs))
         state.mode = mode
+        if state.persistent and state.step == 0 and state.prunes():
+            state.allocate(self._block_shapes(), self._features())
         if mode is not Mode.PRUNED:
             return None
         index = state.begin_pruned_step()
@@ -308,6 +310,24 @@ class SD3Adapter:
         state.residual = None
         state.finish_call(mode)
         return None
+
+    def _features(self) -> int:
+        config = self.transformer.config
+        return config.patch_size**2 * (config.out_channels or config.in_channels)
+
+    def _block_shapes(self) -> list[dict[str, tuple[int, ...]]]:
+        """The cache shapes of each block for this run's geometry (see `BlockCache`)."""
+        geo = self.state.geometry
+        dim = self.transformer.inner_dim
+        image = (geo.rows, geo.tokens, dim)
+        joint = (geo.rows, geo.tokens + geo.text_tokens, dim)
+        shapes = []
+        for block in self.transformer.transformer_blocks:
+            entry = {"key": joint, "value": joint, "attn": image, "ff": image}
+            if block.use_dual_attention:
+                entry.update(key2=image, value2=image, attn2=image)
+            shapes.append(entry)
+        return shapes
 
     def _warn_outside(self) -> None:
         if not self._warned_outside:
@@ -337,25 +357,17 @@ class SD3Adapter:
         joint_attention_kwargs=None,
     ):
         state = self.state
-        if state.mode is Mode.PRUNED:
+        if state.mode in (Mode.PRUNED, Mode.RECORD):
+            pruned = state.mode is Mode.PRUNED
             return cat_block_forward(
                 self.transformer.transformer_blocks[i],
                 state.caches[i],
-                state.index,
-                state.residual,
+                state.index if pruned else None,
+                state.residual if pruned else None,
                 hidden_states,
                 encoder_hidden_states,
                 temb,
-            )
-        if state.mode is Mode.RECORD:
-            return cat_block_forward(
-                self.transformer.transformer_blocks[i],
-                state.caches[i],
-                None,
-                None,
-                hidden_states,
-                encoder_hidden_states,
-                temb,
+                state.keep,
             )
         return original(
             hidden_states=hidden_states,

@@ -79,7 +79,8 @@ def keep(buffer: Tensor | None, value: Tensor, persistent: bool = False) -> Tens
     value = value.detach()
     if persistent:
         value = value.clone(memory_format=torch.contiguous_format)
-        torch._dynamo.mark_static_address(value)
+        if not torch.compiler.is_compiling():
+            torch._dynamo.mark_static_address(value)
     return value.contiguous()
 
 
@@ -160,6 +161,39 @@ class CATState:
     def keep(self, buffer: Tensor | None, value: Tensor) -> Tensor:
         """`value` as a state tensor of this run (reusing `buffer` when persistent)."""
         return keep(buffer, value, self.persistent)
+
+    def allocate(self, block_shapes: list[dict[str, tuple[int, ...]]], features: int) -> None:
+        """Allocate every persistent tensor of a run now, outside any compiled graph, so that
+        they have fixed, static addresses (graphs then only update them in place).
+
+        `block_shapes[i]` maps a `BlockCache` field to its shape; `features` is F, the model
+        output size per token."""
+        geo, budget, groups = self.geometry, self.log.budget, self.groups
+        if (
+            self.previous is not None
+            and self.previous.shape == (geo.rows, geo.tokens, features)
+            and self.chosen.shape == (groups, budget)
+        ):
+            return
+
+        def new(shape, dtype=geo.dtype):
+            t = torch.zeros(shape, dtype=dtype, device=geo.device)
+            torch._dynamo.mark_static_address(t)
+            return t
+
+        for cache, shapes in zip(self.caches, block_shapes, strict=True):
+            for name, shape in shapes.items():
+                setattr(cache, name, new(shape))
+        self.previous = new((geo.rows, geo.tokens, features))
+        self.reference = new((groups, geo.tokens, features))
+        self.recency = new((groups, geo.tokens), torch.float32)
+        self.labels = new((groups, geo.tokens), torch.long)
+        self.chosen = new((groups, budget), torch.long)
+        self.index = new((geo.rows, budget), torch.long)
+
+    def prunes(self) -> bool:
+        """Whether this run reaches pruned steps (as far as known at its start)."""
+        return self._prunes()
 
     def state_tensors(self) -> list[Tensor]:
         tensors = [t for c in self.caches for t in c.tensors()]

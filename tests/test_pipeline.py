@@ -208,6 +208,23 @@ def test_caches_released_after_run(pipe):
     assert state.previous is None and state.residual is None and state.caches[0].key is None
 
 
+def test_persistent_buffers_keep_addresses_and_results(pipe):
+    apply_cat(pipe, CFG)
+    reference = generate(pipe)
+    apply_cat(pipe, CFG.replace(persistent_buffers=True))
+    state = get_patch(pipe).state
+    assert np.array_equal(generate(pipe), reference)
+    held = state.cache_bytes()
+    assert held > 0, "persistent buffers were freed at the end of the run"
+    addresses = [t.data_ptr() for t in state.state_tensors()]
+    assert np.array_equal(generate(pipe), reference)
+    assert [t.data_ptr() for t in state.state_tensors()] == addresses
+    generate(pipe, height=128, width=192)  # another geometry: buffers re-made for it
+    assert state.cache_bytes() > held
+    remove_cat(pipe)
+    assert state.cache_bytes() == 0
+
+
 def test_two_pipelines_are_independent():
     p1, p2 = make_pipe(), make_pipe(seed=1)
     a2 = generate(p2)

@@ -1,0 +1,108 @@
+"""torch.compile: the pruned path traces as one graph, and compiled runs equal eager ones."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import generate, make_pipe
+from torch._dynamo.utils import counters
+
+from catpatch import CATConfig, apply_cat, cat_generation, remove_cat
+from catpatch.patching import get_patch
+from catpatch.sd3 import cat_block_forward, gather_tokens
+from catpatch.shapes import build_transformer
+from catpatch.state import BlockCache, Mode
+
+CFG = CATConfig(keep_ratio=0.3, warmup_steps=4, num_clusters=8)
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("block_index", [0, 3])  # a dual-attention block and the last block
+def test_pruned_block_compiles_as_one_graph(block_index):
+    torch.manual_seed(0)
+    block = build_transformer("tiny-sd3.5-medium").transformer_blocks[block_index]
+    rows, tokens, text, dim = 2, 64, 7, 32
+    h, ctx, temb = torch.randn(rows, tokens, dim), torch.randn(rows, text, dim), torch.randn(2, 32)
+    index = torch.stack([torch.randperm(tokens)[:19].sort().values for _ in range(rows)])
+    caches = [BlockCache(), BlockCache()]
+    with torch.no_grad():
+        for cache in caches:
+            cat_block_forward(block, cache, None, None, h, ctx, temb)
+        compiled = torch.compile(cat_block_forward, fullgraph=True, dynamic=False)
+        h1 = torch.randn(rows, tokens, dim)
+        args = (gather_tokens(h1, index), torch.randn(rows, text, dim), temb)
+        eager = cat_block_forward(block, caches[0], index, h1.clone(), *args)
+        graph = compiled(block, caches[1], index, h1.clone(), *args)
+    torch.testing.assert_close(graph[1], eager[1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(caches[1].key, caches[0].key, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(caches[1].ff, caches[0].ff, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("selection", ["cat", "noise", "stale"])
+def test_per_step_selection_compiles_as_one_graph(selection):
+    """Recency update, replacement of unselected outputs and the next selection: one graph,
+    so no host sync and no data-dependent shape."""
+    torch.manual_seed(0)
+    model = build_transformer("tiny-sd3")
+    apply_cat(model, CFG.replace(selection=selection, warmup_steps=2))
+    state = get_patch(model).state
+    rows = 2
+    inputs = dict(
+        encoder_hidden_states=torch.randn(rows, 9, 64),
+        pooled_projections=torch.randn(rows, 64),
+        timestep=torch.full((rows,), 500.0),
+    )
+    with torch.no_grad(), cat_generation(model):
+        for _ in range(3):
+            model(hidden_states=torch.randn(rows, 16, 32, 32), **inputs)
+        output = torch.randn(rows, 256, 64)
+        snapshot = (state.previous.clone(), state.recency.clone(), state.chosen.clone())
+        state.index.copy_(state.rows_of(state.chosen))
+        eager = state.observe_output(Mode.PRUNED, output)
+        eager_state = (state.previous.clone(), state.recency.clone(), state.chosen.clone())
+        state.previous.copy_(snapshot[0])
+        state.recency.copy_(snapshot[1])
+        state.chosen.copy_(snapshot[2])
+        step = torch.compile(lambda out: state.observe_output(Mode.PRUNED, out), fullgraph=True)
+        graph = step(output)
+        graph_state = (state.previous.clone(), state.recency.clone(), state.chosen.clone())
+    torch.testing.assert_close(graph, eager)
+    for a, b in zip(graph_state, eager_state, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_compile_option_matches_eager_without_per_step_recompiles():
+    pipe = make_pipe()
+    apply_cat(pipe, CFG)
+    eager = generate(pipe)
+    apply_cat(pipe, CFG.replace(compile="default"))
+    assert get_patch(pipe).state.persistent
+    first = generate(pipe)
+    graphs = counters["stats"]["unique_graphs"]
+    second = generate(pipe)  # warm: every phase already has its graph
+    third = generate(pipe)
+    assert counters["stats"]["unique_graphs"] == graphs, "recompiled in a warm generation"
+    assert graphs <= 12
+    np.testing.assert_allclose(first, eager, atol=2e-4)
+    np.testing.assert_allclose(second, eager, atol=2e-4)
+    np.testing.assert_array_equal(second, third)
+    remove_cat(pipe)
+    assert "_compiled_call_impl" not in vars(pipe.transformer)
+    assert get_patch(pipe) is None
+
+
+def test_user_compiled_patched_transformer_matches_eager():
+    """The user's own recipe: apply_cat, then compile the transformer in place."""
+    pipe = make_pipe()
+    apply_cat(pipe, CFG)
+    eager = generate(pipe)
+    pipe.transformer.compile()
+    compiled = generate(pipe)
+    np.testing.assert_allclose(compiled, eager, atol=2e-4)
