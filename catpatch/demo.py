@@ -165,7 +165,8 @@ def _save_token_maps(out: Path, masks, images: np.ndarray, factor: int) -> list[
         up = np.stack([_upscale(m, cell) for m in mask])[..., None]
         shown = images[: mask.shape[0]]
         steps.append(np.where(up, shown * 0.35 + np.array([1.0, 0.15, 0.15]) * 0.65, shown * 0.5))
-    grid = np.concatenate([np.concatenate(list(prompt), axis=1) for prompt in zip(*steps)], axis=0)
+    per_prompt = zip(*steps, strict=True)
+    grid = np.concatenate([np.concatenate(list(row), axis=1) for row in per_prompt], axis=0)
     Image.fromarray(_to_uint8(grid)).save(out / "tokens.png")
     frames = [
         Image.fromarray(_upscale(_to_uint8(np.concatenate(list(step), axis=1)), factor))
