@@ -1,4 +1,4 @@
-"""The `catpatch` command line: `catpatch demo|bench ...` (also `python -m catpatch ...`)."""
+"""The `catpatch` command line: `catpatch demo|generate|eval|bench` (or `python -m catpatch`)."""
 
 from __future__ import annotations
 
@@ -124,7 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="catpatch", description="CAT pruning for Stable Diffusion 3 pipelines"
     )
     sub = parser.add_subparsers(dest="command", required=True)
+    from .evaluate import add_parser as add_eval
+    from .generate import add_parser as add_generate
+
     _demo_parser(sub)
+    add_generate(sub)
+    add_eval(sub)
     _bench_parser(sub)
     return parser
 

@@ -140,9 +140,8 @@ def _clip_metric(name: str, device):
             return _tensor(self.clip.get_text_features(*args, **kwargs))
 
     def load():
-        return Unwrapped(CLIPModel.from_pretrained(name).eval()), CLIPProcessor.from_pretrained(
-            name
-        )
+        model = CLIPModel.from_pretrained(name).eval()
+        return Unwrapped(model), CLIPProcessor.from_pretrained(name)
 
     try:
         return CLIPScore(model_name_or_path=load).to(device)
@@ -183,10 +182,16 @@ def evaluate(
     """Compare the images of two `catpatch generate` folders paired by file name."""
     import numpy as np
     import torch
-    from torchmetrics.functional.image import (
-        peak_signal_noise_ratio,
-        structural_similarity_index_measure,
-    )
+
+    try:
+        from torchmetrics.functional.image import (
+            peak_signal_noise_ratio,
+            structural_similarity_index_measure,
+        )
+    except ImportError:
+        raise EvalError(
+            "catpatch eval needs torchmetrics: pip install 'torchmetrics>=1.9'"
+        ) from None
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     ref, cand = _records(reference, "reference"), _records(candidate, "candidate")
@@ -212,7 +217,7 @@ def evaluate(
             if r.shape != c.shape:
                 raise EvalError(f"{name}: sizes differ ({tuple(r.shape)} vs {tuple(c.shape)})")
             identical += bool(torch.equal(r, c))
-            rf, cf = r[None].float() / 255, c[None].float() / 255
+            rf, cf = r[None].double() / 255, c[None].double() / 255  # float32 SSIM: 1 - 1e-6
             row = {
                 "file": name,
                 "prompt": ref[name]["prompt"],
@@ -224,7 +229,7 @@ def evaluate(
                 row["clip_candidate"] = float(clip(c, row["prompt"]))
                 row["clip_delta"] = row["clip_candidate"] - row["clip_reference"]
             if lpips_metric is not None:
-                row["lpips"] = float(lpips_metric(cf, rf))
+                row["lpips"] = float(lpips_metric(cf.float(), rf.float()))
             images.append(row)
 
     summary = {}

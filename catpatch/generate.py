@@ -383,7 +383,8 @@ def run(
     _check(settings)
     wanted = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
     state = PartialState(cpu=wanted.startswith("cpu"))  # plain PartialState() misreads torchrun
-    device = state.device if wanted == "cuda" else torch.device(wanted)
+    on_state = wanted == "cuda" and state.device.type == "cuda"  # the process's own GPU
+    device = state.device if on_state else torch.device(wanted)
     recorded = _recorded(settings, device, state.num_processes, loaded=pipe is not None)
     out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)
