@@ -211,27 +211,18 @@ def _step_times(loop: Loop) -> tuple[float, float]:
     )
 
 
-def _selection_time(loop: Loop) -> float:
-    """Median time (ms) of the per-step selection, timed on an eager run of the loop."""
+def _selection_time(loop: Loop, repeats: int = 20) -> float:
+    """Median time (ms) of one per-step selection (eager), on the state a run leaves behind."""
     device, state = loop.device, get_patch(loop.transformer).state
-    times: list[float] = []
-    select = state._select
-
-    def timed_select(output):
-        _sync(device)
-        start = time.perf_counter()
-        result = select(output)
-        _sync(device)
-        times.append(time.perf_counter() - start)
-        return result
-
-    forward, loop.forward = loop.forward, loop.transformer
-    state._select = timed_select
+    persistent, state.persistent = state.persistent, True  # keep the last step's state
     try:
         loop()
+        output = state.driver_rows(state.previous)
+        times = [_timed(lambda: state._select(output), device) for _ in range(repeats)]
     finally:
-        loop.forward = forward
-        del state._select
+        state.persistent = persistent
+        if not persistent:
+            state.release()
     return _median_ms(times)
 
 
@@ -250,12 +241,14 @@ def run(settings: BenchSettings) -> BenchResult:
     )
     base = load_transformer(settings)
     patched = copy.deepcopy(base)
+    if settings.compile != "none":
+        # The same compile settings on both sides: in place, one graph per phase for CAT
+        # (CATConfig.compile, with persistent buffers), the whole forward for the baseline.
+        config = config.replace(compile=settings.compile)
+        mode = None if settings.compile == "default" else settings.compile
+        base.compile(mode=mode, dynamic=False)
     apply_cat(patched, config)
     loops = {"unpatched": Loop(base, settings), "patched": Loop(patched, settings)}
-    if settings.compile != "none":
-        mode = None if settings.compile == "default" else settings.compile
-        for loop in loops.values():
-            loop.forward = torch.compile(loop.transformer, mode=mode)
 
     # warm-up: two runs each (compilation, allocator, the first run's recompiles per phase)
     for _ in range(2):
