@@ -112,7 +112,7 @@ def load_transformer(settings: BenchSettings):
     from .shapes import build_transformer
 
     if settings.model is None:
-        model = build_transformer(settings.shape, seed=settings.seed)
+        model = build_transformer(settings.shape, seed=settings.seed, device=settings.device)
     else:
         from diffusers import SD3Transformer2DModel
 

@@ -6,7 +6,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-SELECTION_MODES = ("cat", "random", "noise", "stale")
+SELECTION_MODES = ("cat", "random", "noise", "stale", "step")
 CFG_SELECTION_MODES = ("shared", "per_row")
 COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune")
 
@@ -43,7 +43,10 @@ class CATConfig:
         kmeans_iters (int, default 10): Lloyd iterations (fixed count: no data-dependent stop).
         selection (str, default "cat"): "cat" (cluster-aware, the paper), or the same-budget
             ablations "random" (uniform), "noise" (largest drift only, no clusters, no
-            staleness) and "stale" (round robin by recency only).
+            staleness), "stale" (round robin by recency only) and "step" (step-level reuse:
+            after the warm-up, run the whole model on evenly spaced steps, as many as CAT's
+            pruned steps would pay for in MACs, and give the previous output again on the
+            others).
         cfg_selection (str, default "shared"): under classifier-free guidance, "shared" gives
             the unconditional row the selection of its conditional row (the rows are one image);
             "per_row" selects for every batch row on its own output.

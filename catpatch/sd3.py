@@ -249,6 +249,9 @@ class SD3Adapter:
         p.add_handle(t.pos_embed.register_forward_hook(self._after_embed))
         p.add_handle(t.norm_out.register_forward_pre_hook(self._before_norm_out))
         p.add_handle(t.proj_out.register_forward_hook(self._after_proj_out))
+        if self.state.config.selection == "step":
+            forward = functools.partial(self._reusing_forward, t.forward)
+            p.set_attribute(t, "forward", functools.update_wrapper(forward, t.forward))
         for i, block in enumerate(t.transformer_blocks):
             forward = functools.partial(self._block_forward, i, block.forward)
             p.set_attribute(block, "forward", functools.update_wrapper(forward, block.forward))
@@ -289,6 +292,10 @@ class SD3Adapter:
             self._warn_outside()
         mode = state.plan_call(self._geometry(args, kwargs))
         state.mode = mode
+        if state.config.selection == "step":
+            if state.step == 0:
+                state.plan_reuse(self._step_cost_ratio())
+            return None
         if state.persistent and state.step == 0 and state.prunes():
             state.allocate(self._block_shapes(), self._features())
         if mode is not Mode.PRUNED:
@@ -306,10 +313,32 @@ class SD3Adapter:
     def _post_call(self, module, args, kwargs, output):
         state = self.state
         mode, state.mode = state.mode, Mode.PASS
+        if mode is Mode.FULL and state.config.selection == "step":
+            state.last_sample = output[0] if isinstance(output, tuple) else output.sample
         self.controlnet = None
         state.residual = None
         state.finish_call(mode)
         return None
+
+    def _reusing_forward(self, original, *args, **kwargs):
+        """selection="step": on a reuse step, the previous output again, model not run."""
+        if self.state.mode is not Mode.REUSE:
+            return original(*args, **kwargs)
+        from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+        sample = self.state.last_sample
+        return (
+            Transformer2DModelOutput(sample=sample)
+            if kwargs.get("return_dict", True)
+            else (sample,)
+        )
+
+    def _step_cost_ratio(self) -> float:
+        from .stats import ModelDims, step_macs
+
+        geo, dims = self.state.geometry, ModelDims.from_config(self.transformer.config)
+        full = step_macs(dims, geo.tokens, geo.text_tokens)
+        return step_macs(dims, geo.tokens, geo.text_tokens, self.state.log.budget) / full
 
     def _features(self) -> int:
         config = self.transformer.config

@@ -28,6 +28,7 @@ class Mode(enum.Enum):
     REFERENCE = "reference"  # warm-up step t0-2: keep the output as the drift reference
     RECORD = "record"  # warm-up step t0-1: fill the caches, cluster, first selection
     PRUNED = "pruned"  # compute the selected tokens only
+    REUSE = "reuse"  # selection="step": skip the model, give the previous output again
 
 
 @dataclass(frozen=True)
@@ -153,6 +154,8 @@ class CATState:
         self.labels: Tensor | None = None  # (G, L) cluster of each token
         self.quotas: Tensor | None = None  # (C,) drift quota by cluster rank
         self.recency_quota = 0
+        self.compute_steps: set[int] = set()  # selection="step": full steps after warm-up
+        self.last_sample: Tensor | None = None  # selection="step": the output to reuse
         self.chosen: Tensor | None = None  # (G, S) selection of the current / next pruned step
         self.index: Tensor | None = None  # (R, S) the same per batch row, for this step
         self.residual: Tensor | None = None  # (R, L, D) dense residual stream, pruned steps
@@ -218,6 +221,10 @@ class CATState:
         elif geometry != self.geometry:
             return Mode.PASS
         t0 = cfg.warmup_steps
+        if cfg.selection == "step":
+            if not self._prunes() or self.step < t0 or self.step in self.compute_steps:
+                return Mode.FULL
+            return Mode.REUSE
         if not self._prunes() or self.step < t0 - 2:
             return Mode.FULL
         if self.step == t0 - 2:
@@ -252,12 +259,26 @@ class CATState:
     def _prunes(self) -> bool:
         return self.planned_steps is None or self.planned_steps > self.config.warmup_steps
 
+    def plan_reuse(self, step_cost_ratio: float) -> None:
+        """selection="step": pick the post-warm-up steps that run the full model, as many as
+        the MACs of CAT's pruned steps pay for (`step_cost_ratio` = pruned / full step),
+        evenly spaced; the other steps reuse the previous output."""
+        if self.planned_steps is None:
+            raise ValueError(
+                'selection="step" plans whole steps and needs the number of steps: pipelines '
+                "give it; in your own loop pass num_inference_steps to cat_generation"
+            )
+        t0, after = self.config.warmup_steps, max(0, self.planned_steps - self.config.warmup_steps)
+        count = min(after, round(after * step_cost_ratio))
+        spaced = torch.linspace(0, after - 1, count).round().long().tolist() if count else []
+        self.compute_steps = {t0 + i for i in spaced}
+
     def finish_call(self, mode: Mode) -> None:
         if mode is Mode.PASS:
             self.log.passthrough_calls += self.in_run  # calls outside a run belong to no run
             return
         tokens = self.geometry.tokens
-        selected = self.log.budget if mode is Mode.PRUNED else tokens
+        selected = {Mode.PRUNED: self.log.budget, Mode.REUSE: 0}.get(mode, tokens)
         self.log.steps.append(StepRecord(mode, selected, tokens))
         self.step += 1
         if mode is Mode.PRUNED and not self.log.cache_bytes:

@@ -81,12 +81,20 @@ def step_macs(dims: ModelDims, tokens: int, text: int, computed: int | None = No
 
 
 def run_macs(
-    dims: ModelDims, rows: int, tokens: int, text: int, budget: int, steps: int, pruned: int
+    dims: ModelDims,
+    rows: int,
+    tokens: int,
+    text: int,
+    budget: int,
+    steps: int,
+    pruned: int,
+    reused: int = 0,
 ) -> tuple[int, int]:
-    """(MACs of a run with `pruned` of `steps` steps pruned, MACs of the same run unpatched)."""
+    """(MACs of a run with `pruned` of `steps` steps pruned and `reused` not computed at all,
+    MACs of the same run unpatched)."""
     full = step_macs(dims, tokens, text)
     cut = step_macs(dims, tokens, text, budget)
-    return rows * ((steps - pruned) * full + pruned * cut), rows * steps * full
+    return rows * ((steps - pruned - reused) * full + pruned * cut), rows * steps * full
 
 
 def spec_step_ratio(tokens: int, text: int, budget: int) -> float:
@@ -108,6 +116,7 @@ class CATStats:
     config: CATConfig
     steps: int = 0
     pruned_steps: int = 0
+    reused_steps: int = 0  # selection="step": steps that gave the previous output again
     tokens: int = 0  # L, image tokens per sample
     budget: int = 0  # S, tokens computed per pruned step
     text_tokens: int = 0
@@ -145,13 +154,21 @@ def collect(patch, transformer) -> CATStats:
     dims = ModelDims.from_config(transformer.config)
     stats.steps = len(log.steps)
     stats.pruned_steps = sum(s.mode is Mode.PRUNED for s in log.steps)
+    stats.reused_steps = sum(s.mode is Mode.REUSE for s in log.steps)
     stats.tokens, stats.budget = geo.tokens, log.budget
     stats.text_tokens, stats.rows = geo.text_tokens, geo.rows
     stats.per_step = [(s.mode.value, s.selected, s.tokens) for s in log.steps]
     computed = sum(s.selected for s in log.steps)
     stats.computed_fraction = computed / (geo.tokens * stats.steps)
     stats.macs, stats.macs_unpatched = run_macs(
-        dims, geo.rows, geo.tokens, geo.text_tokens, log.budget, stats.steps, stats.pruned_steps
+        dims,
+        geo.rows,
+        geo.tokens,
+        geo.text_tokens,
+        log.budget,
+        stats.steps,
+        stats.pruned_steps,
+        stats.reused_steps,
     )
     stats.cache_bytes = log.cache_bytes
     return stats

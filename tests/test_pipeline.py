@@ -314,3 +314,33 @@ def test_patch_is_collected_with_the_pipe():
     del pipe
     gc.collect()
     assert ref() is None
+
+
+def test_step_reuse_spends_the_same_macs_as_cat(pipe):
+    apply_cat(pipe, CFG)
+    generate(pipe, num_inference_steps=14)
+    cat = cat_stats(pipe)
+    base = generate(pipe.__class__(**pipe.components), num_inference_steps=14)
+    apply_cat(pipe, CFG.replace(selection="step"))
+    out = generate(pipe, num_inference_steps=14)
+    step = cat_stats(pipe)
+    assert step.pruned_steps == 0 and step.reused_steps > 0
+    assert [m for m, _, _ in step.per_step[:4]] == ["full"] * 4
+    assert step.steps == 14 and step.reused_steps + step.per_step.count(("full", 256, 256)) == 14
+    one_step = step.macs_unpatched / 14
+    assert abs(step.macs - cat.macs) <= one_step / 2, "not the same MACs as CAT"
+    assert np.abs(out - base).max() > 1e-4
+
+
+def test_step_reuse_needs_the_step_count():
+    from catpatch import cat_generation
+    from catpatch.shapes import build_transformer
+
+    model = apply_cat(build_transformer("tiny-sd3"), CATConfig(selection="step", warmup_steps=2))
+    args = dict(
+        encoder_hidden_states=torch.randn(1, 4, 64),
+        pooled_projections=torch.randn(1, 64),
+        timestep=torch.full((1,), 500.0),
+    )
+    with pytest.raises(ValueError, match="num_inference_steps"), cat_generation(model):
+        model(hidden_states=torch.randn(1, 16, 16, 16), **args)

@@ -1,0 +1,101 @@
+"""The prepared GPU run for the performance work: one script, results saved as it goes.
+
+    python examples/gpu_checks.py --out "$OUT"            # everything, most important first
+    python examples/gpu_checks.py --out "$OUT" --rows sync medium-eager
+
+1. `sync`: a pruned step of an SD3-medium-shaped transformer (1024², bf16) runs under
+   `torch.cuda.set_sync_debug_mode("error")`: no host sync in the per-step path.
+2. bench rows (`catpatch bench`, random weights, 1024², batch 1 + CFG = 2 rows, bf16, 28 steps,
+   α 0.3, t0 8): SD3-medium eager, SD3-medium with CUDA graphs ("reduce-overhead" on both
+   sides), SD3.5-large with CUDA graphs, and SD3-medium compiled vs the plain eager baseline.
+Each result is written to OUT/<row>.json (and .txt) as soon as it exists, so a run cut short
+still leaves what it measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import traceback
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from catpatch import CATConfig, apply_cat, cat_generation
+from catpatch.bench import BenchSettings, run
+from catpatch.shapes import build_transformer
+
+BASE = BenchSettings(
+    shape="sd3-medium",
+    height=1024,
+    width=1024,
+    steps=28,
+    batch=1,
+    cfg=True,
+    dtype="bf16",
+    device="cuda",
+    repeats=3,
+)
+ROWS = {
+    "medium-eager": BASE,
+    "medium-graphs": replace(BASE, compile="reduce-overhead"),
+    "large-graphs": replace(BASE, shape="sd3.5-large", compile="reduce-overhead"),
+}
+
+
+def sync_check() -> dict:
+    model = build_transformer("sd3-medium", device="cuda", dtype=torch.bfloat16)
+    apply_cat(model, CATConfig(keep_ratio=0.3, warmup_steps=2))
+    rows, args = (
+        2,
+        dict(
+            encoder_hidden_states=torch.randn(2, 333, 4096, device="cuda", dtype=torch.bfloat16),
+            pooled_projections=torch.randn(2, 2048, device="cuda", dtype=torch.bfloat16),
+            timestep=torch.full((2,), 500.0, device="cuda"),
+        ),
+    )
+    latents = torch.randn(rows, 16, 128, 128, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad(), cat_generation(model):
+        for _ in range(3):  # reference, record, first pruned step (warms up the allocator)
+            model(hidden_states=latents, **args)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            model(hidden_states=latents, **args)  # a pruned step, selection included
+            torch.cuda.set_sync_debug_mode(0)
+            return {"pruned_step_without_sync": True}
+        except RuntimeError as error:
+            torch.cuda.set_sync_debug_mode(0)
+            return {"pruned_step_without_sync": False, "error": str(error)[:2000]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="out/gpu")
+    parser.add_argument("--rows", nargs="*", default=["sync", *ROWS])
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    print(torch.cuda.get_device_name(), torch.__version__, flush=True)
+    for row in args.rows:
+        start = time.time()
+        try:
+            if row == "sync":
+                result = sync_check()
+                text = json.dumps(result, indent=2)
+            else:
+                bench = run(ROWS[row])
+                result, text = json.loads(bench.to_json()), bench.table()
+        except Exception:  # keep going: later rows may still fit in the time
+            result, text = {"error": traceback.format_exc()}, traceback.format_exc()
+        result["wall_s"] = round(time.time() - start, 1)
+        (out / f"{row}.json").write_text(json.dumps(result, indent=2))
+        (out / f"{row}.txt").write_text(text)
+        print(f"== {row} ({result['wall_s']} s)\n{text}", flush=True)
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
