@@ -1,10 +1,11 @@
-"""The `catpatch` command line: `catpatch demo|generate|eval|bench` (or `python -m catpatch`)."""
+"""The `catpatch` command line: `catpatch demo|generate|eval|bench|study`."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -119,6 +120,29 @@ def _demo(args) -> int:
     return 0
 
 
+def _study_parser(sub) -> None:
+    p = sub.add_parser(
+        "study",
+        help="quality under pruning on the trained toy model: CAT vs naive selection",
+        description="Generate a fixed set of captions/seeds on the trained toy pipeline "
+        "unpatched and with CAT and the equal-MACs ablations (random, noise, stale, step reuse) "
+        "at 28/50 steps and keep ratios 0.2/0.3/0.5, plus t0 and cluster sweeps; write "
+        "study.csv, study.md, study.png and study.json.",
+    )
+    p.add_argument("--out", default="out/study")
+    p.add_argument("--images", type=int, default=64, help="caption/seed pairs (64)")
+    p.add_argument("--quick", action="store_true", help="28 steps, keep ratio 0.3 only")
+    p.set_defaults(func=_study)
+
+
+def _study(args) -> int:
+    from .study import run_study
+
+    run_study(args.out, images=args.images, quick=args.quick)
+    print(Path(args.out, "study.md").read_text())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="catpatch", description="CAT pruning for Stable Diffusion 3 pipelines"
@@ -131,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_generate(sub)
     add_eval(sub)
     _bench_parser(sub)
+    _study_parser(sub)
     return parser
 
 
