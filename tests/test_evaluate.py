@@ -17,13 +17,6 @@ from catpatch.generate import MANIFEST
 PROMPTS = ["a red circle", "a blue square on a tree", "a green cross at night"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def write_run(folder: Path, images: list[np.ndarray], prompts=PROMPTS, cat=None) -> Path:
     """A folder as `catpatch generate` leaves it: PNGs and their manifest lines."""

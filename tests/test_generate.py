@@ -30,14 +30,6 @@ FAST = dict(size=(64, 64), steps=6, warmup_steps=2, num_clusters=4, progress=Fal
 PROMPTS = ["a red circle", "a small blue square on a tree"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Two intra-op threads on a busy 2-core machine make these tiny calls ~100x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> str:
