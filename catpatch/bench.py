@@ -54,7 +54,9 @@ class BenchResult:
     rows: int
     unpatched_s: list[float] = field(default_factory=list)
     patched_s: list[float] = field(default_factory=list)
+    eager_unpatched_s: list[float] | None = None  # compiled runs: the uncompiled baseline
     speedup: float = 0.0
+    speedup_vs_eager: float | None = None
     bound: float = 0.0
     fraction_of_bound: float = 0.0
     macs_ratio: float = 0.0
@@ -84,6 +86,11 @@ class BenchResult:
             ("loop unpatched (median)", f"{statistics.median(self.unpatched_s) * 1e3:.1f} ms"),
             ("loop CAT (median)", f"{statistics.median(self.patched_s) * 1e3:.1f} ms"),
             ("speed-up", f"{self.speedup:.2f}x"),
+            *(
+                [("speed-up vs eager unpatched", f"{self.speedup_vs_eager:.2f}x")]
+                if self.speedup_vs_eager
+                else []
+            ),
             ("arithmetic bound", f"{self.bound:.2f}x  (reached {self.fraction_of_bound:.0%})"),
             ("MACs ratio", f"{self.macs_ratio:.3f}"),
             ("full / pruned step", f"{self.full_step_ms:.1f} / {self.pruned_step_ms:.1f} ms"),
@@ -126,9 +133,10 @@ def load_transformer(settings: BenchSettings):
 class Loop:
     """A denoising loop (flow-matching Euler, CFG) around one transformer."""
 
-    def __init__(self, transformer, settings: BenchSettings):
+    def __init__(self, transformer, settings: BenchSettings, eager: bool = False):
         from diffusers import FlowMatchEulerDiscreteScheduler
 
+        self.eager = eager  # run a transformer compiled in place without its compiled code
         self.transformer = transformer
         self.settings = settings
         cfg = transformer.config
@@ -148,6 +156,14 @@ class Loop:
         self.forward = transformer
 
     def __call__(self) -> torch.Tensor:
+        compiled = vars(self.transformer).pop("_compiled_call_impl", None) if self.eager else None
+        try:
+            return self._denoise()
+        finally:
+            if compiled is not None:
+                self.transformer._compiled_call_impl = compiled
+
+    def _denoise(self) -> torch.Tensor:
         s = self.settings
         self.scheduler.set_timesteps(s.steps, device=self.device)
         latents = self.latents.clone()
@@ -249,6 +265,8 @@ def run(settings: BenchSettings) -> BenchResult:
         base.compile(mode=mode, dynamic=False)
     apply_cat(patched, config)
     loops = {"unpatched": Loop(base, settings), "patched": Loop(patched, settings)}
+    if settings.compile != "none":  # also the plain eager pipeline a user starts from
+        loops["eager"] = Loop(base, settings, eager=True)
 
     # warm-up: two runs each (compilation, allocator, the first run's recompiles per phase)
     for _ in range(2):
@@ -258,7 +276,8 @@ def run(settings: BenchSettings) -> BenchResult:
     peak_extra = None
     if device.type == "cuda":
         peaks = {}
-        for name, loop in loops.items():
+        for name in ("unpatched", "patched"):
+            loop = loops[name]
             torch.cuda.reset_peak_memory_stats(device)
             _timed(loop, device)
             peaks[name] = torch.cuda.max_memory_allocated(device)
@@ -279,7 +298,9 @@ def run(settings: BenchSettings) -> BenchResult:
     )
     full_ms, pruned_ms = _step_times(loops["patched"])
     select_ms = _selection_time(loops["patched"])
-    speedup = statistics.median(times["unpatched"]) / statistics.median(times["patched"])
+    patched_median = statistics.median(times["patched"])
+    speedup = statistics.median(times["unpatched"]) / patched_median
+    eager = times.get("eager")
     bound = run_bound(
         settings.steps, settings.warmup_steps, geo.tokens, geo.text_tokens, log.budget
     )
@@ -292,7 +313,9 @@ def run(settings: BenchSettings) -> BenchResult:
         rows=geo.rows,
         unpatched_s=times["unpatched"],
         patched_s=times["patched"],
+        eager_unpatched_s=eager,
         speedup=speedup,
+        speedup_vs_eager=statistics.median(eager) / patched_median if eager else None,
         bound=bound,
         fraction_of_bound=speedup / bound,
         macs_ratio=macs / macs_full,

@@ -7,6 +7,7 @@ the benchmark and as the untrained fallback of the demo.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable
 from typing import Any
 
@@ -83,32 +84,35 @@ BASE_WORDS = (
 _CHARS = "abcdefghijklmnopqrstuvwxyz0123456789.,!?-'"
 
 
-def clip_tokenizer(words: Iterable[str] = BASE_WORDS):
-    """A CLIP BPE tokenizer whose vocabulary holds every character and each word as one token."""
+def _bpe(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """Byte-pair encode one word's symbols with merge ranks (lowest rank merges first)."""
+    while len(symbols) > 1:
+        adjacent = zip(symbols, symbols[1:], strict=False)
+        rank, i = min((ranks.get(pair, len(ranks)), i) for i, pair in enumerate(adjacent))
+        if rank == len(ranks):
+            break
+        symbols = symbols[:i] + [symbols[i] + symbols[i + 1]] + symbols[i + 2 :]
+    return symbols
+
+
+def clip_tokenizer(words: Iterable[str] = BASE_WORDS, model_max_length: int = 77):
+    """A CLIP BPE tokenizer in which every word of `words` is exactly one token.
+
+    Merges are appended word by word until each word encodes to one symbol; a merge appended
+    later never changes an earlier word's encoding. Other words fall back to characters.
+    """
     from transformers import CLIPTokenizer
 
-    vocab: dict[str, int] = {}
-
-    def add(tok: str) -> None:
-        vocab.setdefault(tok, len(vocab))
-
-    for special in ("<|startoftext|>", "<|endoftext|>"):
-        add(special)
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
     for c in _CHARS:
-        add(c)
-        add(c + "</w>")
-    merges: list[tuple[str, str]] = []
-    seen: set[tuple[str, str]] = set()
+        vocab.setdefault(c, len(vocab))
+        vocab.setdefault(c + "</w>", len(vocab))
+    ranks: dict[tuple[str, str], int] = {}
     for word in dict.fromkeys(words):
-        pieces = list(word[:-1]) + [word[-1] + "</w>"]
-        left = pieces[0]
-        for right in pieces[1:]:
-            if (left, right) not in seen:
-                seen.add((left, right))
-                merges.append((left, right))
-            left = left + right
-            add(left)
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+        while len(symbols := _bpe(list(word[:-1]) + [word[-1] + "</w>"], ranks)) > 1:
+            ranks[(symbols[0], symbols[1])] = len(ranks)
+            vocab.setdefault(symbols[0] + symbols[1], len(vocab))
+    return CLIPTokenizer(vocab=vocab, merges=list(ranks), model_max_length=model_max_length)
 
 
 def t5_tokenizer(words: Iterable[str] = BASE_WORDS):
@@ -119,6 +123,101 @@ def t5_tokenizer(words: Iterable[str] = BASE_WORDS):
     pieces += [("\u2581" + w, -1.0) for w in dict.fromkeys(words)]
     pieces += [("\u2581", -5.0)] + [(c, -8.0) for c in _CHARS]
     return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=512)
+
+
+def text_components(
+    words: Iterable[str] = BASE_WORDS,
+    seed: int = 0,
+    clip_length: int = 77,
+    clip_projection: int = 32,
+    t5_dim: int = 64,
+    t5_ff: int = 64,
+    t5_kv: int = 16,
+) -> dict[str, Any]:
+    """The three tokenizers and three seeded random, frozen text encoders of an SD3 pipeline:
+    two 2-layer CLIPs (hidden 32, projection `clip_projection` each) and a 2-layer T5 of width
+    `t5_dim` (the transformer's joint_attention_dim)."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    words = tuple(words)
+    clip_tok = clip_tokenizer(words, clip_length)
+    t5_tok = t5_tokenizer(words)
+
+    def clip_encoder(offset: int):
+        torch.manual_seed(seed + offset)
+        return CLIPTextModelWithProjection(
+            CLIPTextConfig(
+                vocab_size=len(clip_tok),
+                hidden_size=32,
+                intermediate_size=64,
+                projection_dim=clip_projection,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                max_position_embeddings=clip_length,
+                bos_token_id=clip_tok.bos_token_id,
+                eos_token_id=clip_tok.eos_token_id,
+                pad_token_id=clip_tok.pad_token_id,
+            )
+        )
+
+    with torch.random.fork_rng(devices=[]):
+        encoder, encoder_2 = clip_encoder(1), clip_encoder(2)
+        torch.manual_seed(seed + 3)
+        encoder_3 = T5EncoderModel(
+            T5Config(
+                vocab_size=len(t5_tok),
+                d_model=t5_dim,
+                d_ff=t5_ff,
+                d_kv=t5_kv,
+                num_layers=2,
+                num_heads=2,
+                decoder_start_token_id=0,
+                pad_token_id=t5_tok.pad_token_id,
+                eos_token_id=t5_tok.eos_token_id,
+            )
+        )
+    for module in (encoder, encoder_2, encoder_3):
+        module.requires_grad_(False).eval()
+    return dict(
+        text_encoder=encoder,
+        tokenizer=clip_tok,
+        text_encoder_2=encoder_2,
+        tokenizer_2=copy.deepcopy(clip_tok),
+        text_encoder_3=encoder_3,
+        tokenizer_3=t5_tok,
+    )
+
+
+def vae(
+    seed: int = 0,
+    blocks: int = 3,
+    channels: int = 16,
+    latent_channels: int = 16,
+    sample_size: int = 64,
+    scaling_factor: float = 1.5305,
+    shift_factor: float = 0.0609,
+):
+    """A seeded random `AutoencoderKL` of the SD3 layout (no quant convs); the image-to-latent
+    scale factor is 2**(blocks - 1)."""
+    from diffusers import AutoencoderKL
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 4)
+        return AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * blocks,
+            up_block_types=("UpDecoderBlock2D",) * blocks,
+            block_out_channels=(channels,) * blocks,
+            layers_per_block=1,
+            latent_channels=latent_channels,
+            norm_num_groups=8,
+            sample_size=sample_size,
+            scaling_factor=scaling_factor,
+            shift_factor=shift_factor,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+        ).eval()
 
 
 def build_pipeline(
@@ -137,91 +236,23 @@ def build_pipeline(
     scale factor is 2**(vae_blocks - 1).
     """
     from diffusers import (
-        AutoencoderKL,
         FlowMatchEulerDiscreteScheduler,
         SD3Transformer2DModel,
         StableDiffusion3Pipeline,
     )
-    from transformers import (
-        CLIPTextConfig,
-        CLIPTextModelWithProjection,
-        T5Config,
-        T5EncoderModel,
-    )
 
     pipeline_cls = pipeline_cls or StableDiffusion3Pipeline
-    words = tuple(words)
     cfg = transformer_config(shape, **transformer_overrides)
-    clip_tok = clip_tokenizer(words)
-    t5_tok = t5_tokenizer(words)
-
-    def clip_encoder(offset: int):
-        torch.manual_seed(seed + offset)
-        return CLIPTextModelWithProjection(
-            CLIPTextConfig(
-                vocab_size=len(clip_tok),
-                hidden_size=32,
-                intermediate_size=64,
-                projection_dim=cfg["pooled_projection_dim"] // 2,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                max_position_embeddings=77,
-                bos_token_id=clip_tok.bos_token_id,
-                eos_token_id=clip_tok.eos_token_id,
-                pad_token_id=clip_tok.pad_token_id,
-            )
-        ).eval()
-
+    text = text_components(
+        words, seed, clip_projection=cfg["pooled_projection_dim"] // 2,
+        t5_dim=cfg["joint_attention_dim"],
+    )  # fmt: skip
     with torch.random.fork_rng(devices=[]):
-        text_encoder, text_encoder_2 = clip_encoder(1), clip_encoder(2)
-        torch.manual_seed(seed + 3)
-        text_encoder_3 = T5EncoderModel(
-            T5Config(
-                vocab_size=len(t5_tok),
-                d_model=cfg["joint_attention_dim"],
-                d_ff=64,
-                d_kv=16,
-                num_layers=2,
-                num_heads=2,
-                decoder_start_token_id=0,
-                pad_token_id=t5_tok.pad_token_id,
-                eos_token_id=t5_tok.eos_token_id,
-            )
-        ).eval()
-        torch.manual_seed(seed + 4)
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * vae_blocks,
-            up_block_types=("UpDecoderBlock2D",) * vae_blocks,
-            block_out_channels=(16,) * vae_blocks,
-            layers_per_block=1,
-            latent_channels=cfg["in_channels"],
-            norm_num_groups=8,
-            sample_size=64,
-            scaling_factor=1.5305,
-            shift_factor=0.0609,
-            use_quant_conv=False,
-            use_post_quant_conv=False,
-        ).eval()
         torch.manual_seed(seed + 5)
         transformer = SD3Transformer2DModel(**cfg).eval()
-
     return pipeline_cls(
         transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=clip_tok,
-        text_encoder_2=text_encoder_2,
-        tokenizer_2=clip_clone(clip_tok),
-        text_encoder_3=text_encoder_3,
-        tokenizer_3=t5_tok,
+        vae=vae(seed, vae_blocks, latent_channels=cfg["in_channels"]),
+        **text,
     )
-
-
-def clip_clone(tok):
-    """A second, independent CLIP tokenizer object (the pipeline holds two)."""
-    import copy
-
-    return copy.deepcopy(tok)

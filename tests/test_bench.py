@@ -47,3 +47,12 @@ def test_bench_table(capsys):
     )
     table = capsys.readouterr().out
     assert "speed-up" in table and "arithmetic bound" in table and "batch 1 (1 rows)" in table
+
+
+def test_bench_compiled_reports_the_eager_baseline(capsys):
+    main(["bench", "--shape", "tiny-sd3", "--size", "128x128", "--steps", "4", "--warmup-steps",
+          "2", "--num-clusters", "4", "--repeats", "1", "--text-tokens", "8", "--compile",
+          "default", "--json"])  # fmt: skip
+    result = json.loads(capsys.readouterr().out)
+    assert len(result["eager_unpatched_s"]) == 1 and result["speedup_vs_eager"] > 0
+    assert result["settings"]["compile"] == "default"

@@ -17,7 +17,6 @@ from catpatch.generate import MANIFEST
 PROMPTS = ["a red circle", "a blue square on a tree", "a green cross at night"]
 
 
-
 def write_run(folder: Path, images: list[np.ndarray], prompts=PROMPTS, cat=None) -> Path:
     """A folder as `catpatch generate` leaves it: PNGs and their manifest lines."""
     folder.mkdir(parents=True)

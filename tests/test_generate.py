@@ -30,7 +30,6 @@ FAST = dict(size=(64, 64), steps=6, warmup_steps=2, num_clusters=4, progress=Fal
 PROMPTS = ["a red circle", "a small blue square on a tree"]
 
 
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> str:
     from catpatch.tiny import build_pipeline

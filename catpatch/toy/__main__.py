@@ -1,0 +1,137 @@
+"""Command line of the toy model: `python -m catpatch.toy {train,sample,check}`.
+
+python -m catpatch.toy train [--out DIR]     # train from scratch (~50 min on 2 busy CPU cores)
+python -m catpatch.toy sample --out DIR      # a few images and grid.png
+python -m catpatch.toy check                 # detector accuracy on generated images
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+from pathlib import Path
+
+
+def _print_accuracy(title: str, acc: dict[str, float]) -> None:
+    print(f"{title}: " + "  ".join(f"{k} {v:.3f}" for k, v in acc.items()), flush=True)
+
+
+def _call_kwargs(args: argparse.Namespace) -> dict:
+    from . import GUIDANCE_SCALE, NUM_INFERENCE_STEPS
+
+    steps = args.steps or NUM_INFERENCE_STEPS
+    guidance = GUIDANCE_SCALE if args.guidance is None else args.guidance
+    return dict(num_inference_steps=steps, guidance_scale=guidance)
+
+
+def _train(args: argparse.Namespace) -> None:
+    from . import check, reference_accuracy
+    from .train import TrainConfig, train
+
+    start = time.perf_counter()
+    cfg = TrainConfig(seed=args.seed)
+    if args.quick:
+        cfg = TrainConfig(
+            seed=args.seed,
+            vae_steps=20,
+            dataset_size=500,
+            steps=20,
+            detector_steps=40,
+            log_every=10,
+        )
+    for item in args.set:
+        name, value = item.split("=", 1)
+        cfg = dataclasses.replace(cfg, **{name: type(getattr(cfg, name))(value)})
+    print(cfg, flush=True)
+    pipe, detector = train(args.out, cfg)
+    pipe.set_progress_bar_config(disable=True)
+    _print_accuracy("detector on procedural images", reference_accuracy(detector))
+    n = 8 if args.quick else 64
+    _print_accuracy(f"detector on {n} generated images", check(pipe, n, detector))
+    print(f"total wall time {time.perf_counter() - start:.0f}s", flush=True)
+
+
+def _sample(args: argparse.Namespace) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from . import eval_prompts, generate, load_pipeline
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    prompts = eval_prompts(args.n)
+    images = generate(load_pipeline(path=args.weights), prompts, **_call_kwargs(args))
+    images = (images * 255).round().astype(np.uint8)
+    for i, img in enumerate(images):
+        Image.fromarray(img).save(out / f"{i:03d}.png")
+    cols = min(8, len(images))
+    rows = -(-len(images) // cols)
+    n, h, w, _ = images.shape
+    padded = np.zeros((rows * cols, h, w, 3), dtype=np.uint8)
+    padded[:n] = images
+    grid = padded.reshape(rows, cols, h, w, 3).transpose(0, 2, 1, 3, 4).reshape(rows * h, -1, 3)
+    Image.fromarray(grid).save(out / "grid.png")
+    lines = [f"{i:03d} seed {p.seed}: {p.prompt}\n" for i, p in enumerate(prompts)]
+    (out / "captions.txt").write_text("".join(lines))
+    print(f"wrote {len(images)} images, grid.png and captions.txt to {out}")
+
+
+def _check(args: argparse.Namespace) -> None:
+    from . import check, load_detector, load_pipeline, reference_accuracy
+
+    detector = load_detector(Path(args.weights) / "detector.safetensors" if args.weights else None)
+    _print_accuracy("detector on procedural images", reference_accuracy(detector))
+    kwargs = _call_kwargs(args)
+    start = time.perf_counter()
+    acc = check(load_pipeline(path=args.weights), args.n, detector, **kwargs)
+    _print_accuracy(
+        f"detector on {args.n} generated images ({kwargs['num_inference_steps']} steps, "
+        f"guidance {kwargs['guidance_scale']}, {time.perf_counter() - start:.0f}s)",
+        acc,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse the command line and run one command."""
+    parser = argparse.ArgumentParser(
+        prog="python -m catpatch.toy",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="train the pipeline and detector from scratch")
+    p.add_argument("--out", default="out/toy", help="folder to save_pretrained into")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="a few steps per stage (smoke test)")
+    p.add_argument(
+        "--set", nargs="*", default=[], metavar="FIELD=VALUE", help="override TrainConfig fields"
+    )
+    for name, default_n in (("sample", 16), ("check", 64)):
+        p = sub.add_parser(name)
+        if name == "sample":
+            p.add_argument("--out", required=True)
+        p.add_argument("--n", type=int, default=default_n, help="evaluation prompts to use")
+        p.add_argument("--steps", type=int, default=None)
+        p.add_argument("--guidance", type=float, default=None)
+        p.add_argument("--weights", default=None, help="pipeline folder (default: shipped)")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    {"train": _train, "sample": _sample, "check": _check}[args.command](args)
+
+
+if __name__ == "__main__":
+    # Passive OpenMP waiting: with busy-waiting threads, another process on the same cores
+    # slows training many times over. It must be set before torch loads, hence the re-exec.
+    if os.environ.get("OMP_WAIT_POLICY") is None:
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+        os.execv(sys.executable, [sys.executable, "-m", "catpatch.toy", *sys.argv[1:]])
+    main()

@@ -1,0 +1,94 @@
+"""The toy model's architecture: a complete `StableDiffusion3Pipeline` at small size.
+
+The text encoders are seeded random and stay frozen; the VAE and transformer start here and are
+trained by `catpatch.toy.train`. The T5 encoder's relative position bias is zero, so every T5
+padding token gets the same embedding (training relies on it, see `train.compress_text`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .. import tiny
+from .data import IMAGE_SIZE, WORDS
+
+CLIP_LENGTH = 16  # CLIP tokenizers' model_max_length: the longest caption is 15 tokens
+T5_LENGTH = 256  # the pipeline's default max_sequence_length
+T5_KEEP = 16  # T5 positions that can hold caption tokens; the rest are identical padding
+LATENT_CHANNELS = 16
+VAE_BLOCKS = 2  # vae_scale_factor 2: 64 px images -> 32 x 32 latents -> 16 x 16 = 256 tokens
+VAE_CHANNELS = (32, 32)
+TEXT_DIM = 64  # T5 d_model = joint_attention_dim
+CLIP_PROJ = 32  # each CLIP's projection; pooled_projection_dim = 2 * CLIP_PROJ
+
+TRANSFORMER_CONFIG: dict[str, Any] = dict(
+    sample_size=IMAGE_SIZE // 2 ** (VAE_BLOCKS - 1),
+    patch_size=2,
+    in_channels=LATENT_CHANNELS,
+    out_channels=LATENT_CHANNELS,
+    num_layers=6,
+    attention_head_dim=64,
+    num_attention_heads=2,
+    joint_attention_dim=TEXT_DIM,
+    caption_projection_dim=128,
+    pooled_projection_dim=2 * CLIP_PROJ,
+    pos_embed_max_size=IMAGE_SIZE // 2 ** (VAE_BLOCKS - 1) // 2,
+    dual_attention_layers=(),
+    qk_norm="rms_norm",
+)
+SCHEDULER_SHIFT = 3.0
+
+
+def vocabulary() -> tuple[str, ...]:
+    """Words the tokenizers hold as single tokens: the caption words and common prompt words."""
+    return tuple(dict.fromkeys(WORDS + tuple(tiny.BASE_WORDS)))
+
+
+def text_components(seed: int = 0) -> dict[str, Any]:
+    """The three tokenizers and three seeded random, frozen text encoders, with the T5
+    relative position bias zeroed (identical padding embeddings, see `train.compress_text`)."""
+    text = tiny.text_components(
+        vocabulary(), seed, clip_length=CLIP_LENGTH, clip_projection=CLIP_PROJ,
+        t5_dim=TEXT_DIM, t5_ff=128, t5_kv=32,
+    )  # fmt: skip
+    with torch.no_grad():
+        for module in text["text_encoder_3"].modules():
+            bias = getattr(module, "relative_attention_bias", None)
+            if bias is not None:
+                bias.weight.zero_()
+    return text
+
+
+def vae_model(seed: int = 0):
+    """An untrained `AutoencoderKL` (SD3 layout: 16 latent channels, no quant convs)."""
+    return tiny.vae(
+        seed, VAE_BLOCKS, VAE_CHANNELS[0], LATENT_CHANNELS, IMAGE_SIZE,
+        scaling_factor=1.0, shift_factor=0.0,
+    ).train()  # fmt: skip
+
+
+def transformer_model(seed: int = 0):
+    """An untrained `SD3Transformer2DModel` of `TRANSFORMER_CONFIG`, output projection zeroed."""
+    from diffusers import SD3Transformer2DModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 5)
+        model = SD3Transformer2DModel(**TRANSFORMER_CONFIG)
+    with torch.no_grad():
+        model.proj_out.weight.zero_()
+        model.proj_out.bias.zero_()
+    return model
+
+
+def assemble(transformer, vae, text: dict[str, Any]):
+    """A `StableDiffusion3Pipeline` from its trained parts and the text components."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    return StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=SCHEDULER_SHIFT),
+        vae=vae,
+        **text,
+    )
