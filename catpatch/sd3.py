@@ -292,6 +292,8 @@ class SD3Adapter:
             self._warn_outside()
         mode = state.plan_call(self._geometry(args, kwargs))
         state.mode = mode
+        if mode is Mode.PASS:
+            return None
         if state.config.selection == "step":
             if state.step == 0:
                 state.plan_reuse(self._step_cost_ratio())

@@ -76,7 +76,9 @@ def test_patch_set_restores_instances_exactly():
     assert vars(m)["forward"] is existing
 
 
-def _bare_inputs(rows=2):
+def _bare_inputs(rows=2, seed=None):
+    if seed is not None:
+        torch.manual_seed(seed)
     return dict(
         encoder_hidden_states=torch.randn(rows, 9, 64),
         pooled_projections=torch.randn(rows, 64),
@@ -111,10 +113,19 @@ def test_bare_transformer_with_own_loop():
         torch.testing.assert_close(model(hidden_states=latents, **inputs).sample, ref)
 
 
-def test_outside_a_run_warns_once_and_runs_unpruned():
-    model = apply_cat(build_transformer("tiny-sd3"), CATConfig(warmup_steps=2, num_clusters=4))
+@pytest.mark.parametrize("config", [
+    CATConfig(warmup_steps=2, num_clusters=4),
+    CATConfig(warmup_steps=2, persistent_buffers=True),
+    CATConfig(warmup_steps=2, selection="step"),
+])  # fmt: skip
+def test_outside_a_run_warns_once_and_runs_unpruned(config):
+    model = build_transformer("tiny-sd3")
+    with torch.no_grad():
+        ref = model(hidden_states=torch.ones(2, 16, 16, 16), **_bare_inputs(seed=1)).sample
+    apply_cat(model, config)
     with pytest.warns(UserWarning, match="cat_generation"), torch.no_grad():
-        model(hidden_states=torch.randn(2, 16, 16, 16), **_bare_inputs())
+        out = model(hidden_states=torch.ones(2, 16, 16, 16), **_bare_inputs(seed=1)).sample
+    torch.testing.assert_close(out, ref)
     assert cat_stats(model).passthrough_calls == 0 and cat_stats(model).steps == 0
 
 
