@@ -136,11 +136,16 @@ def run_study(
 
         return score(detector.predict(imgs), labels)
 
+    # Each finished run is appended to `rows.jsonl` and each reference saved, so a run of the
+    # study that was killed resumes where it stopped (same images count, same configurations).
+    done = _load_done(out / "rows.jsonl", images)
     references: dict[int, tuple[Tensor, np.ndarray]] = {}
     rows: list[Row] = []
     for steps in sorted({s for s, _, _ in runs}):
         start = time.perf_counter()
-        references[steps] = _generate(pipe, prompts, steps, batch_size, call)
+        references[steps] = _reference(
+            out, images, steps, lambda s=steps: _generate(pipe, prompts, s, batch_size, call)
+        )
         acc = accuracy(references[steps][1])
         rows.append(
             Row(
@@ -161,6 +166,10 @@ def run_study(
         )
         log(f"unpatched {steps} steps: {time.perf_counter() - start:.0f} s")
     for steps, method, config in runs:
+        key = _key(steps, config)
+        if key in done:
+            rows.append(done[key])
+            continue
         start = time.perf_counter()
         apply_cat(pipe, config)
         latents, imgs = _generate(pipe, prompts, steps, batch_size, call)
@@ -176,9 +185,39 @@ def run_study(
             float(error.mean()), acc["colour+position"], acc["all"], time.perf_counter() - start,
         )  # fmt: skip
         rows.append(row)
+        with open(out / "rows.jsonl", "a") as f:
+            f.write(json.dumps({"key": key, "images": images, **asdict(row)}) + "\n")
         log(f"{steps} steps {config!r}: PSNR {row.psnr:.2f} dB, MACs {row.macs_ratio:.3f}")
     write_outputs(out, rows, images)
     return rows
+
+
+def _key(steps: int, config: CATConfig) -> str:
+    return f"{steps} {config!r}"
+
+
+def _load_done(path: Path, images: int) -> dict[str, Row]:
+    """Rows of an earlier, interrupted study in the same folder with the same image count."""
+    if not path.exists():
+        return {}
+    done = {}
+    for line in path.read_text().splitlines():
+        record = json.loads(line)
+        key = record.pop("key")
+        if record.pop("images") == images:
+            done[key] = Row(**record)
+    return done
+
+
+def _reference(out: Path, images: int, steps: int, make) -> tuple[Tensor, np.ndarray]:
+    """The unpatched latents and images for `steps`, generated once and kept in `out`."""
+    path = out / f"reference-{steps}-{images}.pt"
+    if path.exists():
+        saved = torch.load(path)
+        return saved["latents"], saved["images"].numpy()
+    latents, imgs = make()
+    torch.save({"latents": latents, "images": torch.from_numpy(imgs)}, path)
+    return latents, imgs
 
 
 def write_outputs(out: Path, rows: list[Row], images: int) -> None:

@@ -38,3 +38,9 @@ def test_tiny_study_run(tmp_path):
     with open(tmp_path / "study.csv") as f:
         assert len(list(csv.DictReader(f))) == 3
     assert "| 6 | cat | 0.3 | 3 | 8 |" in (tmp_path / "study.md").read_text()
+
+    # A second run in the same folder resumes: nothing is generated again, the rows are the same.
+    logged = []
+    again = run_study(tmp_path, images=2, batch_size=2, runs=runs, log=logged.append)
+    assert [r.psnr for r in again] == [r.psnr for r in rows]
+    assert not any("PSNR" in line for line in logged)
