@@ -119,7 +119,10 @@ def load_transformer(settings: BenchSettings):
     from .shapes import build_transformer
 
     if settings.model is None:
-        model = build_transformer(settings.shape, seed=settings.seed, device=settings.device)
+        # built in the bench dtype: SD3.5-large in fp32 would need twice the memory first
+        model = build_transformer(
+            settings.shape, seed=settings.seed, device=settings.device, dtype=DTYPES[settings.dtype]
+        )
     else:
         from diffusers import SD3Transformer2DModel
 
@@ -127,7 +130,10 @@ def load_transformer(settings: BenchSettings):
             model = SD3Transformer2DModel.from_pretrained(settings.model, subfolder="transformer")
         except (OSError, ValueError):
             model = SD3Transformer2DModel.from_pretrained(settings.model)
-    return model.to(device=settings.device, dtype=DTYPES[settings.dtype]).eval()
+    dtype = DTYPES[settings.dtype]
+    if model.dtype != dtype:
+        model = model.to(dtype=dtype)
+    return model.to(device=settings.device).eval()
 
 
 class Loop:

@@ -85,7 +85,13 @@ def build_transformer(shape: str, seed: int = 0, device=None, dtype=None, **over
 
     device = torch.device(device or "cpu")
     devices = [device.index or 0] if device.type == "cuda" else []
+    default = torch.get_default_dtype()
     with torch.random.fork_rng(devices=devices), device:
         torch.manual_seed(seed)
-        model = SD3Transformer2DModel(**transformer_config(shape, **overrides))
-    return model.to(dtype=dtype).eval() if dtype is not None else model.eval()
+        # made in `dtype` directly: no fp32 copy first (SD3.5-large is 8B parameters)
+        torch.set_default_dtype(dtype or default)
+        try:
+            model = SD3Transformer2DModel(**transformer_config(shape, **overrides))
+        finally:
+            torch.set_default_dtype(default)
+    return model.eval()

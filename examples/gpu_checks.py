@@ -6,10 +6,10 @@
 1. `sync`: a pruned step of an SD3-medium-shaped transformer (1024², bf16) runs under
    `torch.cuda.set_sync_debug_mode("error")`: no host sync in the per-step path.
 2. bench rows (`catpatch bench`, random weights, 1024², batch 1 + CFG = 2 rows, bf16, 28 steps,
-   α 0.3, t0 8): SD3-medium eager, SD3-medium with CUDA graphs ("reduce-overhead" on both
-   sides), SD3.5-large with CUDA graphs, and SD3-medium compiled vs the plain eager baseline.
-Each result is written to OUT/<row>.json (and .txt) as soon as it exists, so a run cut short
-still leaves what it measured.
+   α 0.3, t0 8): SD3-medium and SD3.5-large, eager and with CUDA graphs ("reduce-overhead" on
+   both sides; the row also times the plain eager baseline), and SD3-medium compiled "default".
+Each result is appended to OUT/results.jsonl as soon as it exists, so a run cut short still
+leaves what it measured (run each row in its own process, under `timeout`, to bound them).
 """
 
 from __future__ import annotations
@@ -41,7 +41,9 @@ BASE = BenchSettings(
 ROWS = {
     "medium-eager": BASE,
     "medium-graphs": replace(BASE, compile="reduce-overhead"),
+    "large-eager": replace(BASE, shape="sd3.5-large"),
     "large-graphs": replace(BASE, shape="sd3.5-large", compile="reduce-overhead"),
+    "medium-default": replace(BASE, compile="default"),
 }
 
 
@@ -91,8 +93,8 @@ def main() -> None:
         except Exception:  # keep going: later rows may still fit in the time
             result, text = {"error": traceback.format_exc()}, traceback.format_exc()
         result["wall_s"] = round(time.time() - start, 1)
-        (out / f"{row}.json").write_text(json.dumps(result, indent=2))
-        (out / f"{row}.txt").write_text(text)
+        with open(out / "results.jsonl", "a") as f:
+            f.write(json.dumps({"row": row, **result}) + "\n")
         print(f"== {row} ({result['wall_s']} s)\n{text}", flush=True)
         torch.cuda.empty_cache()
 
