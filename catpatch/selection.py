@@ -15,9 +15,10 @@ import torch
 from torch import Tensor
 
 
-def drift(output: Tensor, reference: Tensor) -> Tensor:
-    """Δ: per-token L2 distance of the output from the reference. (G, L, F) -> (G, L)."""
-    return (output.float() - reference.float()).norm(dim=-1)
+def drift(diff: Tensor) -> Tensor:
+    """Δ: per-token L2 norm of `diff` = output - reference (the caller forms it once, in
+    float32, since the cluster scores read it too). (G, L, F) -> (G, L)."""
+    return diff.norm(dim=-1)
 
 
 def update_recency(recency: Tensor, index: Tensor, decay: float) -> Tensor:

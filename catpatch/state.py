@@ -340,14 +340,12 @@ class CATState:
             features = clustering.cluster_features(output, grid.position, cfg.cluster_feature_scale)
             labels = clustering.kmeans(features, grid.init, cfg.kmeans_iters)
             self.labels = keep(self.labels, labels, p)
-            diff = output.float() - self.reference.float()
+            diff, delta = self._drift(output)
             score = clustering.cluster_scores(diff, self.labels, cfg.num_clusters)
             adjacency = clustering.cluster_adjacency(self.labels, grid.edges, cfg.num_clusters)
             smoothed = clustering.smooth_scores(score, adjacency)
             quota = selection.first_quota_size(budget, cfg.first_quota)
-            first = selection.first_selection(
-                selection.drift(output, self.reference), smoothed, self.labels, budget, quota
-            )
+            first = selection.first_selection(delta, smoothed, self.labels, budget, quota)
         else:
             first = self._select(output)
         self.chosen = keep(self.chosen, first, p)
@@ -360,10 +358,9 @@ class CATState:
             return selection.random_selection(groups, tokens, budget, self.generator, output.device)
         if cfg.selection == "stale":
             return selection.stale_selection(self.recency, budget)
-        delta = selection.drift(output, self.reference)
+        diff, delta = self._drift(output)
         if cfg.selection == "noise":
             return selection.noise_selection(delta, budget)
-        diff = output.float() - self.reference.float()
         score = clustering.cluster_scores(diff, self.labels, cfg.num_clusters)
         return selection.cat_selection(
             delta,
@@ -375,6 +372,11 @@ class CATState:
             self.quotas,
             self.recency_quota,
         )
+
+    def _drift(self, output: Tensor) -> tuple[Tensor, Tensor]:
+        """(output - reference in float32 (G, L, F), Δ (G, L))."""
+        diff = output.float() - self.reference.float()
+        return diff, selection.drift(diff)
 
     def grid(self, geometry: Geometry) -> clustering.GridGeometry:
         key = (geometry.height, geometry.width, self.config.num_clusters, str(geometry.device))
