@@ -147,12 +147,13 @@ def _normed(norm, x: Tensor, heads: int) -> Tensor:
     return x if norm is None else norm(_split_heads(x, heads)).flatten(2)
 
 
-def _feed_forward(block, x: Tensor) -> Tensor:
+def _feed_forward(block, ff, x: Tensor) -> Tensor:
+    """`ff` (the block's image or context FFN), chunked when the block enables it."""
     if block._chunk_size is not None:
         from diffusers.models.attention import _chunked_feed_forward
 
-        return _chunked_feed_forward(block.ff, x, block._chunk_dim, block._chunk_size)
-    return block.ff(x)
+        return _chunked_feed_forward(ff, x, block._chunk_dim, block._chunk_size)
+    return ff(x)
 
 
 def cat_block_forward(
@@ -197,7 +198,7 @@ def cat_block_forward(
 
     normed = block.norm2(hidden_states)
     normed = normed * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
-    ff_output = _feed_forward(block, normed)
+    ff_output = _feed_forward(block, block.ff, normed)
     ff_all = _store(cache, "ff", ff_output, index, keep_all)
     hidden_states = hidden_states + gate_mlp.unsqueeze(1) * ff_output
 
@@ -212,14 +213,7 @@ def cat_block_forward(
     encoder_hidden_states = encoder_hidden_states + c_gate_msa.unsqueeze(1) * context_attn_output
     normed_context = block.norm2_context(encoder_hidden_states)
     normed_context = normed_context * (1 + c_scale_mlp[:, None]) + c_shift_mlp[:, None]
-    if block._chunk_size is not None:
-        from diffusers.models.attention import _chunked_feed_forward
-
-        context_ff = _chunked_feed_forward(
-            block.ff_context, normed_context, block._chunk_dim, block._chunk_size
-        )
-    else:
-        context_ff = block.ff_context(normed_context)
+    context_ff = _feed_forward(block, block.ff_context, normed_context)
     encoder_hidden_states = encoder_hidden_states + c_gate_mlp.unsqueeze(1) * context_ff
     return encoder_hidden_states, hidden_states
 
