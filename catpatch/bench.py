@@ -18,10 +18,9 @@ from typing import Any
 import torch
 
 from .config import CATConfig
+from .dtypes import torch_dtype
 from .patching import apply_cat, cat_generation, get_patch
 from .stats import ModelDims, run_bound, run_macs
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -118,10 +117,11 @@ def load_transformer(settings: BenchSettings):
     """The transformer to time: a named shape with random weights, or a user's model."""
     from .shapes import build_transformer
 
+    dtype = torch_dtype(settings.dtype)
     if settings.model is None:
         # built in the bench dtype: SD3.5-large in fp32 would need twice the memory first
         model = build_transformer(
-            settings.shape, seed=settings.seed, device=settings.device, dtype=DTYPES[settings.dtype]
+            settings.shape, seed=settings.seed, device=settings.device, dtype=dtype
         )
     else:
         from diffusers import SD3Transformer2DModel
@@ -130,7 +130,6 @@ def load_transformer(settings: BenchSettings):
             model = SD3Transformer2DModel.from_pretrained(settings.model, subfolder="transformer")
         except (OSError, ValueError):
             model = SD3Transformer2DModel.from_pretrained(settings.model)
-    dtype = DTYPES[settings.dtype]
     if model.dtype != dtype:
         model = model.to(dtype=dtype)
     return model.to(device=settings.device).eval()
@@ -146,7 +145,7 @@ class Loop:
         self.transformer = transformer
         self.settings = settings
         cfg = transformer.config
-        device, dtype = torch.device(settings.device), DTYPES[settings.dtype]
+        device, dtype = torch.device(settings.device), torch_dtype(settings.dtype)
         gen = torch.Generator().manual_seed(settings.seed)
         batch = settings.batch
         rows = 2 * batch if settings.cfg else batch

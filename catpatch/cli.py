@@ -8,15 +8,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 
-def _size(text: str) -> tuple[int, int]:
-    try:
-        height, width = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"size must look like 1024x1024, got {text!r}") from None
-    return height, width
-
-
 def _bench_parser(sub) -> None:
+    from .config import COMPILE_MODES, SELECTION_MODES
+    from .dtypes import DTYPE_NAMES
+    from .generate import parse_size
     from .shapes import SHAPES
 
     p = sub.add_parser(
@@ -28,7 +23,7 @@ def _bench_parser(sub) -> None:
     )
     p.add_argument("--shape", default="cpu-256x8", choices=sorted(SHAPES))
     p.add_argument("--model", help="a pipeline/transformer folder or hub id instead of --shape")
-    p.add_argument("--size", type=_size, default=(512, 512), help="HxW in pixels (512x512)")
+    p.add_argument("--size", type=parse_size, default=(512, 512), help="HxW in pixels (512x512)")
     p.add_argument("--steps", type=int, default=28)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--no-cfg", dest="cfg", action="store_false", help="no CFG (batch B)")
@@ -36,17 +31,12 @@ def _bench_parser(sub) -> None:
     p.add_argument("--keep-ratio", type=float, default=0.3)
     p.add_argument("--warmup-steps", type=int, default=8)
     p.add_argument("--num-clusters", type=int, default=20)
-    p.add_argument("--selection", default="cat", choices=["cat", "random", "noise", "stale"])
-    p.add_argument(
-        "--dtype",
-        default=None,
-        choices=["fp32", "bf16", "fp16"],
-        help="default: bf16 on cuda, fp32 on cpu",
-    )
+    # "step" reuses whole steps and has no pruned step to time
+    selections = [m for m in SELECTION_MODES if m != "step"]
+    p.add_argument("--selection", default="cat", choices=selections)
+    p.add_argument("--dtype", choices=list(DTYPE_NAMES), help="default: bf16 on cuda, fp32 on cpu")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument(
-        "--compile", default="none", choices=["none", "default", "reduce-overhead", "max-autotune"]
-    )
+    p.add_argument("--compile", default="none", choices=["none", *filter(None, COMPILE_MODES)])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=_bench)
@@ -56,9 +46,10 @@ def _bench(args) -> int:
     import torch
 
     from .bench import BenchSettings, run
+    from .dtypes import default_dtype_name
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = args.dtype or ("bf16" if device.startswith("cuda") else "fp32")
+    dtype = args.dtype or default_dtype_name(device)
     settings = BenchSettings(
         shape=args.shape,
         model=args.model,

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .generate import MANIFEST, read_records
+from .generate import MANIFEST, first_line, read_records
 
 METRICS = {  # key: label in the table
     "psnr": "PSNR (dB)",
@@ -146,10 +146,10 @@ def _clip_metric(name: str, device):
     try:
         return CLIPScore(model_name_or_path=load).to(device)
     except (OSError, ValueError) as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise EvalError(
-            f"--clip-model {name}: cannot load a CLIP model and processor ({first}); download "
-            f"one first, e.g. `hf download openai/clip-vit-large-patch14 --local-dir clip-l14`"
+            f"--clip-model {name}: cannot load a CLIP model and processor ({first_line(err)}); "
+            f"download one first, e.g. `hf download openai/clip-vit-large-patch14 --local-dir "
+            f"clip-l14`"
         ) from None
 
 
@@ -163,11 +163,10 @@ def _lpips_metric(device):
 
         metric = LearnedPerceptualImagePatchSimilarity(net_type="alex", normalize=True)
     except (ImportError, OSError, RuntimeError) as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise EvalError(
             f"--lpips needs torchvision (install the build matching your torch, e.g. `pip "
             f"install torchvision`) and the AlexNet/LPIPS weights that torchvision downloads on "
-            f"first use; run once with network access or drop --lpips ({first})"
+            f"first use; run once with network access or drop --lpips ({first_line(err)})"
         ) from None
     return metric.to(device)
 

@@ -28,10 +28,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .dtypes import DTYPE_NAMES, default_dtype_name, from_pretrained_dtype, torch_dtype
+
 MANIFEST = "manifest.jsonl"
 SHARD_GLOB = "manifest.rank*.jsonl"
 SEED_STRIDE = 1000  # seed of image j of prompt i: seed + SEED_STRIDE*i + j
-DTYPES = ("fp32", "bf16", "fp16")
 # Settings that change the pixels: a resumed run must match the images already in --out.
 GENERATION_KEYS = (
     "model", "cat", "keep_ratio", "warmup_steps", "num_clusters", "steps", "guidance",
@@ -230,7 +231,6 @@ def _looks_like_path(model: str) -> bool:
 def load_pipeline(model: str, device: Any, dtype: Any):
     """`DiffusionPipeline.from_pretrained(model)` on `device` in `dtype`, with clear errors."""
     from diffusers import DiffusionPipeline
-    from diffusers.utils import deprecation_utils
 
     path = Path(model).expanduser()
     if path.exists():
@@ -245,19 +245,18 @@ def load_pipeline(model: str, device: Any, dtype: Any):
             f"model folder {model} does not exist: pass a pipeline folder (pipe.save_pretrained) "
             f"or a hub id such as stabilityai/stable-diffusion-3-medium-diffusers"
         )
-    # Newer diffusers name the argument `dtype` and deprecate `torch_dtype`.
-    key = "dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype"
     try:
-        pipe = DiffusionPipeline.from_pretrained(model, **{key: dtype})
+        pipe = DiffusionPipeline.from_pretrained(model, **from_pretrained_dtype(dtype))
     except (OSError, ValueError) as err:
         raise GenerateError(
-            f"could not load {model}: {_first_line(err)} (a hub model needs network access and, "
+            f"could not load {model}: {first_line(err)} (a hub model needs network access and, "
             f"for gated models, `hf auth login`; offline, pass a local folder)"
         ) from None
     return pipe.to(device)
 
 
-def _first_line(err: BaseException) -> str:
+def first_line(err: BaseException) -> str:
+    """The first line of an error's message (its type name if it has none)."""
     lines = str(err).strip().splitlines()
     return lines[0] if lines else type(err).__name__
 
@@ -266,11 +265,11 @@ def _as_text_to_image(pipe):
     """The SD3 text-to-image pipeline of `pipe`; GenerateError if it is not SD3-family."""
     from diffusers import StableDiffusion3Pipeline
 
-    from .patching import SUPPORTED_PIPELINES
+    from .patching import is_supported_pipeline
 
     if isinstance(pipe, StableDiffusion3Pipeline):
         return pipe
-    if not {c.__name__ for c in type(pipe).__mro__} & set(SUPPORTED_PIPELINES):
+    if not is_supported_pipeline(pipe):
         raise GenerateError(
             f"{type(pipe).__name__} is not a supported SD3-family pipeline; catpatch generate "
             f"needs a StableDiffusion3Pipeline checkpoint (SD3-medium, SD3.5-medium/large)"
@@ -342,7 +341,7 @@ def _prepare(pipe, settings: GenerateSettings, height: int, width: int):
         try:
             pipe.load_lora_weights(settings.lora)
         except (OSError, ValueError, KeyError, RuntimeError, ImportError) as err:
-            message = f"could not load the LoRA {settings.lora}: {_first_line(err)}"
+            message = f"could not load the LoRA {settings.lora}: {first_line(err)}"
             raise GenerateError(message) from None
         extra["joint_attention_kwargs"] = {"scale": settings.lora_scale}
     if settings.cat:
@@ -401,8 +400,7 @@ def run(
     with state.split_between_processes(pending) as mine:
         if mine:
             if pipe is None:
-                dtype = getattr(torch, _TORCH_DTYPES[recorded["dtype"]])
-                pipe = load_pipeline(settings.model, device, dtype)
+                pipe = load_pipeline(settings.model, device, torch_dtype(recorded["dtype"]))
             pipe = _as_text_to_image(pipe)
             if recorded["height"] is None:
                 side = pipe.default_sample_size * pipe.vae_scale_factor
@@ -422,9 +420,6 @@ def run(
     return result
 
 
-_TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-
-
 def _check(settings: GenerateSettings) -> None:
     if not settings.prompts:
         raise GenerateError("no prompts: pass --prompt or --prompts-file")
@@ -432,8 +427,8 @@ def _check(settings: GenerateSettings) -> None:
         raise GenerateError(f"--images-per-prompt must be in 1..{SEED_STRIDE}")
     if settings.batch_size < 1 or settings.steps < 1:
         raise GenerateError("--batch-size and --steps must be >= 1")
-    if settings.dtype not in (None, *DTYPES):
-        raise GenerateError(f"--dtype must be one of {', '.join(DTYPES)}")
+    if settings.dtype not in (None, *DTYPE_NAMES):
+        raise GenerateError(f"--dtype must be one of {', '.join(DTYPE_NAMES)}")
     if settings.cat:
         _cat_config(settings)
 
@@ -452,7 +447,7 @@ def _recorded(settings: GenerateSettings, device, world_size: int, loaded: bool)
         "steps": settings.steps, "guidance": settings.guidance, "height": height, "width": width,
         "seed": settings.seed, "images_per_prompt": settings.images_per_prompt,
         "batch_size": settings.batch_size,
-        "dtype": settings.dtype or ("bf16" if device.type == "cuda" else "fp32"),
+        "dtype": settings.dtype or default_dtype_name(device),
         "device": str(device), "lora": settings.lora,
         "lora_scale": settings.lora_scale if settings.lora else None,
         "compile": settings.compile, "world_size": world_size,
@@ -549,7 +544,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--images-per-prompt", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=1, help="images per pipeline call (1)")
-    p.add_argument("--dtype", choices=DTYPES, help="default: bf16 on cuda, fp32 on cpu")
+    p.add_argument("--dtype", choices=list(DTYPE_NAMES), help="default: bf16 on cuda, fp32 on cpu")
     p.add_argument("--device", help="cuda or cpu (default: cuda if available)")
     p.add_argument("--lora", help="LoRA weights (folder or file) for pipe.load_lora_weights")
     p.add_argument("--lora-scale", type=float, default=1.0, help="LoRA scale (1.0)")

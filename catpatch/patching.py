@@ -91,8 +91,7 @@ def _resolve(target: Any):
 
     if isinstance(target, DiffusionPipeline):
         name = type(target).__name__
-        supported = [c for c in type(target).__mro__ if c.__name__ in SUPPORTED_PIPELINES]
-        if not supported:
+        if not is_supported_pipeline(target):
             raise TypeError(
                 f"{name} is not a supported SD3-family pipeline; CAT supports "
                 f"{', '.join(SUPPORTED_PIPELINES)} (or a bare SD3Transformer2DModel)"
@@ -102,6 +101,11 @@ def _resolve(target: Any):
             raise TypeError(f"{name} has no transformer loaded; load one before apply_cat")
         return _unwrap(transformer), target
     return _unwrap(target), None
+
+
+def is_supported_pipeline(pipe: Any) -> bool:
+    """Whether `pipe` is (a subclass of) one of `SUPPORTED_PIPELINES`."""
+    return any(c.__name__ in SUPPORTED_PIPELINES for c in type(pipe).__mro__)
 
 
 def _unwrap(module):

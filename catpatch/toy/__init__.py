@@ -53,12 +53,13 @@ def load_pipeline(
     """The trained toy pipeline, loaded offline (float32 on CPU unless told otherwise)."""
     import torch
     from diffusers import StableDiffusion3Pipeline
-    from diffusers.utils import deprecation_utils
 
-    # Newer diffusers name the argument `dtype` and deprecate `torch_dtype`.
-    key = "dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype"
+    from ..dtypes import from_pretrained_dtype
+
     pipe = StableDiffusion3Pipeline.from_pretrained(
-        str(path or weights_dir()), local_files_only=True, **{key: dtype or torch.float32}
+        str(path or weights_dir()),
+        local_files_only=True,
+        **from_pretrained_dtype(dtype or torch.float32),
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device) if device is not None else pipe
