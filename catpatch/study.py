@@ -57,19 +57,13 @@ class Row:
     seconds: float
 
 
-def _generate(pipe, prompts, steps: int, batch_size: int, call: dict) -> tuple[Tensor, np.ndarray]:
+def _generate(pipe, prompts, steps: int, batch_size: int) -> tuple[Tensor, np.ndarray]:
     """Final latents and decoded images (N, H, W, 3) in [0, 1] for the evaluation prompts."""
-    latents = []
-    for i in range(0, len(prompts), batch_size):
-        part = prompts[i : i + batch_size]
-        out = pipe(
-            prompt=[p.prompt for p in part],
-            generator=[torch.Generator().manual_seed(p.seed) for p in part],
-            output_type="latent",
-            **{**call, "num_inference_steps": steps},
-        )
-        latents.append(out.images)
-    latents = torch.cat(latents)
+    from . import toy
+
+    latents = toy.generate(
+        pipe, prompts, batch_size, output_type="latent", num_inference_steps=steps
+    )
     vae = pipe.vae
     with torch.no_grad():
         scaled = latents / vae.config.scaling_factor + vae.config.shift_factor
@@ -130,7 +124,6 @@ def run_study(
     detector = toy.load_detector()
     prompts = toy.eval_prompts(images)
     labels = np.array([p.labels for p in prompts])
-    call = {k: v for k, v in toy.CALL_KWARGS.items() if k != "num_inference_steps"}
     runs = configurations(quick) if runs is None else runs
 
     def accuracy(imgs: np.ndarray) -> dict[str, float]:
@@ -146,7 +139,7 @@ def run_study(
     for steps in sorted({s for s, _, _ in runs}):
         start = time.perf_counter()
         references[steps] = _reference(
-            out, images, steps, lambda s=steps: _generate(pipe, prompts, s, batch_size, call)
+            out, images, steps, lambda s=steps: _generate(pipe, prompts, s, batch_size)
         )
         acc = accuracy(references[steps][1])
         rows.append(
@@ -174,7 +167,7 @@ def run_study(
             continue
         start = time.perf_counter()
         apply_cat(pipe, config)
-        latents, imgs = _generate(pipe, prompts, steps, batch_size, call)
+        latents, imgs = _generate(pipe, prompts, steps, batch_size)
         stats = cat_stats(pipe)
         remove_cat(pipe)
         ref_latents, ref_images = references[steps]

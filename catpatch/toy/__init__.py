@@ -94,21 +94,22 @@ def eval_prompts(n: int = 64) -> list[EvalPrompt]:
 def generate(
     pipe: Any, prompts: list[EvalPrompt], batch_size: int = 8, **call_kwargs: Any
 ) -> np.ndarray:
-    """Images (N, H, W, 3) in [0, 1] for `prompts`, each from its own seeded noise.
+    """Images (N, H, W, 3) in [0, 1] for `prompts`, each from its own seeded noise; with
+    `output_type="latent"` the final latents (N, C, h, w) instead.
 
     `call_kwargs` go to the pipeline call (default `CALL_KWARGS`); an image does not depend on
     `batch_size` or on the other prompts of its batch.
     """
     import torch
 
-    kwargs = {**CALL_KWARGS, **call_kwargs, "output_type": "np"}
+    kwargs = {**CALL_KWARGS, "output_type": "np", **call_kwargs}
     images = []
     for i in range(0, len(prompts), batch_size):
         part = prompts[i : i + batch_size]
         gens = [torch.Generator().manual_seed(p.seed) for p in part]
         out = pipe(prompt=[p.prompt for p in part], generator=gens, **kwargs)
         images.append(out.images)
-    return np.concatenate(images)
+    return torch.cat(images) if kwargs["output_type"] == "latent" else np.concatenate(images)
 
 
 def check(
