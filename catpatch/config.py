@@ -144,13 +144,10 @@ class CATConfig:
 
     def __repr__(self) -> str:
         # Only what differs from the defaults, so a printed config reads as the user wrote it.
-        default = CATConfig.__new__(CATConfig)
-        for f in dataclasses.fields(self):
-            setattr(default, f.name, f.default)
         changed = [
             f"{f.name}={getattr(self, f.name)!r}"
             for f in dataclasses.fields(self)
-            if getattr(self, f.name) != getattr(default, f.name)
+            if getattr(self, f.name) != f.default
         ]
         core = [f"keep_ratio={self.keep_ratio!r}", f"warmup_steps={self.warmup_steps!r}"]
         rest = [c for c in changed if not c.startswith(("keep_ratio=", "warmup_steps="))]
