@@ -238,8 +238,9 @@ def _selection_time(loop: Loop, repeats: int = 20) -> float:
     persistent, state.persistent = state.persistent, True  # keep the last step's state
     try:
         loop()
-        output = state.driver_rows(state.previous)
-        times = [_timed(lambda: state._select(output), device) for _ in range(repeats)]
+        output = state.schedule.driver_rows(state.caches.previous)
+        select = lambda: state.tokens.next(output, state.chosen)  # noqa: E731
+        times = [_timed(select, device) for _ in range(repeats)]
     finally:
         state.persistent = persistent
         if not persistent:

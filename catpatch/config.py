@@ -6,7 +6,10 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-SELECTION_MODES = ("cat", "random", "noise", "stale", "step")
+from .policies import REGISTRY
+
+SELECTION_MODES = tuple(REGISTRY)  # the registered pruning policies
+
 CFG_SELECTION_MODES = ("shared", "per_row")
 COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune")
 

@@ -20,7 +20,7 @@ import torch
 
 from .config import CATConfig
 from .patching import apply_cat, get_patch, remove_cat
-from .state import Mode
+from .schedule import Mode
 
 DEMO_PROMPTS = (
     "a large red circle at the top left on a striped blue background",
@@ -105,12 +105,13 @@ def run_demo(
 
     def record(p, step, timestep, kwargs):
         # Host copies for the pictures only (after the step); pruned steps never sync.
-        geo = state.geometry
-        if state.labels is not None and not clusters:
-            clusters.append(state.labels.cpu().numpy().reshape(-1, geo.height, geo.width))
+        geo, groups = state.schedule.geometry, state.schedule.groups
+        labels = getattr(state.tokens, "labels", None)
+        if labels is not None and not clusters:
+            clusters.append(labels.cpu().numpy().reshape(-1, geo.height, geo.width))
         if state.log.steps and state.log.steps[-1].mode is Mode.PRUNED:
-            computed = state.index[: state.groups].cpu().numpy()  # this step's selection
-            mask = np.zeros((state.groups, geo.tokens), dtype=bool)
+            computed = state.index[:groups].cpu().numpy()  # this step's selection
+            mask = np.zeros((groups, geo.tokens), dtype=bool)
             np.put_along_axis(mask, computed, True, axis=1)
             masks.append(mask.reshape(-1, geo.height, geo.width))
         return kwargs

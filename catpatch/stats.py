@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .config import CATConfig
-from .state import Mode
+from .schedule import Mode
 
 
 @dataclass(frozen=True)

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from catpatch import CATConfig, apply_cat, cat_generation
+from catpatch.caches import BlockCache
 from catpatch.patching import get_patch
 from catpatch.sd3 import cat_block_forward, gather_tokens
 from catpatch.shapes import build_transformer
-from catpatch.state import BlockCache
 
 TOL = dict(atol=2e-5, rtol=1e-4)
 
@@ -167,8 +167,8 @@ def test_pruned_step_matches_literal_spec(shape):
             latents = torch.randn(rows, 16, 16, 16)
             timestep = torch.full((rows,), 1000.0 - 150 * step)
             if step == 4:
-                caches = copy.deepcopy(state.caches)
-                index = state.rows_of(state.chosen).clone()
+                caches = copy.deepcopy(state.caches.blocks)
+                index = state.schedule.rows_of(state.chosen).clone()
             out = model(hidden_states=latents, timestep=timestep, **inputs).sample
         dense, temb = _literal_step(
             model,

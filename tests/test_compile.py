@@ -9,10 +9,11 @@ from conftest import generate, make_pipe
 from torch._dynamo.utils import counters
 
 from catpatch import CATConfig, apply_cat, cat_generation, remove_cat
+from catpatch.caches import BlockCache
 from catpatch.patching import get_patch
+from catpatch.schedule import Mode
 from catpatch.sd3 import cat_block_forward, gather_tokens
 from catpatch.shapes import build_transformer
-from catpatch.state import BlockCache, Mode
 
 CFG = CATConfig(keep_ratio=0.3, warmup_steps=4, num_clusters=8)
 
@@ -63,16 +64,16 @@ def test_per_step_selection_compiles_as_one_graph(selection):
         for _ in range(3):
             model(hidden_states=torch.randn(rows, 16, 32, 32), **inputs)
         output = torch.randn(rows, 256, 64)
-        snapshot = (state.previous.clone(), state.recency.clone(), state.chosen.clone())
-        state.index.copy_(state.rows_of(state.chosen))
+        held = [state.caches.previous, state.chosen, *state.tokens.tensors()]
+        snapshot = [t.clone() for t in held]
+        state.index.copy_(state.schedule.rows_of(state.chosen))
         eager = state.observe_output(Mode.PRUNED, output)
-        eager_state = (state.previous.clone(), state.recency.clone(), state.chosen.clone())
-        state.previous.copy_(snapshot[0])
-        state.recency.copy_(snapshot[1])
-        state.chosen.copy_(snapshot[2])
+        eager_state = [t.clone() for t in held]
+        for t, saved in zip(held, snapshot, strict=True):
+            t.copy_(saved)
         step = torch.compile(lambda out: state.observe_output(Mode.PRUNED, out), fullgraph=True)
         graph = step(output)
-        graph_state = (state.previous.clone(), state.recency.clone(), state.chosen.clone())
+        graph_state = [t.clone() for t in held]
     torch.testing.assert_close(graph, eager)
     for a, b in zip(graph_state, eager_state, strict=True):
         torch.testing.assert_close(a, b)

@@ -179,7 +179,7 @@ def test_state_resets_after_exception_and_interrupt(pipe):
     with pytest.raises(RuntimeError, match="user callback failed"):
         generate(pipe, callback_on_step_end=boom)
     state = get_patch(pipe).state
-    assert state.cache_bytes() == 0 and not state.in_run
+    assert state.cache_bytes() == 0 and not state.schedule.in_run
     assert np.array_equal(generate(pipe), clean)
 
     def interrupt(p, i, t, kw):
@@ -205,7 +205,8 @@ def test_caches_released_after_run(pipe):
     assert during[9] > 0 and state.cache_bytes() == 0
     assert cat_stats(pipe).cache_bytes == during[5]
     # nothing of the run stays referenced
-    assert state.previous is None and state.residual is None and state.caches[0].key is None
+    caches = state.caches
+    assert caches.previous is None and caches.residual is None and caches.blocks[0].key is None
 
 
 def test_persistent_buffers_keep_addresses_and_results(pipe):
@@ -290,7 +291,7 @@ def test_too_many_clusters_for_resolution(pipe):
     with pytest.raises(ValueError, match="num_clusters=300 exceeds the 256 image tokens"):
         generate(pipe)
     state = get_patch(pipe).state
-    assert not state.in_run and state.cache_bytes() == 0
+    assert not state.schedule.in_run and state.cache_bytes() == 0
     apply_cat(pipe, CFG.replace(num_clusters=300))
     assert generate(pipe, height=256, width=256).shape == (1, 256, 256, 3)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from catpatch import clustering, selection
+from catpatch.policies import cat, clustering, noise, random, ranking, stale
 
 
 def _valid(index: torch.Tensor, budget: int, tokens: int) -> None:
@@ -18,17 +18,17 @@ def _valid(index: torch.Tensor, budget: int, tokens: int) -> None:
 
 def test_ranks_and_rank_within_clusters():
     key = torch.tensor([[5.0, 1.0, 3.0, 4.0, 2.0, 0.0]])
-    assert selection.ranks(key, descending=True).tolist() == [[0, 4, 2, 1, 3, 5]]
+    assert ranking.ranks(key, descending=True).tolist() == [[0, 4, 2, 1, 3, 5]]
     labels = torch.tensor([[0, 1, 0, 1, 0, 1]])
     # cluster 0 holds tokens 0, 2, 4 (keys 5, 3, 2); cluster 1 holds 1, 3, 5 (keys 1, 4, 0)
-    within = selection.rank_within_clusters(key, labels, 2, descending=True)
+    within = ranking.rank_within_clusters(key, labels, 2, descending=True)
     assert within.tolist() == [[0, 1, 1, 0, 2, 2]]
-    assert selection.cluster_sizes(labels, 3).tolist() == [[3, 3, 0]]
+    assert ranking.cluster_sizes(labels, 3).tolist() == [[3, 3, 0]]
 
 
 def test_recency_update():
     f = torch.tensor([[1.0, 0.0, 2.0, 0.0]])
-    f = selection.update_recency(f, torch.tensor([[1, 2]]), 0.5)
+    f = ranking.update_recency(f, torch.tensor([[1, 2]]), 0.5)
     assert f.tolist() == [[0.5, 1.0, 2.0, 0.0]]
 
 
@@ -37,10 +37,10 @@ def test_stale_selection_picks_stalest_round_robin():
     f = torch.zeros(1, tokens)
     seen = []
     for _ in range(3):
-        index = selection.stale_selection(f, budget)
+        index = stale.stale_selection(f, budget)
         _valid(index, budget, tokens)
         seen.append(index[0].tolist())
-        f = selection.update_recency(f, index, 0.5)
+        f = ranking.update_recency(f, index, 0.5)
     assert seen[0] == [0, 1, 2, 3] and seen[1] == [4, 5, 6, 7]
     assert seen[2] == [0, 1, 8, 9]  # the two never-computed, then the two oldest
 
@@ -56,7 +56,7 @@ def _two_cluster_case():
 def test_first_selection_walks_best_cluster_first():
     labels, delta = _two_cluster_case()
     scores = torch.tensor([[1.0, 5.0], [5.0, 1.0]])
-    index = selection.first_selection(delta, scores, labels, budget=5, quota=3)
+    index = cat.first_selection(delta, scores, labels, budget=5, quota=3)
     _valid(index, 5, 12)
     # group 0: cluster 1 first (top-3 drift 11, 10, 9), then cluster 0's top-2 (5, 4)
     assert index[0].tolist() == [4, 5, 9, 10, 11]
@@ -67,7 +67,7 @@ def test_first_selection_walks_best_cluster_first():
 def test_first_selection_pads_when_clusters_run_out():
     labels = torch.tensor([[0, 0, 1, 1, 2, 2, 2, 2]])
     delta = torch.tensor([[8.0, 7, 6, 5, 4, 3, 2, 1]])
-    index = selection.first_selection(delta, torch.tensor([[3.0, 2, 1]]), labels, 7, quota=2)
+    index = cat.first_selection(delta, torch.tensor([[3.0, 2, 1]]), labels, 7, quota=2)
     _valid(index, 7, 8)
     assert index[0].tolist() == [0, 1, 2, 3, 4, 5, 6]
 
@@ -80,9 +80,9 @@ def test_cat_selection_budget_split():
     recency = torch.rand(groups, tokens)
     scores = torch.rand(groups, clusters)
     cluster_budget = 15
-    quotas, recency_quota = selection.cluster_quotas(clusters, budget, 0.05)
+    quotas, recency_quota = cat.cluster_quotas(clusters, budget, 0.05)
     assert quotas == [9, 6, 3, 3, 3] and recency_quota == 1
-    index = selection.cat_selection(
+    index = cat.cat_selection(
         delta, scores, labels, recency, budget, cluster_budget, torch.tensor(quotas), recency_quota
     )
     _valid(index, budget, tokens)
@@ -100,7 +100,7 @@ def test_cat_selection_budget_split():
 def test_cat_selection_without_cluster_quota_is_staleness():
     recency = torch.tensor([[3.0, 0.0, 2.0, 1.0, 0.5, 4.0]])
     delta = torch.zeros(1, 6)
-    index = selection.cat_selection(
+    index = cat.cat_selection(
         delta, torch.ones(1, 2), torch.tensor([[0, 0, 0, 1, 1, 1]]), recency, 3, 0,
         torch.tensor([3, 2]), 1,
     )  # fmt: skip
@@ -109,11 +109,11 @@ def test_cat_selection_without_cluster_quota_is_staleness():
 
 def test_noise_and_random_selection():
     delta = torch.tensor([[0.1, 0.9, 0.5, 0.7, 0.2]])
-    assert selection.noise_selection(delta, 2)[0].tolist() == [1, 3]
+    assert noise.noise_selection(delta, 2)[0].tolist() == [1, 3]
     gen = torch.Generator().manual_seed(3)
-    a = selection.random_selection(2, 50, 10, gen, torch.device("cpu"))
+    a = random.random_selection(2, 50, 10, gen, torch.device("cpu"))
     _valid(a, 10, 50)
-    b = selection.random_selection(2, 50, 10, torch.Generator().manual_seed(3), "cpu")
+    b = random.random_selection(2, 50, 10, torch.Generator().manual_seed(3), "cpu")
     assert torch.equal(a, b)
 
 
@@ -128,7 +128,7 @@ def test_kmeans_clusters_are_compact_and_deterministic(height, width):
     assert labels.shape == (2, height * width)
     pos = grid.position
     for g in range(2):
-        sizes = selection.cluster_sizes(labels[g : g + 1], 8)[0]
+        sizes = ranking.cluster_sizes(labels[g : g + 1], 8)[0]
         assert int((sizes > 0).sum()) == 8, "a cluster is empty"
         # compact: spatial spread within clusters much smaller than over the image
         spread = sum(pos[labels[g] == c].var(0).sum() * sizes[c] for c in range(8)) / sizes.sum()

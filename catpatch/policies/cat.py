@@ -1,0 +1,169 @@
+"""CAT's own selection ("cat"): cluster-aware drift picks plus staleness, the paper's rule.
+
+At step t0-1 the token grid is clustered once (position-coded k-means, `clustering.py`), the
+cluster scores are smoothed over the cluster graph, and the first selection walks the best
+clusters for their top-drift tokens. On every pruned step after that, about 25% of S goes to the
+top-drift tokens of the best clusters (quotas 3k, 2k, k, ...) with a few least-recent tokens per
+cluster, and the rest to the least recently computed tokens of the whole image, padded to
+exactly S (see `cat_selection`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ..caches import static_tensor
+from . import clustering, ranking
+from .base import DriftPolicy, RecencyPolicy
+
+
+def cluster_quotas(num_clusters: int, budget: int, quota_unit: float) -> tuple[list[int], int]:
+    """Per-cluster-rank drift quotas (3k, 2k, k, k, ...) and the recency quota k/2."""
+    k = max(1, round(quota_unit * budget))
+    quotas = [3 * k, 2 * k] + [k] * max(0, num_clusters - 2)
+    return quotas[:num_clusters], max(1, k // 2)
+
+
+def first_quota_size(budget: int, fraction: float) -> int:
+    """Per-cluster quota of the first selection (about S/10 with the default fraction)."""
+    return max(1, math.ceil(fraction * budget))
+
+
+def first_selection(
+    delta: Tensor, cluster_score: Tensor, labels: Tensor, budget: int, quota: int
+) -> Tensor:
+    """The selection for the first pruned step (made at step t0-1).
+
+    Walks the clusters from the highest score down and takes from each its `quota` tokens of
+    largest drift, until `budget` tokens are taken; if the clusters run out first (small
+    clusters), the rest are the largest-drift tokens left anywhere.
+    """
+    num_tokens = labels.shape[1]
+    num_clusters = cluster_score.shape[1]
+    token_cluster_rank = ranking.ranks(cluster_score, descending=True).gather(1, labels)
+    drift_rank = ranking.rank_within_clusters(delta, labels, num_clusters, descending=True)
+    walk = token_cluster_rank * num_tokens + drift_rank
+    leftover = num_clusters * num_tokens + ranking.ranks(delta, descending=True)
+    return ranking.take_smallest(torch.where(drift_rank < quota, walk, leftover), budget)
+
+
+def cat_selection(
+    delta: Tensor,
+    cluster_score: Tensor,
+    labels: Tensor,
+    recency: Tensor,
+    budget: int,
+    cluster_budget: int,
+    quotas: Tensor,
+    recency_quota: int,
+) -> Tensor:
+    """CAT's selection for the next pruned step: cluster quota, then staleness, padded to S.
+
+    1. Cluster quota (`cluster_budget` ≈ 0.25·S): walking clusters from the best score down,
+       take each cluster's top-drift tokens (quota 3k, 2k, k, ...), and from every cluster but
+       the first its k/2 least recently computed tokens; stop after `cluster_budget` picks.
+       `quotas` (C,) holds the drift quota by cluster rank, `recency_quota` k/2 (see
+       `cluster_quotas`).
+    2. Staleness: the least recently computed tokens over the whole image (ties: larger drift
+       first), until exactly `budget` distinct tokens are selected.
+    """
+    num_tokens = labels.shape[1]
+    num_clusters = cluster_score.shape[1]
+    token_cluster_rank = ranking.ranks(cluster_score, descending=True).gather(1, labels)
+    token_quota = quotas[token_cluster_rank]
+    drift_rank = ranking.rank_within_clusters(delta, labels, num_clusters, descending=True)
+    stale_rank = ranking.rank_within_clusters(recency, labels, num_clusters, descending=False)
+
+    # Walk order as one integer key: cluster rank, then drift picks, then recency picks.
+    never = 2 * num_tokens * (num_clusters + 1)
+    walk_base = token_cluster_rank * (2 * num_tokens)
+    by_drift = torch.where(drift_rank < token_quota, walk_base + drift_rank, never)
+    by_recency = torch.where(
+        (stale_rank < recency_quota) & (token_cluster_rank > 0),
+        walk_base + num_tokens + stale_rank,
+        never,
+    )
+    walk = torch.minimum(by_drift, by_recency)
+
+    stalest = ranking.lexi_ranks(recency, delta)
+    if cluster_budget > 0:
+        # Keys are distinct, so the cluster_budget-th smallest is an exact cut.
+        cut = torch.kthvalue(walk, min(cluster_budget, num_tokens), dim=1, keepdim=True).values
+        picked = (walk <= cut) & (walk < never)
+        key = torch.where(picked, -1, stalest)
+    else:
+        key = stalest
+    return ranking.take_smallest(key, budget)
+
+
+class CatPolicy(DriftPolicy, RecencyPolicy):
+    name = "cat"
+
+    def __init__(self, config, persistent: bool = False):
+        super().__init__(config, persistent)
+        self._grids: dict[tuple, clustering.GridGeometry] = {}  # kept across runs
+
+    def prepare(self, geometry, budget: int) -> None:
+        super().prepare(geometry, budget)
+        cfg = self.config
+        if cfg.num_clusters > geometry.tokens:
+            raise ValueError(
+                f"num_clusters={cfg.num_clusters} exceeds the {geometry.tokens} image tokens "
+                f"of this call ({geometry.height}x{geometry.width} token grid); lower "
+                f"CATConfig.num_clusters or generate at a larger resolution"
+            )
+        # Built here, outside any compiled region: the grid graph has data-dependent shape,
+        # and the quota table would be a host-to-device copy on every step.
+        self.grid = self._grid(geometry)
+        quotas, self.recency_quota = cluster_quotas(cfg.num_clusters, budget, cfg.cluster_quota)
+        self.quotas = self.keep(self.quotas, torch.tensor(quotas, device=geometry.device))
+
+    def allocate(self, groups: int, geometry, budget: int, features: int) -> None:
+        super().allocate(groups, geometry, budget, features)
+        self.labels = static_tensor((groups, geometry.tokens), torch.long, geometry.device)
+
+    def first(self, output: Tensor) -> Tensor:
+        cfg, grid = self.config, self.grid
+        self.reset_recency(output)
+        features = clustering.cluster_features(output, grid.position, cfg.cluster_feature_scale)
+        labels = clustering.kmeans(features, grid.init, cfg.kmeans_iters)
+        self.labels = self.keep(self.labels, labels)
+        diff, delta = self.drift(output)
+        score = clustering.cluster_scores(diff, self.labels, cfg.num_clusters)
+        adjacency = clustering.cluster_adjacency(self.labels, grid.edges, cfg.num_clusters)
+        smoothed = clustering.smooth_scores(score, adjacency)
+        quota = first_quota_size(self.budget, cfg.first_quota)
+        return first_selection(delta, smoothed, self.labels, self.budget, quota)
+
+    def next(self, output: Tensor, computed: Tensor) -> Tensor:
+        cfg, budget = self.config, self.budget
+        self.update_recency(computed)
+        diff, delta = self.drift(output)
+        score = clustering.cluster_scores(diff, self.labels, cfg.num_clusters)
+        return cat_selection(
+            delta,
+            score,
+            self.labels,
+            self.recency,
+            budget,
+            int(cfg.cluster_fraction * budget),
+            self.quotas,
+            self.recency_quota,
+        )
+
+    def free(self) -> None:
+        super().free()
+        self.labels: Tensor | None = None  # (G, L) cluster of each token
+        self.quotas: Tensor | None = None  # (C,) drift quota by cluster rank
+        self.recency_quota = 0
+
+    def _grid(self, geometry) -> clustering.GridGeometry:
+        key = (geometry.height, geometry.width, self.config.num_clusters, str(geometry.device))
+        if key not in self._grids:
+            self._grids[key] = clustering.GridGeometry.build(
+                geometry.height, geometry.width, self.config.num_clusters, geometry.device
+            )
+        return self._grids[key]

@@ -1,0 +1,140 @@
+"""The run schedule: which step of a generation a transformer call is, and what it does.
+
+`Schedule` counts the steps of one generation, checks that each call belongs to the run's
+geometry, and gives each call a `Mode` from the warm-up length and the step policy. It also
+knows which batch rows share a selection (a CFG pair). It holds no tensors.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .config import CATConfig
+
+
+class Mode(enum.Enum):
+    PASS = "pass"  # run the model untouched, state untouched (SLG call, call outside a run)
+    FULL = "full"  # warm-up step
+    REFERENCE = "reference"  # warm-up step t0-2: keep the output as the drift reference
+    RECORD = "record"  # warm-up step t0-1: fill the caches, cluster, first selection
+    PRUNED = "pruned"  # compute the selected tokens only
+    REUSE = "reuse"  # the step policy skips this step: give its output without the model
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """The shape signature of a run; a call that differs is not part of it."""
+
+    rows: int  # batch rows R of a transformer call (2B under CFG)
+    height: int  # token grid H' = latent height / patch
+    width: int  # token grid W'
+    text_tokens: int
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def tokens(self) -> int:
+        return self.height * self.width
+
+
+@dataclass
+class StepRecord:
+    mode: Mode
+    selected: int  # image tokens computed per row
+    tokens: int  # image tokens per row
+
+
+@dataclass
+class RunLog:
+    """What the last run did (read by `cat_stats`)."""
+
+    geometry: Geometry | None = None
+    budget: int = 0
+    steps: list[StepRecord] = field(default_factory=list)
+    passthrough_calls: int = 0
+    cache_bytes: int = 0  # measured after the first pruned step
+
+
+class Schedule:
+    """Step counter, mode and geometry of the current generation of one patched model."""
+
+    def __init__(self, config: CATConfig):
+        self.config = config
+        self.cfg_rows = False  # set at each run start from the pipeline's CFG flag
+        self.in_run = False
+        self.planned_steps: int | None = None
+        self.step = 0
+        self.mode = Mode.PASS
+        self.log = RunLog()
+        self.geometry: Geometry | None = None
+
+    def begin(self, num_steps: int | None, cfg_rows: bool) -> None:
+        self.in_run = True
+        self.cfg_rows = cfg_rows
+        self.planned_steps = num_steps
+        self.step = 0
+        self.mode = Mode.PASS
+        self.log = RunLog()
+
+    def end(self) -> None:
+        self.in_run = False
+        self.mode = Mode.PASS
+
+    def prunes(self) -> bool:
+        """Whether this run reaches pruned steps (as far as known at its start)."""
+        return self.planned_steps is None or self.planned_steps > self.config.warmup_steps
+
+    def start(self, geometry: Geometry) -> None:
+        """The first call of a run fixes its geometry and token budget S."""
+        self.geometry = geometry
+        self.log.geometry = geometry
+        self.log.budget = self.config.budget(geometry.tokens)
+
+    def mode_of_step(self, prunes_tokens: bool, runs_model: bool) -> Mode:
+        """The mode of this step, given whether a token policy prunes and whether the step
+        policy runs the model on it."""
+        t0, step = self.config.warmup_steps, self.step
+        if not self.prunes() or step < t0 - (2 if prunes_tokens else 0):
+            return Mode.FULL
+        if not runs_model:
+            return Mode.REUSE
+        if not prunes_tokens:
+            return Mode.FULL
+        if step == t0 - 2:
+            return Mode.REFERENCE
+        if step == t0 - 1:
+            return Mode.RECORD
+        return Mode.PRUNED
+
+    def finish(self, mode: Mode) -> None:
+        """Log a call of this run and move to the next step."""
+        if mode is Mode.PASS:
+            self.log.passthrough_calls += self.in_run  # calls outside a run belong to no run
+            return
+        tokens = self.geometry.tokens
+        selected = {Mode.PRUNED: self.log.budget, Mode.REUSE: 0}.get(mode, tokens)
+        self.log.steps.append(StepRecord(mode, selected, tokens))
+        self.step += 1
+
+    # ---- groups: which rows share a selection ---------------------------------------------
+    @property
+    def groups(self) -> int:
+        rows = self.geometry.rows
+        return rows // 2 if self.shared_cfg() else rows
+
+    def shared_cfg(self) -> bool:
+        return (
+            self.cfg_rows and self.config.cfg_selection == "shared" and self.geometry.rows % 2 == 0
+        )
+
+    def driver_rows(self, output: Tensor) -> Tensor:
+        """The rows whose output drives the selection: the conditional half under shared CFG."""
+        return output[self.groups :] if self.shared_cfg() else output
+
+    def rows_of(self, group_index: Tensor) -> Tensor:
+        """Expand a per-group selection (G, S) to the batch rows (R, S)."""
+        return group_index.repeat(2, 1) if self.shared_cfg() else group_index

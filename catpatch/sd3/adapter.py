@@ -1,0 +1,253 @@
+"""The SD3-family model adapter: where CAT plugs into `SD3Transformer2DModel`.
+
+All knowledge of the diffusers layout lives here. The transformer's own `forward` stays in
+charge (LoRA scaling, skip layers, ControlNet residuals, unpatchify); CAT changes it at five
+points, all on this model instance:
+
+- transformer pre/post hooks: decide the step's mode, count steps, gather ControlNet residuals;
+- `pos_embed` output: on a pruned step only the selected tokens enter the blocks;
+- each block's `forward`: on the recording step and on pruned steps, our block function;
+- `norm_out` input: the dense residual stream of all tokens, with the computed tokens in place;
+- `proj_out` output: unselected tokens take their previous output; the next selection is made.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import torch
+from torch import Tensor
+
+from ..hooks import PatchSet
+from ..schedule import Geometry, Mode
+from ..state import CATState
+from .block import cat_block_forward, gather_tokens, rows_index
+
+# Attention processors whose computation our pruned attention reproduces.
+KNOWN_PROCESSORS = ("JointAttnProcessor2_0", "FusedJointAttnProcessor2_0")
+
+
+def check_transformer(transformer) -> None:
+    """Raise `TypeError` if CAT cannot serve this transformer as it is set up now."""
+    from diffusers import SD3Transformer2DModel
+
+    if not isinstance(transformer, SD3Transformer2DModel):
+        raise TypeError(
+            f"expected an SD3Transformer2DModel, got {type(transformer).__name__}; CAT supports "
+            f"SD3-family transformers (SD3-medium, SD3.5-medium, SD3.5-large)"
+        )
+    if getattr(transformer, "image_proj", None) is not None:
+        raise TypeError(
+            "an IP-Adapter is loaded on this transformer; CAT does not support IP-Adapter yet. "
+            "Call pipe.unload_ip_adapter() first"
+        )
+    for name, proc in transformer.attn_processors.items():
+        if type(proc).__name__ not in KNOWN_PROCESSORS:
+            raise TypeError(
+                f"attention processor {type(proc).__name__} at {name} would be bypassed on "
+                f"pruned steps; CAT supports {', '.join(KNOWN_PROCESSORS)}. Restore the default "
+                f"with transformer.set_attn_processor(JointAttnProcessor2_0()) first"
+            )
+
+
+# ---- installing on a transformer ------------------------------------------------------------
+def _call_argument(args: tuple, kwargs: dict, name: str, position: int):
+    if name in kwargs:
+        return kwargs[name]
+    return args[position] if len(args) > position else None
+
+
+class SD3Adapter:
+    """Hooks CAT into one `SD3Transformer2DModel` instance; `remove()` undoes it exactly."""
+
+    def __init__(self, transformer, state: CATState):
+        self.transformer = transformer
+        self.state = state
+        self.patches = PatchSet()
+        self.controlnet: list[Tensor] | None = None
+        self._warned_outside = False
+
+    # -- install / remove
+    def install(self) -> None:
+        t, p = self.transformer, self.patches
+        p.add_handle(t.register_forward_pre_hook(self._pre_call, with_kwargs=True))
+        p.add_handle(t.register_forward_hook(self._post_call, with_kwargs=True))
+        p.add_handle(t.pos_embed.register_forward_hook(self._after_embed))
+        p.add_handle(t.norm_out.register_forward_pre_hook(self._before_norm_out))
+        p.add_handle(t.proj_out.register_forward_hook(self._after_proj_out))
+        if self.state.steps.skips:
+            forward = functools.partial(self._reusing_forward, t.forward)
+            p.set_attribute(t, "forward", functools.update_wrapper(forward, t.forward))
+        for i, block in enumerate(t.transformer_blocks):
+            forward = functools.partial(self._block_forward, i, block.forward)
+            p.set_attribute(block, "forward", functools.update_wrapper(forward, block.forward))
+        mode = self.state.config.compile
+        if mode is not None:
+            # What `Module.compile()` does, recorded so that remove_cat undoes it.
+            compiled = torch.compile(
+                t._call_impl, mode=None if mode == "default" else mode, dynamic=False
+            )
+            p.set_attribute(t, "_compiled_call_impl", compiled)
+
+    def remove(self) -> None:
+        self.patches.undo()
+
+    # -- transformer call
+    def _geometry(self, args: tuple, kwargs: dict) -> Geometry:
+        hidden = _call_argument(args, kwargs, "hidden_states", 0)
+        context = _call_argument(args, kwargs, "encoder_hidden_states", 1)
+        patch = self.transformer.config.patch_size
+        return Geometry(
+            rows=hidden.shape[0],
+            height=hidden.shape[-2] // patch,
+            width=hidden.shape[-1] // patch,
+            text_tokens=context.shape[1],
+            device=hidden.device,
+            dtype=hidden.dtype,
+        )
+
+    # The step bookkeeping stays out of compiled graphs: it is Python state that changes every
+    # step, which a traced graph would have to guard on (one recompile per step).
+    @torch.compiler.disable
+    def _pre_call(self, module, args, kwargs):
+        state, schedule = self.state, self.state.schedule
+        if _call_argument(args, kwargs, "skip_layers", 7) is not None:
+            schedule.mode = Mode.PASS  # skip-layer guidance: an extra call inside the same step
+            return None
+        if not schedule.in_run:
+            self._warn_outside()
+        mode = state.plan_call(self._geometry(args, kwargs), self._step_cost_ratio)
+        schedule.mode = mode
+        if mode is Mode.PASS or state.tokens is None:
+            return None
+        if state.persistent and schedule.step == 0 and schedule.prunes():
+            state.allocate(self._block_shapes(), self._features())
+        if mode is not Mode.PRUNED:
+            return None
+        index = state.begin_pruned_step()
+        controlnet = kwargs.get("block_controlnet_hidden_states")
+        self.controlnet = controlnet
+        if controlnet is not None:
+            kwargs = dict(kwargs)
+            kwargs["block_controlnet_hidden_states"] = [gather_tokens(c, index) for c in controlnet]
+            return args, kwargs
+        return None
+
+    @torch.compiler.disable
+    def _post_call(self, module, args, kwargs, output):
+        state, schedule = self.state, self.state.schedule
+        mode, schedule.mode = schedule.mode, Mode.PASS
+        if mode not in (Mode.PASS, Mode.REUSE) and state.steps.skips:
+            state.steps.observe(output[0] if isinstance(output, tuple) else output.sample)
+        self.controlnet = None
+        state.caches.residual = None
+        state.finish_call(mode)
+        return None
+
+    def _reusing_forward(self, original, *args, **kwargs):
+        """A step the step policy skips: its output without running the model."""
+        if self.state.schedule.mode is not Mode.REUSE:
+            return original(*args, **kwargs)
+        from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+        sample = self.state.steps.output()
+        return (
+            Transformer2DModelOutput(sample=sample)
+            if kwargs.get("return_dict", True)
+            else (sample,)
+        )
+
+    def _step_cost_ratio(self) -> float:
+        from ..stats import ModelDims, step_macs
+
+        geo, dims = self.state.schedule.geometry, ModelDims.from_config(self.transformer.config)
+        full = step_macs(dims, geo.tokens, geo.text_tokens)
+        return step_macs(dims, geo.tokens, geo.text_tokens, self.state.log.budget) / full
+
+    def _features(self) -> int:
+        config = self.transformer.config
+        return config.patch_size**2 * (config.out_channels or config.in_channels)
+
+    def _block_shapes(self) -> list[dict[str, tuple[int, ...]]]:
+        """The cache shapes of each block for this run's geometry (see `BlockCache`)."""
+        geo = self.state.schedule.geometry
+        dim = self.transformer.inner_dim
+        image = (geo.rows, geo.tokens, dim)
+        joint = (geo.rows, geo.tokens + geo.text_tokens, dim)
+        shapes = []
+        for block in self.transformer.transformer_blocks:
+            entry = {"key": joint, "value": joint, "attn": image, "ff": image}
+            if block.use_dual_attention:
+                entry.update(key2=image, value2=image, attn2=image)
+            shapes.append(entry)
+        return shapes
+
+    def _warn_outside(self) -> None:
+        if not self._warned_outside:
+            self._warned_outside = True
+            warnings.warn(
+                "catpatch: the transformer was called outside a generation, so CAT ran it "
+                "unpruned. Pipelines start a generation themselves; with your own denoising loop, "
+                "wrap it in `with catpatch.cat_generation(transformer, num_inference_steps=N):`",
+                stacklevel=4,
+            )
+
+    # -- inside the call
+    def _after_embed(self, module, args, output: Tensor):
+        state = self.state
+        if state.schedule.mode is not Mode.PRUNED:
+            return None
+        state.caches.residual = output.clone()  # lives for this call only
+        return gather_tokens(output, state.index)
+
+    def _block_forward(
+        self,
+        i: int,
+        original,
+        hidden_states,
+        encoder_hidden_states=None,
+        temb=None,
+        joint_attention_kwargs=None,
+    ):
+        state, caches = self.state, self.state.caches
+        if state.schedule.mode in (Mode.PRUNED, Mode.RECORD):
+            pruned = state.schedule.mode is Mode.PRUNED
+            return cat_block_forward(
+                self.transformer.transformer_blocks[i],
+                caches.blocks[i],
+                state.index if pruned else None,
+                caches.residual if pruned else None,
+                hidden_states,
+                encoder_hidden_states,
+                temb,
+                caches.keep,
+            )
+        return original(
+            hidden_states=hidden_states,
+            encoder_hidden_states=encoder_hidden_states,
+            temb=temb,
+            joint_attention_kwargs=joint_attention_kwargs,
+        )
+
+    def _before_norm_out(self, module, args):
+        state = self.state
+        if state.schedule.mode is not Mode.PRUNED:
+            return None
+        hidden, rest = args[0], args[1:]
+        dense = state.caches.residual
+        if self.controlnet is not None:
+            # The transformer adds ControlNet residuals after every block but the last.
+            blocks = self.transformer.transformer_blocks
+            interval = len(blocks) / len(self.controlnet)
+            for i, block in enumerate(blocks):
+                if block.context_pre_only is False:
+                    dense.add_(self.controlnet[int(i / interval)])
+        dense.scatter_(1, rows_index(state.index, dense.shape), hidden)
+        return (dense, *rest)
+
+    def _after_proj_out(self, module, args, output: Tensor):
+        state = self.state
+        if state.schedule.mode in (Mode.PASS, Mode.FULL):
+            return None
+        return state.observe_output(state.schedule.mode, output)

@@ -1,0 +1,183 @@
+"""The pruned SD3 block: `JointTransformerBlock.forward` for the computed tokens only.
+
+On the recording step every token is computed and the caches are filled; on a pruned step only
+the S selected image tokens (plus all text tokens) go through the projections, the attention
+queries and the FFNs; attention reads the K/V of all L image tokens from the cache, and the
+caches are updated in place. Mirrors diffusers' `JointTransformerBlock` and
+`JointAttnProcessor2_0` (qk-norm, SD3.5 dual attention, `context_pre_only`, fused QKV, chunked FFN).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..caches import BlockCache, keep
+
+
+def rows_index(index: Tensor, shape: torch.Size) -> Tensor:
+    """Expand (R, S) token indices over the trailing dims of a (R, L, ...) tensor."""
+    return index.view(*index.shape, *([1] * (len(shape) - 2))).expand(
+        index.shape[0], index.shape[1], *shape[2:]
+    )
+
+
+def gather_tokens(x: Tensor, index: Tensor) -> Tensor:
+    """x[r, index[r]] for every row r. (R, L, ...) -> (R, S, ...)."""
+    return x.gather(1, rows_index(index, x.shape))
+
+
+def _store(cache: BlockCache, name: str, values: Tensor, index: Tensor | None, keep_all) -> Tensor:
+    """Write computed tokens into `cache.name` (all of them at the recording step, else the
+    selected ones) and return the full updated (R, L, ...) tensor for this step's use."""
+    if index is None:
+        setattr(cache, name, keep_all(getattr(cache, name), values))
+        return getattr(cache, name)
+    buffer = getattr(cache, name)
+    where = rows_index(index, buffer.shape)
+    return buffer.scatter_(1, where, values)
+
+
+def _split_heads(x: Tensor, heads: int) -> Tensor:
+    return x.view(x.shape[0], x.shape[1], heads, -1)
+
+
+def _projections(attn, x: Tensor, context: bool) -> tuple[Tensor, Tensor, Tensor]:
+    fused = getattr(attn, "to_added_qkv" if context else "to_qkv", None)
+    if getattr(attn, "fused_projections", False) and fused is not None:
+        return fused(x).chunk(3, dim=-1)
+    if context:
+        return attn.add_q_proj(x), attn.add_k_proj(x), attn.add_v_proj(x)
+    return attn.to_q(x), attn.to_k(x), attn.to_v(x)
+
+
+def attention(
+    attn,
+    x: Tensor,
+    context: Tensor | None,
+    cache: BlockCache,
+    slot: str,
+    index: Tensor | None,
+    keep_all=keep,
+) -> tuple[Tensor, Tensor | None]:
+    """Joint attention for the computed image tokens against all L cached image K/V (+ text).
+
+    Mirrors diffusers' `JointAttnProcessor2_0`; `slot` "" is the joint attention, "2" the
+    image-only second attention of dual-attention blocks. With `index` None every token is
+    computed and the caches are (re)filled through `keep_all` (see `caches.keep`).
+
+    K/V are cached after the qk-norm as (R, L+T, D): image tokens first, then this step's text
+    tokens, rewritten in place every step. Attention reads the cache as is, with no
+    concatenation (a `torch.cat` of an in-place-updated cache is what inductor in torch 2.13
+    miscompiles: it builds the update inside the cat's buffer and writes the cache back from
+    it after that buffer was reused).
+    """
+    heads = attn.heads
+    q, k, v = _projections(attn, x, context=False)
+    q, k = _normed(attn.norm_q, q, heads), _normed(attn.norm_k, k, heads)
+    computed = q.shape[1]
+    if context is not None:
+        cq, ck, cv = _projections(attn, context, context=True)
+        cq, ck = _normed(attn.norm_added_q, cq, heads), _normed(attn.norm_added_k, ck, heads)
+        q = torch.cat([q, cq], dim=1)
+    if index is None:
+        if context is not None:
+            k, v = torch.cat([k, ck], dim=1), torch.cat([v, cv], dim=1)
+        for name, value in (("key" + slot, k), ("value" + slot, v)):
+            setattr(cache, name, keep_all(getattr(cache, name), value))
+    keys, values = getattr(cache, "key" + slot), getattr(cache, "value" + slot)
+    if index is not None:
+        where = rows_index(index, keys.shape)
+        keys.scatter_(1, where, k)
+        values.scatter_(1, where, v)
+        if context is not None:
+            text = context.shape[1]
+            keys[:, -text:].copy_(ck)
+            values[:, -text:].copy_(cv)
+    q, keys, values = (_split_heads(t, heads).transpose(1, 2) for t in (q, keys, values))
+    out = F.scaled_dot_product_attention(q, keys, values, dropout_p=0.0)
+    out = out.transpose(1, 2).flatten(2).to(q.dtype)
+    image, text = out[:, :computed], out[:, computed:]
+    image = attn.to_out[1](attn.to_out[0](image))
+    if context is None:
+        return image, None
+    if not attn.context_pre_only:
+        text = attn.to_add_out(text)
+    return image, text
+
+
+def _normed(norm, x: Tensor, heads: int) -> Tensor:
+    """The per-head qk-norm (RMS norm over head_dim) of a (R, N, D) projection, if any."""
+    return x if norm is None else norm(_split_heads(x, heads)).flatten(2)
+
+
+def _feed_forward(block, ff, x: Tensor) -> Tensor:
+    """`ff` (the block's image or context FFN), chunked when the block enables it."""
+    if block._chunk_size is not None:
+        from diffusers.models.attention import _chunked_feed_forward
+
+        return _chunked_feed_forward(ff, x, block._chunk_dim, block._chunk_size)
+    return ff(x)
+
+
+def cat_block_forward(
+    block,
+    cache: BlockCache,
+    index: Tensor | None,
+    residual: Tensor | None,
+    hidden_states: Tensor,
+    encoder_hidden_states: Tensor,
+    temb: Tensor,
+    keep_all=keep,
+) -> tuple[Tensor | None, Tensor]:
+    """`JointTransformerBlock.forward` for the computed tokens, reading/writing `cache`.
+
+    `hidden_states` holds the computed tokens only (all L with `index` None). On pruned steps
+    the gated cached outputs of all tokens are also added to `residual`, the dense residual
+    stream from which the unselected tokens' outputs are estimated. `keep_all` turns a
+    recording step's tensors into caches (see `caches.keep`).
+    """
+    if block.use_dual_attention:
+        normed, gate_msa, shift_mlp, scale_mlp, gate_mlp, normed2, gate_msa2 = block.norm1(
+            hidden_states, emb=temb
+        )
+    else:
+        normed, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.norm1(hidden_states, emb=temb)
+    if block.context_pre_only:
+        normed_context = block.norm1_context(encoder_hidden_states, temb)
+    else:
+        normed_context, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = block.norm1_context(
+            encoder_hidden_states, emb=temb
+        )
+
+    attn_output, context_attn_output = attention(
+        block.attn, normed, normed_context, cache, "", index, keep_all
+    )
+    attn_all = _store(cache, "attn", attn_output, index, keep_all)
+    hidden_states = hidden_states + gate_msa.unsqueeze(1) * attn_output
+    if block.use_dual_attention:
+        attn_output2, _ = attention(block.attn2, normed2, None, cache, "2", index, keep_all)
+        attn2_all = _store(cache, "attn2", attn_output2, index, keep_all)
+        hidden_states = hidden_states + gate_msa2.unsqueeze(1) * attn_output2
+
+    normed = block.norm2(hidden_states)
+    normed = normed * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
+    ff_output = _feed_forward(block, block.ff, normed)
+    ff_all = _store(cache, "ff", ff_output, index, keep_all)
+    hidden_states = hidden_states + gate_mlp.unsqueeze(1) * ff_output
+
+    if residual is not None:
+        residual.addcmul_(gate_msa.unsqueeze(1), attn_all)
+        if block.use_dual_attention:
+            residual.addcmul_(gate_msa2.unsqueeze(1), attn2_all)
+        residual.addcmul_(gate_mlp.unsqueeze(1), ff_all)
+
+    if block.context_pre_only:
+        return None, hidden_states
+    encoder_hidden_states = encoder_hidden_states + c_gate_msa.unsqueeze(1) * context_attn_output
+    normed_context = block.norm2_context(encoder_hidden_states)
+    normed_context = normed_context * (1 + c_scale_mlp[:, None]) + c_shift_mlp[:, None]
+    context_ff = _feed_forward(block, block.ff_context, normed_context)
+    encoder_hidden_states = encoder_hidden_states + c_gate_mlp.unsqueeze(1) * context_ff
+    return encoder_hidden_states, hidden_states
