@@ -115,7 +115,7 @@ def _sync(device: torch.device) -> None:
 
 def load_transformer(settings: BenchSettings):
     """The transformer to time: a named shape with random weights, or a user's model."""
-    from .shapes import build_transformer
+    from .models.shapes import build_transformer
 
     dtype = torch_dtype(settings.dtype)
     if settings.model is None:

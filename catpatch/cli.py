@@ -12,7 +12,7 @@ def _bench_parser(sub) -> None:
     from .config import COMPILE_MODES, SELECTION_MODES
     from .dtypes import DTYPE_NAMES
     from .generate import parse_size
-    from .shapes import SHAPES
+    from .models.shapes import SHAPES
 
     p = sub.add_parser(
         "bench",

@@ -42,7 +42,7 @@ def default_pipeline(device: str | None = None) -> tuple[Any, dict[str, Any], st
         pipe = toy.load_pipeline(device=device)
         return pipe, dict(toy.CALL_KWARGS), "toy SD3 pipeline trained by catpatch.toy (offline)"
     except (ImportError, OSError, ValueError):
-        from .tiny import build_pipeline
+        from .models.tiny import build_pipeline
 
         pipe = build_pipeline("tiny-sd3")
         pipe.set_progress_bar_config(disable=True)

@@ -25,7 +25,7 @@ import torch
 
 from catpatch import CATConfig, apply_cat, cat_generation
 from catpatch.bench import BenchSettings, run
-from catpatch.shapes import build_transformer
+from catpatch.models.shapes import build_transformer
 
 BASE = BenchSettings(
     shape="sd3-medium",

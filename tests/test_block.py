@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from catpatch import CATConfig, apply_cat, cat_generation
+from catpatch.models.shapes import build_transformer
 from catpatch.patching import get_patch
 from catpatch.sd3 import cat_block_forward, gather_tokens
-from catpatch.shapes import build_transformer
 from catpatch.state import BlockCache
 
 TOL = dict(atol=2e-5, rtol=1e-4)

@@ -32,7 +32,7 @@ PROMPTS = ["a red circle", "a small blue square on a tree"]
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> str:
-    from catpatch.tiny import build_pipeline
+    from catpatch.models.tiny import build_pipeline
 
     folder = tmp_path_factory.mktemp("tiny-sd3")
     build_pipeline("tiny-sd3").save_pretrained(folder)
@@ -178,7 +178,7 @@ def test_lora_is_loaded_and_scaled(model_dir, tmp_path):
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
-    from catpatch.tiny import build_pipeline
+    from catpatch.models.tiny import build_pipeline
 
     transformer = build_pipeline("tiny-sd3").transformer
     targets = ["to_q", "to_k", "to_v", "to_out.0"]
