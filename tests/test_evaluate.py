@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from catpatch.evaluate import EvalError, evaluate, main
-from catpatch.generate import MANIFEST
+from catpatch.cli.evaluate import EvalError, evaluate, main
+from catpatch.cli.generate import MANIFEST
 
 PROMPTS = ["a red circle", "a blue square on a tree", "a green cross at night"]
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from catpatch.generate import (
+from catpatch.cli.generate import (
     MANIFEST,
     GenerateError,
     GenerateSettings,
@@ -53,7 +53,7 @@ def manifest(folder: Path) -> list[dict]:
 
 
 def test_cat_and_baseline_pair_up_by_name(model_dir, tmp_path):
-    from catpatch.evaluate import evaluate
+    from catpatch.cli.evaluate import evaluate
 
     cat = run(settings(model_dir, tmp_path / "cat", images_per_prompt=2, batch_size=3))
     assert (cat.generated, cat.skipped, cat.missing) == (4, 0, [])
@@ -155,7 +155,7 @@ def test_two_processes_split_the_work(model_dir, tmp_path):
     out = tmp_path / "dp"
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-        "--master-port", str(free_port()), "-m", "catpatch.generate", "--model", model_dir,
+        "--master-port", str(free_port()), "-m", "catpatch.cli.generate", "--model", model_dir,
         "--prompts-file", str(prompts), "--out", str(out), "--size", "64x64", "--steps", "6",
         "--warmup-steps", "2", "--num-clusters", "4", "--device", "cpu", "--no-progress",
     ]  # fmt: skip

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .dtypes import DTYPE_NAMES, default_dtype_name, from_pretrained_dtype, torch_dtype
+from ...dtypes import DTYPE_NAMES, default_dtype_name, from_pretrained_dtype, torch_dtype
 
 MANIFEST = "manifest.jsonl"
 SHARD_GLOB = "manifest.rank*.jsonl"
@@ -265,7 +265,7 @@ def _as_text_to_image(pipe):
     """The SD3 text-to-image pipeline of `pipe`; GenerateError if it is not SD3-family."""
     from diffusers import StableDiffusion3Pipeline
 
-    from .patching import is_supported_pipeline
+    from ...patching import is_supported_pipeline
 
     if isinstance(pipe, StableDiffusion3Pipeline):
         return pipe
@@ -305,7 +305,7 @@ def check_size(pipe, height: int, width: int, num_clusters: int | None = None) -
 
 
 def _cat_config(settings: GenerateSettings):
-    from .config import CATConfig
+    from ...config import CATConfig
 
     try:
         return CATConfig(
@@ -319,7 +319,7 @@ def _cat_config(settings: GenerateSettings):
 
 
 def _cat_figures(pipe) -> dict[str, Any]:
-    from . import cat_stats
+    from ... import cat_stats
 
     s = cat_stats(pipe)
     return {
@@ -345,7 +345,7 @@ def _prepare(pipe, settings: GenerateSettings, height: int, width: int):
             raise GenerateError(message) from None
         extra["joint_attention_kwargs"] = {"scale": settings.lora_scale}
     if settings.cat:
-        from .patching import apply_cat
+        from ...patching import apply_cat
 
         try:
             apply_cat(pipe, _cat_config(settings))
@@ -360,8 +360,8 @@ def _oom_message(batch_size: int, height: int, width: int) -> str:
     return (
         f"out of memory at --batch-size {batch_size}, {height}x{width}: lower "
         f"--batch-size or --size, use --dtype bf16, or load the pipeline yourself with "
-        f"pipe.enable_model_cpu_offload() and pass it to catpatch.generate.run(settings, pipe=pipe)"
-        f"; re-run the same command to resume"
+        f"pipe.enable_model_cpu_offload() and pass it to "
+        f"catpatch.cli.generate.run(settings, pipe=pipe); re-run the same command to resume"
     )
 
 
@@ -459,7 +459,7 @@ def _generate_share(pipe, extra, mine, out, recorded, state, show, on_image, res
     import torch
     from tqdm.auto import tqdm
 
-    from . import cat_stats
+    from ... import cat_stats
 
     show = show and state.is_main_process
     pipe.set_progress_bar_config(disable=not show, leave=False)
@@ -618,11 +618,7 @@ def _close_process_group() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m catpatch.generate ...`: the same as `catpatch generate ...`."""
+    """`python -m catpatch.cli.generate ...`: the same as `catpatch generate ...`."""
     parser = argparse.ArgumentParser(prog="catpatch generate", description=__doc__.split("\n")[0])
     add_arguments(parser)
     return command(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())
