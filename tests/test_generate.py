@@ -19,12 +19,12 @@ from catpatch.cli.generate import (
     MANIFEST,
     GenerateError,
     GenerateSettings,
-    _cat_config,
     add_parser,
     main,
     read_prompts,
     run,
 )
+from catpatch.cli.generate.pipeline import _cat_config
 
 FAST = dict(size=(64, 64), steps=6, warmup_steps=2, num_clusters=4, progress=False)
 PROMPTS = ["a red circle", "a small blue square on a tree"]
