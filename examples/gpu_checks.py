@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 
 from catpatch import CATConfig, apply_cat, cat_generation
-from catpatch.bench import BenchSettings, run
-from catpatch.shapes import build_transformer
+from catpatch.cli.bench import BenchSettings, run
+from catpatch.models.shapes import build_transformer
 
 BASE = BenchSettings(
     shape="sd3-medium",

@@ -12,7 +12,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from catpatch import CATConfig, apply_cat, cat_generation, cat_stats
-from catpatch.shapes import build_transformer
+from catpatch.models.shapes import build_transformer
 
 
 def main(steps: int = 12) -> None:

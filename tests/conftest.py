@@ -16,7 +16,7 @@ SHAPES = ("tiny-sd3", "tiny-sd3.5-medium", "tiny-sd3.5-large")
 
 
 def make_pipe(shape: str = "tiny-sd3", pipeline_cls=None, seed: int = 0):
-    from catpatch.tiny import build_pipeline
+    from catpatch.models.tiny import build_pipeline
 
     pipe = build_pipeline(shape, pipeline_cls=pipeline_cls, seed=seed)
     pipe.set_progress_bar_config(disable=True)

@@ -9,9 +9,9 @@ import torch
 
 from catpatch import CATConfig, apply_cat, cat_generation
 from catpatch.caches import BlockCache
+from catpatch.models.shapes import build_transformer
 from catpatch.patching import get_patch
 from catpatch.sd3 import cat_block_forward, gather_tokens
-from catpatch.shapes import build_transformer
 
 TOL = dict(atol=2e-5, rtol=1e-4)
 

@@ -10,10 +10,10 @@ from torch._dynamo.utils import counters
 
 from catpatch import CATConfig, apply_cat, cat_generation, remove_cat
 from catpatch.caches import BlockCache
+from catpatch.models.shapes import build_transformer
 from catpatch.patching import get_patch
 from catpatch.schedule import Mode
 from catpatch.sd3 import cat_block_forward, gather_tokens
-from catpatch.shapes import build_transformer
 
 CFG = CATConfig(keep_ratio=0.3, warmup_steps=4, num_clusters=8)
 

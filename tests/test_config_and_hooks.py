@@ -9,7 +9,7 @@ import torch
 
 from catpatch import CATConfig, apply_cat, cat_generation, cat_stats, is_patched, remove_cat
 from catpatch.hooks import PatchSet
-from catpatch.shapes import build_transformer
+from catpatch.models.shapes import build_transformer
 
 
 @pytest.mark.parametrize(

@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from catpatch.evaluate import EvalError, evaluate, main
-from catpatch.generate import MANIFEST
+from catpatch.cli.evaluate import EvalError, evaluate, main
+from catpatch.cli.generate import MANIFEST
 
 PROMPTS = ["a red circle", "a blue square on a tree", "a green cross at night"]
 
@@ -93,7 +93,7 @@ def clip_dir(tmp_path_factory) -> Path:
     so prompt-image cosines are positive (CLIP scores are clamped at 0)."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-    from catpatch.tiny import clip_tokenizer
+    from catpatch.models.tiny import clip_tokenizer
 
     tok = clip_tokenizer()
     text = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,

@@ -15,16 +15,16 @@ import pytest
 import torch
 from PIL import Image
 
-from catpatch.generate import (
+from catpatch.cli.generate import (
     MANIFEST,
     GenerateError,
     GenerateSettings,
-    _cat_config,
     add_parser,
     main,
     read_prompts,
     run,
 )
+from catpatch.cli.generate.pipeline import _cat_config
 
 FAST = dict(size=(64, 64), steps=6, warmup_steps=2, num_clusters=4, progress=False)
 PROMPTS = ["a red circle", "a small blue square on a tree"]
@@ -32,7 +32,7 @@ PROMPTS = ["a red circle", "a small blue square on a tree"]
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> str:
-    from catpatch.tiny import build_pipeline
+    from catpatch.models.tiny import build_pipeline
 
     folder = tmp_path_factory.mktemp("tiny-sd3")
     build_pipeline("tiny-sd3").save_pretrained(folder)
@@ -53,7 +53,7 @@ def manifest(folder: Path) -> list[dict]:
 
 
 def test_cat_and_baseline_pair_up_by_name(model_dir, tmp_path):
-    from catpatch.evaluate import evaluate
+    from catpatch.cli.evaluate import evaluate
 
     cat = run(settings(model_dir, tmp_path / "cat", images_per_prompt=2, batch_size=3))
     assert (cat.generated, cat.skipped, cat.missing) == (4, 0, [])
@@ -155,7 +155,7 @@ def test_two_processes_split_the_work(model_dir, tmp_path):
     out = tmp_path / "dp"
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-        "--master-port", str(free_port()), "-m", "catpatch.generate", "--model", model_dir,
+        "--master-port", str(free_port()), "-m", "catpatch.cli.generate", "--model", model_dir,
         "--prompts-file", str(prompts), "--out", str(out), "--size", "64x64", "--steps", "6",
         "--warmup-steps", "2", "--num-clusters", "4", "--device", "cpu", "--no-progress",
     ]  # fmt: skip
@@ -178,7 +178,7 @@ def test_lora_is_loaded_and_scaled(model_dir, tmp_path):
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
-    from catpatch.tiny import build_pipeline
+    from catpatch.models.tiny import build_pipeline
 
     transformer = build_pipeline("tiny-sd3").transformer
     targets = ["to_q", "to_k", "to_v", "to_out.0"]

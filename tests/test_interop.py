@@ -139,7 +139,7 @@ def test_cpu_offload_hooks_and_cat(offload, order):
 def _controlnet_pipe():
     from diffusers import SD3ControlNetModel, StableDiffusion3ControlNetPipeline
 
-    from catpatch.shapes import transformer_config
+    from catpatch.models.shapes import transformer_config
 
     base = make_pipe()
     torch.manual_seed(3)

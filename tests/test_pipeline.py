@@ -335,7 +335,7 @@ def test_step_reuse_spends_the_same_macs_as_cat(pipe):
 
 def test_step_reuse_needs_the_step_count():
     from catpatch import cat_generation
-    from catpatch.shapes import build_transformer
+    from catpatch.models.shapes import build_transformer
 
     model = apply_cat(build_transformer("tiny-sd3"), CATConfig(selection="step", warmup_steps=2))
     args = dict(

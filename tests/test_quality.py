@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from catpatch import CATConfig, apply_cat, cat_stats, remove_cat, toy
-from catpatch.study import fidelity
+from catpatch.cli.study import fidelity
 
 FLOOR_EACH_DB = 27.5
 FLOOR_MEAN_DB = 30.5

@@ -9,7 +9,7 @@ from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
 from catpatch import CATConfig, apply_cat, cat_generation, cat_stats
-from catpatch.shapes import SHAPES, build_transformer
+from catpatch.models.shapes import SHAPES, build_transformer
 from catpatch.stats import ModelDims, run_bound, run_macs, step_macs
 
 

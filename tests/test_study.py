@@ -7,7 +7,7 @@ import csv
 import numpy as np
 
 from catpatch import CATConfig
-from catpatch.study import fidelity, run_study
+from catpatch.cli.study import fidelity, run_study
 
 
 def test_fidelity_metrics():

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from .. import tiny
+from ..models import tiny
 from .data import IMAGE_SIZE, WORDS
 
 CLIP_LENGTH = 16  # CLIP tokenizers' model_max_length: the longest caption is 15 tokens

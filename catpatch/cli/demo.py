@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import CATConfig
-from .patching import apply_cat, get_patch, remove_cat
-from .schedule import Mode
+from ..config import CATConfig
+from ..patching import apply_cat, get_patch, remove_cat
+from ..schedule import Mode
 
 DEMO_PROMPTS = (
     "a large red circle at the top left on a striped blue background",
@@ -37,12 +37,12 @@ def default_pipeline(device: str | None = None) -> tuple[Any, dict[str, Any], st
     Returns (pipeline, recommended call kwargs, description).
     """
     try:
-        from . import toy
+        from .. import toy
 
         pipe = toy.load_pipeline(device=device)
         return pipe, dict(toy.CALL_KWARGS), "toy SD3 pipeline trained by catpatch.toy (offline)"
     except (ImportError, OSError, ValueError):
-        from .tiny import build_pipeline
+        from ..models.tiny import build_pipeline
 
         pipe = build_pipeline("tiny-sd3")
         pipe.set_progress_bar_config(disable=True)
@@ -79,7 +79,7 @@ def run_demo(
     """Run the demo into folder `out`; returns the summary that is also saved as JSON."""
     from PIL import Image
 
-    from . import cat_stats
+    from .. import cat_stats
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

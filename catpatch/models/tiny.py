@@ -230,7 +230,7 @@ def build_pipeline(
 ):
     """A complete SD3-family pipeline with seeded random weights, built offline.
 
-    `shape` names the transformer layout (see `catpatch.shapes`); `pipeline_cls` defaults to
+    `shape` names the transformer layout (see `catpatch.models.shapes`); `pipeline_cls` defaults to
     `StableDiffusion3Pipeline` (any class taking the same nine components works, e.g.
     `StableDiffusion3Img2ImgPipeline`). `vae_blocks` sets the VAE depth: the image-to-latent
     scale factor is 2**(vae_blocks - 1).

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 
 def _bench_parser(sub) -> None:
-    from .config import COMPILE_MODES, SELECTION_MODES
-    from .dtypes import DTYPE_NAMES
+    from ..config import COMPILE_MODES, SELECTION_MODES
+    from ..dtypes import DTYPE_NAMES
+    from ..models.shapes import SHAPES
     from .generate import parse_size
-    from .shapes import SHAPES
 
     p = sub.add_parser(
         "bench",
@@ -45,8 +44,8 @@ def _bench_parser(sub) -> None:
 def _bench(args) -> int:
     import torch
 
+    from ..dtypes import default_dtype_name
     from .bench import BenchSettings, run
-    from .dtypes import default_dtype_name
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype or default_dtype_name(device)
@@ -92,7 +91,7 @@ def _demo_parser(sub) -> None:
 
 
 def _demo(args) -> int:
-    from .config import CATConfig
+    from ..config import CATConfig
     from .demo import run_demo
 
     config = CATConfig(
@@ -153,7 +152,3 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -28,8 +28,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .config import CATConfig
-from .patching import apply_cat, remove_cat
+from ..config import CATConfig
+from ..patching import apply_cat, remove_cat
 
 METHODS = ("cat", "random", "noise", "stale", "step")
 STEPS = (28, 50)
@@ -59,7 +59,7 @@ class Row:
 
 def _generate(pipe, prompts, steps: int, batch_size: int) -> tuple[Tensor, np.ndarray]:
     """Final latents and decoded images (N, H, W, 3) in [0, 1] for the evaluation prompts."""
-    from . import toy
+    from .. import toy
 
     latents = toy.generate(
         pipe, prompts, batch_size, output_type="latent", num_inference_steps=steps
@@ -116,7 +116,7 @@ def run_study(
     """Run the study into folder `out` (see the module docstring); returns its rows.
 
     `runs` replaces the configurations of the study (`configurations(quick)`)."""
-    from . import cat_stats, toy
+    from .. import cat_stats, toy
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -127,7 +127,7 @@ def run_study(
     runs = configurations(quick) if runs is None else runs
 
     def accuracy(imgs: np.ndarray) -> dict[str, float]:
-        from .toy.detector import accuracy as score
+        from ..toy.detector import accuracy as score
 
         return score(detector.predict(imgs), labels)
 

@@ -307,7 +307,7 @@ def command(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m catpatch.evaluate ...`: the same as `catpatch eval ...`."""
+    """`python -m catpatch.cli.evaluate ...`: the same as `catpatch eval ...`."""
     parser = argparse.ArgumentParser(prog="catpatch eval", description=__doc__.split("\n")[0])
     add_arguments(parser)
     return command(parser.parse_args(argv))

@@ -17,10 +17,10 @@ from typing import Any
 
 import torch
 
-from .config import CATConfig
-from .dtypes import torch_dtype
-from .patching import apply_cat, cat_generation, get_patch
-from .stats import ModelDims, run_bound, run_macs
+from ..config import CATConfig
+from ..dtypes import torch_dtype
+from ..patching import apply_cat, cat_generation, get_patch
+from ..stats import ModelDims, run_bound, run_macs
 
 
 @dataclass
@@ -115,7 +115,7 @@ def _sync(device: torch.device) -> None:
 
 def load_transformer(settings: BenchSettings):
     """The transformer to time: a named shape with random weights, or a user's model."""
-    from .shapes import build_transformer
+    from ..models.shapes import build_transformer
 
     dtype = torch_dtype(settings.dtype)
     if settings.model is None:

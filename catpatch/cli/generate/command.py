@@ -1,0 +1,130 @@
+"""`catpatch generate`: images of a prompt list with or without CAT; resumable, data-parallel.
+Its command line: the options (`add_arguments`), the `generate` subcommand of `catpatch`
+(`add_parser`), running it from parsed arguments with its exit code and report (`command`),
+`main` for `python -m catpatch.cli.generate`, and `parse_size`, the HxW parser `catpatch
+bench` shares.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from ...dtypes import DTYPE_NAMES
+from .manifest import MANIFEST
+from .parallel import _close_process_group, run
+from .prompts import SEED_STRIDE, read_prompts
+from .settings import GenerateError, GenerateSettings
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'1024x768' -> (1024, 768) as (height, width); '512' -> (512, 512)."""
+    try:
+        parts = [int(v) for v in text.lower().split("x")]
+    except ValueError:
+        parts = []
+    if len(parts) == 1:
+        parts *= 2
+    if len(parts) != 2:
+        raise argparse.ArgumentTypeError(f"size must look like 1024x1024 (HxW), got {text!r}")
+    return parts[0], parts[1]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of `catpatch generate`."""
+    p.add_argument("--model", required=True, help="pipeline folder (save_pretrained) or hub id")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--prompt", action="append", help="a prompt (repeat for more)")
+    which.add_argument(
+        "--prompts-file",
+        help="prompts: .txt one per line, .jsonl/.json (prompt or caption fields, COCO "
+        "captions), .tsv/.csv with a Prompt column (PartiPrompts)",
+    )
+    p.add_argument("--limit", type=int, help="only the first N prompts")
+    p.add_argument("--out", required=True, help="output folder (re-run into it to resume)")
+    p.add_argument("--no-cat", dest="cat", action="store_false", help="the unpatched baseline")
+    p.add_argument("--keep-ratio", type=float, default=0.3, help="CAT alpha (0.3)")
+    p.add_argument("--warmup-steps", type=int, default=8, help="CAT t0, full steps first (8)")
+    p.add_argument("--num-clusters", type=int, default=20, help="CAT spatial clusters (20)")
+    p.add_argument("--steps", type=int, default=28, help="denoising steps (28)")
+    p.add_argument("--guidance", type=float, default=7.0, help="guidance scale (7.0)")
+    p.add_argument(
+        "--size", type=parse_size, help="HxW in pixels (default: the model's, 1024x1024 for SD3)"
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help=f"base seed; image j of prompt i: seed+{SEED_STRIDE}i+j"
+    )
+    p.add_argument("--images-per-prompt", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=1, help="images per pipeline call (1)")
+    p.add_argument("--dtype", choices=list(DTYPE_NAMES), help="default: bf16 on cuda, fp32 on cpu")
+    p.add_argument("--device", help="cuda or cpu (default: cuda if available)")
+    p.add_argument("--lora", help="LoRA weights (folder or file) for pipe.load_lora_weights")
+    p.add_argument("--lora-scale", type=float, default=1.0, help="LoRA scale (1.0)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the transformer")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no bars")
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register `generate` on the `catpatch` subcommands."""
+    p = subparsers.add_parser(
+        "generate",
+        help="generate images of a prompt list with or without CAT (resumable, data-parallel)",
+        description="Generate one PNG per prompt and image with an SD3-family pipeline, with "
+        "CAT (default) or --no-cat, plus manifest.jsonl. Re-running into the same --out makes "
+        "only missing images; under `accelerate launch`/`torchrun` each process takes a share.",
+        epilog=f"Image j of prompt i is {{i:05d}}_{{j:03d}}.png from seed + {SEED_STRIDE}*i + j, "
+        "so a CAT run and a --no-cat run pair up by file name for `catpatch eval`.",
+    )
+    add_arguments(p)
+    p.set_defaults(func=command)
+    return p
+
+
+def command(args: argparse.Namespace) -> int:
+    """Run `catpatch generate` from parsed arguments; the exit code."""
+    try:
+        prompts = args.prompt or read_prompts(args.prompts_file)
+        prompts = prompts[: args.limit] if args.limit is not None else prompts
+        settings = GenerateSettings(
+            model=args.model, prompts=prompts, out=args.out, cat=args.cat,
+            keep_ratio=args.keep_ratio, warmup_steps=args.warmup_steps,
+            num_clusters=args.num_clusters, steps=args.steps, guidance=args.guidance,
+            size=args.size, seed=args.seed, images_per_prompt=args.images_per_prompt,
+            batch_size=args.batch_size, dtype=args.dtype, device=args.device, lora=args.lora,
+            lora_scale=args.lora_scale, compile=args.compile, progress=args.progress,
+        )  # fmt: skip
+        result = run(settings)
+    except GenerateError as err:
+        print(f"catpatch generate: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("catpatch generate: interrupted; re-run the same command to resume", file=sys.stderr)
+        return 130
+    finally:
+        _close_process_group()
+    if result.rank != 0:
+        return 0
+    print(
+        f"{result.total - len(result.missing)} of {result.total} images in {result.out} "
+        f"({result.skipped} already there, {result.generated} made by process 0 of "
+        f"{result.world_size}, {result.seconds:.1f} s); manifest {result.out / MANIFEST}"
+    )
+    if result.cat_summary:
+        print(f"last batch: {result.cat_summary}")
+    if result.missing:
+        shown = ", ".join(result.missing[:5]) + (" ..." if len(result.missing) > 5 else "")
+        print(
+            f"catpatch generate: error: {len(result.missing)} images missing ({shown}); "
+            f"re-run the same command to make them",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m catpatch.cli.generate ...`: the same as `catpatch generate ...`."""
+    parser = argparse.ArgumentParser(prog="catpatch generate", description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    return command(parser.parse_args(argv))

@@ -1,0 +1,131 @@
+"""The pipeline of a run: `load_pipeline` loads a saved folder or hub id with errors that name
+the fix, `_as_text_to_image` turns any SD3-family pipeline into the text-to-image one,
+`check_size` checks HxW against the model, `_cat_config` builds the run's `CATConfig` and
+`_prepare` loads the LoRA and applies CAT (or torch.compile) before the first image.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from ...dtypes import from_pretrained_dtype
+from .settings import GenerateError, GenerateSettings
+
+
+def _looks_like_path(model: str) -> bool:
+    return os.path.isabs(model) or model.startswith((".", "~")) or model.count("/") != 1
+
+
+def load_pipeline(model: str, device: Any, dtype: Any):
+    """`DiffusionPipeline.from_pretrained(model)` on `device` in `dtype`, with clear errors."""
+    from diffusers import DiffusionPipeline
+
+    path = Path(model).expanduser()
+    if path.exists():
+        if not (path / "model_index.json").is_file():
+            raise GenerateError(
+                f"{model} is not a diffusers pipeline folder (no model_index.json): pass the "
+                f"folder written by pipe.save_pretrained(...) or a hub id"
+            )
+        model = str(path)
+    elif _looks_like_path(model):
+        raise GenerateError(
+            f"model folder {model} does not exist: pass a pipeline folder (pipe.save_pretrained) "
+            f"or a hub id such as stabilityai/stable-diffusion-3-medium-diffusers"
+        )
+    try:
+        pipe = DiffusionPipeline.from_pretrained(model, **from_pretrained_dtype(dtype))
+    except (OSError, ValueError) as err:
+        raise GenerateError(
+            f"could not load {model}: {first_line(err)} (a hub model needs network access and, "
+            f"for gated models, `hf auth login`; offline, pass a local folder)"
+        ) from None
+    return pipe.to(device)
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an error's message (its type name if it has none)."""
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
+
+
+def _as_text_to_image(pipe):
+    """The SD3 text-to-image pipeline of `pipe`; GenerateError if it is not SD3-family."""
+    from diffusers import StableDiffusion3Pipeline
+
+    from ...patching import is_supported_pipeline
+
+    if isinstance(pipe, StableDiffusion3Pipeline):
+        return pipe
+    if not is_supported_pipeline(pipe):
+        raise GenerateError(
+            f"{type(pipe).__name__} is not a supported SD3-family pipeline; catpatch generate "
+            f"needs a StableDiffusion3Pipeline checkpoint (SD3-medium, SD3.5-medium/large)"
+        )
+    return StableDiffusion3Pipeline.from_pipe(pipe)
+
+
+def check_size(pipe, height: int, width: int, num_clusters: int | None = None) -> None:
+    """GenerateError unless HxW fits the model: multiples of VAE scale × patch size, within the
+    position embedding, and (for CAT) at least `num_clusters` image tokens."""
+    vae = int(pipe.vae_scale_factor)
+    config = pipe.transformer.config
+    patch = int(config.patch_size)
+    unit = vae * patch
+    if height % unit or width % unit or height <= 0 or width <= 0:
+        fit = "x".join(str(max(unit, round(v / unit) * unit)) for v in (height, width))
+        raise GenerateError(
+            f"--size {height}x{width}: height and width must be positive multiples of {unit} "
+            f"(VAE scale factor {vae} x patch size {patch}) for this model, e.g. {fit}"
+        )
+    limit = getattr(config, "pos_embed_max_size", None)
+    if limit and max(height, width) > limit * unit:
+        raise GenerateError(
+            f"--size {height}x{width}: this model's position embedding allows at most "
+            f"{limit * unit} pixels per side"
+        )
+    tokens = (height // unit) * (width // unit)
+    if num_clusters is not None and num_clusters > tokens:
+        raise GenerateError(
+            f"--num-clusters {num_clusters} exceeds the {tokens} image tokens at {height}x{width}:"
+            f" lower --num-clusters or raise --size"
+        )
+
+
+def _cat_config(settings: GenerateSettings):
+    from ...config import CATConfig
+
+    try:
+        return CATConfig(
+            keep_ratio=settings.keep_ratio,
+            warmup_steps=settings.warmup_steps,
+            num_clusters=settings.num_clusters,
+            compile="default" if settings.compile else None,
+        )
+    except ValueError as err:
+        raise GenerateError(str(err)) from None
+
+
+def _prepare(pipe, settings: GenerateSettings, height: int, width: int):
+    """LoRA, then CAT or torch.compile; returns (pipeline, extra call kwargs)."""
+    check_size(pipe, height, width, settings.num_clusters if settings.cat else None)
+    extra: dict[str, Any] = {}
+    if settings.lora:
+        try:
+            pipe.load_lora_weights(settings.lora)
+        except (OSError, ValueError, KeyError, RuntimeError, ImportError) as err:
+            message = f"could not load the LoRA {settings.lora}: {first_line(err)}"
+            raise GenerateError(message) from None
+        extra["joint_attention_kwargs"] = {"scale": settings.lora_scale}
+    if settings.cat:
+        from ...patching import apply_cat
+
+        try:
+            apply_cat(pipe, _cat_config(settings))
+        except (TypeError, ValueError) as err:
+            raise GenerateError(str(err)) from None
+    elif settings.compile:
+        pipe.transformer.compile()
+    return pipe, extra
