@@ -59,6 +59,63 @@ def static_tensor(shape: tuple[int, ...], dtype: torch.dtype, device: torch.devi
     return tensor
 
 
+def rows_index(index: Tensor, shape: torch.Size) -> Tensor:
+    """Expand (R, S) token indices over the trailing dims of a (R, L, ...) tensor."""
+    return index.view(*index.shape, *([1] * (len(shape) - 2))).expand(
+        index.shape[0], index.shape[1], *shape[2:]
+    )
+
+
+def gather_tokens(x: Tensor, index: Tensor) -> Tensor:
+    """x[r, index[r]] for every row r. (R, L, ...) -> (R, S, ...)."""
+    return x.gather(1, rows_index(index, x.shape))
+
+
+def write_rows(buffer: Tensor, rows: Tensor, values: Tensor) -> None:
+    """In place: rows `rows` of `buffer` flattened to (N, D) take `values` flattened the same
+    way. `index_copy_` on a flat view is what inductor keeps in place (a `scatter_` or a slice
+    `copy_` into a graph input becomes a functional copy of the whole buffer)."""
+    buffer.view(-1, buffer.shape[-1]).index_copy_(0, rows, values.reshape(-1, values.shape[-1]))
+
+
+ALL_ROWS = slice(None)
+
+
+@dataclass
+class StepIndex:
+    """Where one pruned step's computed tokens go in every block: built once per step.
+
+    index: (R, S) computed tokens per batch row; image: (R·S,) their rows in a flattened
+    (R·L, ·) tensor; joint_image / joint_text: rows of the computed image tokens / all text
+    tokens in a flattened (R·(L+T), D) joint K/V cache; out: (G·S,) rows in the flattened
+    (G·L, D) output caches, which hold only the driver rows `rows` (the conditional half of a
+    CFG pair that shares its selection); residual: the driver rows' dense residual stream
+    (G, L, D) of this step, or None when the run keeps none (lean).
+    """
+
+    index: Tensor
+    image: Tensor
+    joint_image: Tensor
+    joint_text: Tensor
+    out: Tensor
+    rows: slice
+    residual: Tensor | None = None
+
+    def tensors(self) -> list[Tensor]:
+        return [self.index, self.image, self.joint_image, self.joint_text, self.out]
+
+    @classmethod
+    def of(
+        cls, index: Tensor, tokens: int, text_tokens: int, residual: Tensor | None = None
+    ) -> StepIndex:
+        """The step index of (R, S) `index` when every row keeps its own output caches."""
+        rows = torch.arange(index.shape[0], device=index.device)[:, None]
+        image = (index + rows * tokens).view(-1)
+        text = rows * (tokens + text_tokens) + tokens + torch.arange(text_tokens).to(rows)
+        joint = (index + rows * (tokens + text_tokens)).view(-1)
+        return cls(index, image, joint, text.view(-1), image, ALL_ROWS, residual)
+
+
 class Caches:
     """The model-side caches of one patched transformer: a `BlockCache` per block, the last
     output of every token, and the dense residual stream of the step being computed."""

@@ -62,6 +62,11 @@ class CATConfig:
             `torch.compile` in this mode ("default", "reduce-overhead" for CUDA graphs,
             "max-autotune"); implies `persistent_buffers`. Each phase (warm-up, recording,
             pruned step) becomes one graph, compiled on first use. `remove_cat` undoes it.
+        lean (bool, default False): keep no dense residual stream. Unselected tokens' drift
+            (what the next selection reads) is then their last computed output instead of a
+            fresh estimate from cached block outputs, the attention/FFN output caches go (about
+            half the cache memory) and the final norm and projection run on the S computed
+            tokens only: a cheaper pruned step, a slightly different image.
     """
 
     keep_ratio: float = 0.3
@@ -78,6 +83,7 @@ class CATConfig:
     seed: int = 0
     persistent_buffers: bool = False
     compile: str | None = None
+    lean: bool = False
 
     def __post_init__(self) -> None:
         def fail(field: str, why: str) -> None:
@@ -122,8 +128,9 @@ class CATConfig:
             fail("selection", f"must be one of {SELECTION_MODES}")
         if self.cfg_selection not in CFG_SELECTION_MODES:
             fail("cfg_selection", f"must be one of {CFG_SELECTION_MODES}")
-        if not isinstance(self.persistent_buffers, bool):
-            fail("persistent_buffers", "must be a bool")
+        for name in ("persistent_buffers", "lean"):
+            if not isinstance(getattr(self, name), bool):
+                fail(name, "must be a bool")
         if self.compile not in COMPILE_MODES:
             fail("compile", f"must be one of {COMPILE_MODES}")
 

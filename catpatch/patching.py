@@ -163,17 +163,22 @@ def is_patched(target: Any) -> bool:
 
 
 @contextlib.contextmanager
-def cat_generation(target: Any, num_inference_steps: int | None = None) -> Iterator[None]:
+def cat_generation(
+    target: Any, num_inference_steps: int | None = None, cfg: bool = False
+) -> Iterator[None]:
     """One generation of your own denoising loop with a CAT-patched transformer.
 
     Every transformer call inside is one step (a call with `skip_layers=` is not); caches are
     freed on exit. Pipelines do this themselves. `num_inference_steps`, when given, lets a run
-    no longer than the warm-up skip the cache recording.
+    no longer than the warm-up skip the cache recording. `cfg=True` says that each call's batch
+    is a classifier-free-guidance pair, unconditional rows first then conditional (as diffusers
+    pipelines stack it): with `cfg_selection="shared"` the conditional rows then choose the
+    tokens for both, which costs less and is what pipelines do.
     """
     patch = get_patch(target)
     if patch is None:
         raise ValueError("cat_generation needs a CAT-patched model: call apply_cat first")
-    patch.state.begin_run(num_inference_steps)
+    patch.state.begin_run(num_inference_steps, cfg_rows=cfg)
     try:
         yield
     finally:

@@ -131,6 +131,11 @@ class Schedule:
             self.cfg_rows and self.config.cfg_selection == "shared" and self.geometry.rows % 2 == 0
         )
 
+    @property
+    def driver_slice(self) -> slice:
+        """The batch rows that drive the selection (and keep output caches)."""
+        return slice(self.groups, None) if self.shared_cfg() else slice(None)
+
     def driver_rows(self, output: Tensor) -> Tensor:
         """The rows whose output drives the selection: the conditional half under shared CFG."""
         return output[self.groups :] if self.shared_cfg() else output

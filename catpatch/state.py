@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from . import policies
-from .caches import Caches, keep, static_tensor
+from .caches import Caches, StepIndex, gather_tokens, keep, static_tensor, write_rows
 from .config import CATConfig
 from .schedule import Geometry, Mode, Schedule
 
@@ -57,7 +57,12 @@ class CATState:
             self.tokens.free()
         self.steps.free()
         self.chosen: Tensor | None = None  # (G, S) selection of the current / next pruned step
-        self.index: Tensor | None = None  # (R, S) the same per batch row, for this step
+        self.step_index: StepIndex | None = None  # where this pruned step's tokens go
+
+    @property
+    def index(self) -> Tensor | None:
+        """(R, S): the tokens each batch row computes in this pruned step."""
+        return None if self.step_index is None else self.step_index.index
 
     @property
     def log(self):
@@ -67,7 +72,9 @@ class CATState:
         tensors = self.caches.tensors()
         if self.tokens is not None:
             tensors += self.tokens.tensors()
-        return tensors + [t for t in (self.chosen, self.index) if t is not None]
+        if self.step_index is not None:
+            tensors += list({id(t): t for t in self.step_index.tensors()}.values())
+        return tensors + [t for t in (self.chosen,) if t is not None]
 
     def cache_bytes(self) -> int:
         """Bytes held by caches and selection state now."""
@@ -110,7 +117,19 @@ class CATState:
         self.caches.allocate(block_shapes, (geo.rows, geo.tokens, features), geo.dtype, geo.device)
         self.tokens.allocate(groups, geo, budget, features)
         self.chosen = static_tensor((groups, budget), torch.long, geo.device)
-        self.index = static_tensor((geo.rows, budget), torch.long, geo.device)
+        index = static_tensor((geo.rows, budget), torch.long, geo.device)
+        flat = (geo.rows * budget,)
+        image = static_tensor(flat, torch.long, geo.device)
+        self.step_index = StepIndex(
+            index=index,
+            image=image,
+            joint_image=static_tensor(flat, torch.long, geo.device),
+            joint_text=static_tensor((geo.rows * geo.text_tokens,), torch.long, geo.device),
+            out=image
+            if groups == geo.rows
+            else static_tensor((groups * budget,), torch.long, geo.device),
+            rows=self.schedule.driver_slice,
+        )
 
     def finish_call(self, mode: Mode) -> None:
         self.schedule.finish(mode)
@@ -118,10 +137,49 @@ class CATState:
             self.log.cache_bytes = self.cache_bytes()
 
     # ---- the output side of each step ------------------------------------------------------
-    def begin_pruned_step(self) -> Tensor:
-        """The (R, S) token indices to compute in this pruned step."""
-        self.index.copy_(self.schedule.rows_of(self.chosen))
-        return self.index
+    def begin_pruned_step(self) -> StepIndex:
+        """Where this pruned step's tokens go: the selection made after the last step, per
+        batch row and as rows of the flattened caches (a few small kernels, once per step)."""
+        step, chosen, (offset, joint_offset, out_offset) = (
+            self.step_index,
+            self.chosen,
+            self._offsets,
+        )
+        rows, budget = step.index.shape
+        if chosen.shape[0] == rows:
+            step.index.copy_(chosen)
+        else:  # a CFG pair shares its conditional row's selection
+            step.index.view(2, -1, budget).copy_(chosen.unsqueeze(0))
+        torch.add(step.index, offset, out=step.image.view(rows, budget))
+        torch.add(step.index, joint_offset, out=step.joint_image.view(rows, budget))
+        if step.out is not step.image:
+            torch.add(chosen, out_offset, out=step.out.view(chosen.shape))
+        return step
+
+    def _start_step_index(self, first: Tensor) -> None:
+        """The step index of this run, from the first selection (at the recording step)."""
+        schedule, p = self.schedule, self.persistent
+        geo, groups, old = schedule.geometry, schedule.groups, self.step_index
+        length, text = geo.tokens, geo.text_tokens
+        rows = torch.arange(geo.rows, device=first.device)[:, None]
+        self._offsets = (rows * length, rows * (length + text), rows[:groups] * length)
+        text_rows = rows * (length + text) + length + torch.arange(text, device=first.device)
+        index = schedule.rows_of(first)
+        image = keep(None if old is None else old.image, (index + self._offsets[0]).view(-1), p)
+        shared = groups != geo.rows
+        out = (first + self._offsets[2]).view(-1)
+        self.step_index = StepIndex(
+            index=keep(None if old is None else old.index, index, p),
+            image=image,
+            joint_image=keep(
+                None if old is None else old.joint_image,
+                (index + self._offsets[1]).view(-1),
+                p,
+            ),
+            joint_text=keep(None if old is None else old.joint_text, text_rows.view(-1), p),
+            out=keep(None if old is None else old.out, out, p) if shared else image,
+            rows=schedule.driver_slice,
+        )
 
     def observe_output(self, mode: Mode, output: Tensor) -> Tensor:
         """Take the model output of a step (R, L, F), update the selection state, return the
@@ -134,13 +192,18 @@ class CATState:
             caches.previous = keep(caches.previous, output, p)
             first = self.tokens.first(schedule.driver_rows(output))
             self.chosen = keep(self.chosen, first, p)
-            self.index = keep(self.index, schedule.rows_of(first), p)
+            self._start_step_index(first)
             return output
         if mode is not Mode.PRUNED:
             return output
-        computed = torch.zeros(output.shape[:2], dtype=torch.bool, device=output.device)
-        computed.scatter_(1, self.index, True)
-        result = torch.where(computed[..., None], output, caches.previous)
-        caches.previous.copy_(result)
-        self.chosen.copy_(self.tokens.next(schedule.driver_rows(output), self.chosen))
+        step = self.step_index
+        if self.config.lean:
+            # `output` holds the computed tokens only; the others' drift is their last output
+            write_rows(caches.previous, step.image, output)
+            estimate = caches.previous
+        else:
+            write_rows(caches.previous, step.image, gather_tokens(output, step.index))
+            estimate = output
+        result = caches.previous.clone()
+        self.chosen.copy_(self.tokens.next(schedule.driver_rows(estimate), self.chosen))
         return result

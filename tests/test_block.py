@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from catpatch import CATConfig, apply_cat, cat_generation
-from catpatch.caches import BlockCache
+from catpatch.caches import BlockCache, StepIndex
 from catpatch.models.shapes import build_transformer
 from catpatch.patching import get_patch
 from catpatch.sd3 import cat_block_forward, gather_tokens
@@ -35,7 +35,7 @@ def test_pruned_block_equals_unpatched_block_on_cached_kv(which):
     with torch.no_grad():
         # recording step: all tokens, fills the caches; equals the block itself
         ref = block(hidden_states=h0, encoder_hidden_states=ctx0, temb=temb)
-        out = cat_block_forward(block, cache, None, None, h0, ctx0, temb)
+        out = cat_block_forward(block, cache, h0, ctx0, temb)
         torch.testing.assert_close(out[1], ref[1], **TOL)
         if which != "last":
             torch.testing.assert_close(out[0], ref[0], **TOL)
@@ -48,7 +48,8 @@ def test_pruned_block_equals_unpatched_block_on_cached_kv(which):
         h1 = _scatter(h0, index, torch.randn(rows, budget, dim))
         ctx1 = torch.randn(rows, text, dim)
         residual = h1.clone()
-        got = cat_block_forward(block, cache, index, residual, gather_tokens(h1, index), ctx1, temb)
+        step = StepIndex.of(index, tokens, text, residual)
+        got = cat_block_forward(block, cache, gather_tokens(h1, index), ctx1, temb, step)
         # unpatched block on the mixed input: unselected tokens keep h0, so their K/V are
         # exactly the cached ones
         ref = block(hidden_states=h1, encoder_hidden_states=ctx1, temb=temb)
@@ -58,7 +59,7 @@ def test_pruned_block_equals_unpatched_block_on_cached_kv(which):
     # caches now hold the K/V of h1 for every token
     check = BlockCache()
     with torch.no_grad():
-        cat_block_forward(block, check, None, None, h1, ctx1, temb)
+        cat_block_forward(block, check, h1, ctx1, temb)
     torch.testing.assert_close(cache.key, check.key, **TOL)
     torch.testing.assert_close(cache.value, check.value, **TOL)
     # dense residual: computed tokens equal the block output; the others add their old

@@ -9,7 +9,7 @@ from conftest import generate, make_pipe
 from torch._dynamo.utils import counters
 
 from catpatch import CATConfig, apply_cat, cat_generation, remove_cat
-from catpatch.caches import BlockCache
+from catpatch.caches import BlockCache, StepIndex
 from catpatch.models.shapes import build_transformer
 from catpatch.patching import get_patch
 from catpatch.schedule import Mode
@@ -35,12 +35,14 @@ def test_pruned_block_compiles_as_one_graph(block_index):
     caches = [BlockCache(), BlockCache()]
     with torch.no_grad():
         for cache in caches:
-            cat_block_forward(block, cache, None, None, h, ctx, temb)
+            cat_block_forward(block, cache, h, ctx, temb)
         compiled = torch.compile(cat_block_forward, fullgraph=True, dynamic=False)
         h1 = torch.randn(rows, tokens, dim)
         args = (gather_tokens(h1, index), torch.randn(rows, text, dim), temb)
-        eager = cat_block_forward(block, caches[0], index, h1.clone(), *args)
-        graph = compiled(block, caches[1], index, h1.clone(), *args)
+        eager = cat_block_forward(
+            block, caches[0], *args, StepIndex.of(index, tokens, text, h1.clone())
+        )
+        graph = compiled(block, caches[1], *args, StepIndex.of(index, tokens, text, h1.clone()))
     torch.testing.assert_close(graph[1], eager[1], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(caches[1].key, caches[0].key, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(caches[1].ff, caches[0].ff, atol=1e-5, rtol=1e-5)

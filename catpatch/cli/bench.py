@@ -173,7 +173,7 @@ class Loop:
         self.scheduler.set_timesteps(s.steps, device=self.device)
         latents = self.latents.clone()
         patch = get_patch(self.transformer)
-        scope = cat_generation(self.transformer, s.steps) if patch else _nothing()
+        scope = cat_generation(self.transformer, s.steps, cfg=s.cfg) if patch else _nothing()
         with torch.no_grad(), scope:
             for t in self.scheduler.timesteps:
                 x = torch.cat([latents, latents]) if s.cfg else latents

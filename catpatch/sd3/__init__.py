@@ -5,8 +5,9 @@
 sibling package with the same two parts.
 """
 
+from ..caches import gather_tokens
 from .adapter import KNOWN_PROCESSORS, SD3Adapter, check_transformer
-from .block import attention, cat_block_forward, gather_tokens
+from .block import attention, cat_block_forward
 
 __all__ = [
     "KNOWN_PROCESSORS",

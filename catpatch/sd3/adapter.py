@@ -19,10 +19,11 @@ import warnings
 import torch
 from torch import Tensor
 
+from ..caches import gather_tokens, write_rows
 from ..hooks import PatchSet
 from ..schedule import Geometry, Mode
 from ..state import CATState
-from .block import cat_block_forward, gather_tokens, rows_index
+from .block import cat_block_forward
 
 # Attention processors whose computation our pruned attention reproduces.
 KNOWN_PROCESSORS = ("JointAttnProcessor2_0", "FusedJointAttnProcessor2_0")
@@ -125,7 +126,7 @@ class SD3Adapter:
             state.allocate(self._block_shapes(), self._features())
         if mode is not Mode.PRUNED:
             return None
-        index = state.begin_pruned_step()
+        index = state.begin_pruned_step().index
         controlnet = kwargs.get("block_controlnet_hidden_states")
         self.controlnet = controlnet
         if controlnet is not None:
@@ -171,15 +172,20 @@ class SD3Adapter:
 
     def _block_shapes(self) -> list[dict[str, tuple[int, ...]]]:
         """The cache shapes of each block for this run's geometry (see `BlockCache`)."""
-        geo = self.state.schedule.geometry
-        dim = self.transformer.inner_dim
+        schedule, lean = self.state.schedule, self.state.config.lean
+        geo, dim = schedule.geometry, self.transformer.inner_dim
         image = (geo.rows, geo.tokens, dim)
         joint = (geo.rows, geo.tokens + geo.text_tokens, dim)
+        outputs = (schedule.groups, geo.tokens, dim)  # the driver rows only
         shapes = []
         for block in self.transformer.transformer_blocks:
-            entry = {"key": joint, "value": joint, "attn": image, "ff": image}
+            entry = {"key": joint, "value": joint}
+            if not lean:
+                entry.update(attn=outputs, ff=outputs)
             if block.use_dual_attention:
-                entry.update(key2=image, value2=image, attn2=image)
+                entry.update(key2=image, value2=image)
+                if not lean:
+                    entry.update(attn2=outputs)
             shapes.append(entry)
         return shapes
 
@@ -198,7 +204,13 @@ class SD3Adapter:
         state = self.state
         if state.schedule.mode is not Mode.PRUNED:
             return None
-        state.caches.residual = output.clone()  # lives for this call only
+        if not state.config.lean:
+            # The driver rows' dense residual stream, for this call only; contiguous (the
+            # conv leaves (R, D, L) memory order, which every update would read across rows).
+            residual = state.schedule.driver_rows(output).clone(
+                memory_format=torch.contiguous_format
+            )
+            state.caches.residual = state.step_index.residual = residual
         return gather_tokens(output, state.index)
 
     def _block_forward(
@@ -210,18 +222,19 @@ class SD3Adapter:
         temb=None,
         joint_attention_kwargs=None,
     ):
-        state, caches = self.state, self.state.caches
-        if state.schedule.mode in (Mode.PRUNED, Mode.RECORD):
-            pruned = state.schedule.mode is Mode.PRUNED
+        state, caches, schedule = self.state, self.state.caches, self.state.schedule
+        if schedule.mode in (Mode.PRUNED, Mode.RECORD):
+            pruned = schedule.mode is Mode.PRUNED
             return cat_block_forward(
                 self.transformer.transformer_blocks[i],
                 caches.blocks[i],
-                state.index if pruned else None,
-                caches.residual if pruned else None,
                 hidden_states,
                 encoder_hidden_states,
                 temb,
-                caches.keep,
+                step=state.step_index if pruned else None,
+                rows=schedule.driver_slice,
+                keep_all=caches.keep,
+                output_caches=not state.config.lean,
             )
         return original(
             hidden_states=hidden_states,
@@ -234,16 +247,23 @@ class SD3Adapter:
         state = self.state
         if state.schedule.mode is not Mode.PRUNED:
             return None
-        hidden, rest = args[0], args[1:]
         dense = state.caches.residual
+        if dense is None:
+            return None  # lean: the final norm and projection run on the computed tokens only
+        hidden, rest = args[0], args[1:]
+        rows = state.schedule.driver_slice
         if self.controlnet is not None:
             # The transformer adds ControlNet residuals after every block but the last.
             blocks = self.transformer.transformer_blocks
             interval = len(blocks) / len(self.controlnet)
             for i, block in enumerate(blocks):
                 if block.context_pre_only is False:
-                    dense.add_(self.controlnet[int(i / interval)])
-        dense.scatter_(1, rows_index(state.index, dense.shape), hidden)
+                    dense.add_(self.controlnet[int(i / interval)][rows])
+        if dense.shape[0] != hidden.shape[0]:
+            # Shared CFG: the unconditional rows' unselected tokens are replaced by their
+            # previous output anyway, so the conditional rows' stream stands in for theirs.
+            dense = torch.cat([dense, dense])
+        write_rows(dense, state.step_index.image, hidden)
         return (dense, *rest)
 
     def _after_proj_out(self, module, args, output: Tensor):

@@ -13,30 +13,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..caches import BlockCache, keep
+from ..caches import ALL_ROWS, BlockCache, StepIndex, keep, write_rows
 
 
-def rows_index(index: Tensor, shape: torch.Size) -> Tensor:
-    """Expand (R, S) token indices over the trailing dims of a (R, L, ...) tensor."""
-    return index.view(*index.shape, *([1] * (len(shape) - 2))).expand(
-        index.shape[0], index.shape[1], *shape[2:]
-    )
-
-
-def gather_tokens(x: Tensor, index: Tensor) -> Tensor:
-    """x[r, index[r]] for every row r. (R, L, ...) -> (R, S, ...)."""
-    return x.gather(1, rows_index(index, x.shape))
-
-
-def _store(cache: BlockCache, name: str, values: Tensor, index: Tensor | None, keep_all) -> Tensor:
-    """Write computed tokens into `cache.name` (all of them at the recording step, else the
-    selected ones) and return the full updated (R, L, ...) tensor for this step's use."""
-    if index is None:
-        setattr(cache, name, keep_all(getattr(cache, name), values))
+def _store(
+    cache: BlockCache, name: str, values: Tensor, step: StepIndex | None, rows: slice, keep_all
+) -> Tensor | None:
+    """Keep the driver rows' image attention / FFN output in `cache.name` (all tokens at the
+    recording step, the computed ones on a pruned step) and return the cache; None when the
+    run keeps no output caches (lean)."""
+    if step is None:
+        setattr(cache, name, keep_all(getattr(cache, name), values[rows]))
         return getattr(cache, name)
     buffer = getattr(cache, name)
-    where = rows_index(index, buffer.shape)
-    return buffer.scatter_(1, where, values)
+    write_rows(buffer, step.out, values[rows])
+    return buffer
 
 
 def _split_heads(x: Tensor, heads: int) -> Tensor:
@@ -58,13 +49,13 @@ def attention(
     context: Tensor | None,
     cache: BlockCache,
     slot: str,
-    index: Tensor | None,
+    step: StepIndex | None,
     keep_all=keep,
 ) -> tuple[Tensor, Tensor | None]:
     """Joint attention for the computed image tokens against all L cached image K/V (+ text).
 
     Mirrors diffusers' `JointAttnProcessor2_0`; `slot` "" is the joint attention, "2" the
-    image-only second attention of dual-attention blocks. With `index` None every token is
+    image-only second attention of dual-attention blocks. With `step` None every token is
     computed and the caches are (re)filled through `keep_all` (see `caches.keep`).
 
     K/V are cached after the qk-norm as (R, L+T, D): image tokens first, then this step's text
@@ -81,20 +72,20 @@ def attention(
         cq, ck, cv = _projections(attn, context, context=True)
         cq, ck = _normed(attn.norm_added_q, cq, heads), _normed(attn.norm_added_k, ck, heads)
         q = torch.cat([q, cq], dim=1)
-    if index is None:
+    keys, values = getattr(cache, "key" + slot), getattr(cache, "value" + slot)
+    if step is None:
         if context is not None:
             k, v = torch.cat([k, ck], dim=1), torch.cat([v, cv], dim=1)
-        for name, value in (("key" + slot, k), ("value" + slot, v)):
-            setattr(cache, name, keep_all(getattr(cache, name), value))
-    keys, values = getattr(cache, "key" + slot), getattr(cache, "value" + slot)
-    if index is not None:
-        where = rows_index(index, keys.shape)
-        keys.scatter_(1, where, k)
-        values.scatter_(1, where, v)
+        keys, values = keep_all(keys, k), keep_all(values, v)
+        setattr(cache, "key" + slot, keys)
+        setattr(cache, "value" + slot, values)
+    else:
+        image_rows = step.image if context is None else step.joint_image
+        write_rows(keys, image_rows, k)
+        write_rows(values, image_rows, v)
         if context is not None:
-            text = context.shape[1]
-            keys[:, -text:].copy_(ck)
-            values[:, -text:].copy_(cv)
+            write_rows(keys, step.joint_text, ck)
+            write_rows(values, step.joint_text, cv)
     q, keys, values = (_split_heads(t, heads).transpose(1, 2) for t in (q, keys, values))
     out = F.scaled_dot_product_attention(q, keys, values, dropout_p=0.0)
     out = out.transpose(1, 2).flatten(2).to(q.dtype)
@@ -124,20 +115,27 @@ def _feed_forward(block, ff, x: Tensor) -> Tensor:
 def cat_block_forward(
     block,
     cache: BlockCache,
-    index: Tensor | None,
-    residual: Tensor | None,
     hidden_states: Tensor,
     encoder_hidden_states: Tensor,
     temb: Tensor,
+    step: StepIndex | None = None,
+    rows: slice = ALL_ROWS,
     keep_all=keep,
+    output_caches: bool = True,
 ) -> tuple[Tensor | None, Tensor]:
     """`JointTransformerBlock.forward` for the computed tokens, reading/writing `cache`.
 
-    `hidden_states` holds the computed tokens only (all L with `index` None). On pruned steps
-    the gated cached outputs of all tokens are also added to `residual`, the dense residual
-    stream from which the unselected tokens' outputs are estimated. `keep_all` turns a
-    recording step's tensors into caches (see `caches.keep`).
+    `hidden_states` holds the computed tokens only (all L on the recording step, `step` None).
+    On the recording step the K/V caches are filled, and, with `output_caches`, the image
+    attention / FFN outputs of the driver rows `rows`. On a pruned step (`step` given) the
+    computed tokens' K/V and outputs are written in place, and if the step keeps a dense
+    residual stream (`step.residual`, the driver rows of all L tokens), the gated cached outputs
+    of every token are added to it: from it the unselected tokens' outputs are estimated.
+    `keep_all` turns a recording step's tensors into caches (see `caches.keep`).
     """
+    if step is not None:
+        rows, output_caches = step.rows, step.residual is not None
+    store = output_caches
     if block.use_dual_attention:
         normed, gate_msa, shift_mlp, scale_mlp, gate_mlp, normed2, gate_msa2 = block.norm1(
             hidden_states, emb=temb
@@ -152,26 +150,27 @@ def cat_block_forward(
         )
 
     attn_output, context_attn_output = attention(
-        block.attn, normed, normed_context, cache, "", index, keep_all
+        block.attn, normed, normed_context, cache, "", step, keep_all
     )
-    attn_all = _store(cache, "attn", attn_output, index, keep_all)
+    attn_all = _store(cache, "attn", attn_output, step, rows, keep_all) if store else None
     hidden_states = hidden_states + gate_msa.unsqueeze(1) * attn_output
     if block.use_dual_attention:
-        attn_output2, _ = attention(block.attn2, normed2, None, cache, "2", index, keep_all)
-        attn2_all = _store(cache, "attn2", attn_output2, index, keep_all)
+        attn_output2, _ = attention(block.attn2, normed2, None, cache, "2", step, keep_all)
+        attn2_all = _store(cache, "attn2", attn_output2, step, rows, keep_all) if store else None
         hidden_states = hidden_states + gate_msa2.unsqueeze(1) * attn_output2
 
     normed = block.norm2(hidden_states)
     normed = normed * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
     ff_output = _feed_forward(block, block.ff, normed)
-    ff_all = _store(cache, "ff", ff_output, index, keep_all)
+    ff_all = _store(cache, "ff", ff_output, step, rows, keep_all) if store else None
     hidden_states = hidden_states + gate_mlp.unsqueeze(1) * ff_output
 
-    if residual is not None:
-        residual.addcmul_(gate_msa.unsqueeze(1), attn_all)
+    if step is not None and step.residual is not None:
+        residual = step.residual
+        residual.addcmul_(gate_msa[rows].unsqueeze(1), attn_all)
         if block.use_dual_attention:
-            residual.addcmul_(gate_msa2.unsqueeze(1), attn2_all)
-        residual.addcmul_(gate_mlp.unsqueeze(1), ff_all)
+            residual.addcmul_(gate_msa2[rows].unsqueeze(1), attn2_all)
+        residual.addcmul_(gate_mlp[rows].unsqueeze(1), ff_all)
 
     if block.context_pre_only:
         return None, hidden_states
