@@ -86,34 +86,74 @@ class StepIndex:
     """Where one pruned step's computed tokens go in every block: built once per step.
 
     index: (R, S) computed tokens per batch row; image: (R·S,) their rows in a flattened
-    (R·L, ·) tensor; joint_image / joint_text: rows of the computed image tokens / all text
-    tokens in a flattened (R·(L+T), D) joint K/V cache; out: (G·S,) rows in the flattened
-    (G·L, D) output caches, which hold only the driver rows `rows` (the conditional half of a
-    CFG pair that shares its selection); residual: the driver rows' dense residual stream
+    (R·L, ·) tensor; joint: (R, S+T) rows of the computed image tokens, then of all text
+    tokens, in a flattened (R·(L+T), D) joint K/V cache (compiled code writes both with one
+    `index_copy_`: a second write into the same buffer makes inductor copy the buffer);
+    joint_image / joint_text: the two parts apart (eager code writes them separately, with no
+    concatenated temporary); out: (G·S,) rows in the flattened (G·L, D) output caches, which
+    hold only the driver rows `rows` (the conditional half of a CFG pair that shares its
+    selection); residual: the driver rows' dense residual stream
     (G, L, D) of this step, or None when the run keeps none (lean).
     """
 
     index: Tensor
     image: Tensor
+    joint: Tensor
     joint_image: Tensor
     joint_text: Tensor
     out: Tensor
     rows: slice
     residual: Tensor | None = None
+    offsets: tuple[Tensor, ...] = ()  # row offsets of `image`, `joint`, `out`
 
     def tensors(self) -> list[Tensor]:
-        return [self.index, self.image, self.joint_image, self.joint_text, self.out]
+        named = (self.index, self.image, self.joint, self.joint_image, self.joint_text, self.out)
+        unique = {id(t): t for t in named}
+        return list(unique.values())
 
     @classmethod
     def of(
-        cls, index: Tensor, tokens: int, text_tokens: int, residual: Tensor | None = None
+        cls,
+        index: Tensor,
+        tokens: int,
+        text_tokens: int,
+        residual: Tensor | None = None,
+        chosen: Tensor | None = None,
+        rows: slice = ALL_ROWS,
     ) -> StepIndex:
-        """The step index of (R, S) `index` when every row keeps its own output caches."""
-        rows = torch.arange(index.shape[0], device=index.device)[:, None]
-        image = (index + rows * tokens).view(-1)
-        text = rows * (tokens + text_tokens) + tokens + torch.arange(text_tokens).to(rows)
-        joint = (index + rows * (tokens + text_tokens)).view(-1)
-        return cls(index, image, joint, text.view(-1), image, ALL_ROWS, residual)
+        """The step index of (R, S) `index` for L = `tokens` image and T = `text_tokens` text
+        tokens. `chosen` (G, S): the driver rows' own selection when only the rows `rows` keep
+        output caches (shared CFG); None when every row keeps its own."""
+        r = torch.arange(index.shape[0], device=index.device)[:, None]
+        offsets = (r * tokens, r * (tokens + text_tokens))
+        text = offsets[1] + tokens + torch.arange(text_tokens, device=index.device)
+        joint_image = index + offsets[1]
+        joint = torch.cat([joint_image, text], dim=1)
+        image = (index + offsets[0]).view(-1)
+        if chosen is not None:
+            offsets += (r[: chosen.shape[0]] * tokens,)
+            out = (chosen + offsets[2]).view(-1)
+        else:
+            out = image
+        return cls(
+            index.clone(), image, joint, joint_image.view(-1), text.view(-1), out, rows, residual,
+            offsets,
+        )  # fmt: skip
+
+    def update(self, chosen: Tensor) -> None:
+        """In place, for a new selection `chosen` (G, S) (shared by a CFG pair when G < R):
+        a few small kernels, addresses unchanged."""
+        index, image_offset, joint_offset = self.index, self.offsets[0], self.offsets[1]
+        rows, budget = index.shape
+        if chosen.shape[0] == rows:
+            index.copy_(chosen)
+        else:  # a CFG pair shares its conditional row's selection
+            index.view(2, -1, budget).copy_(chosen.unsqueeze(0))
+        torch.add(index, image_offset, out=self.image.view(rows, budget))
+        torch.add(index, joint_offset, out=self.joint_image.view(rows, budget))
+        self.joint[:, :budget] = self.joint_image.view(rows, budget)
+        if self.out is not self.image:
+            torch.add(chosen, self.offsets[2], out=self.out.view(chosen.shape))
 
 
 class Caches:

@@ -73,7 +73,7 @@ class CATState:
         if self.tokens is not None:
             tensors += self.tokens.tensors()
         if self.step_index is not None:
-            tensors += list({id(t): t for t in self.step_index.tensors()}.values())
+            tensors += self.step_index.tensors()
         return tensors + [t for t in (self.chosen,) if t is not None]
 
     def cache_bytes(self) -> int:
@@ -117,19 +117,9 @@ class CATState:
         self.caches.allocate(block_shapes, (geo.rows, geo.tokens, features), geo.dtype, geo.device)
         self.tokens.allocate(groups, geo, budget, features)
         self.chosen = static_tensor((groups, budget), torch.long, geo.device)
-        index = static_tensor((geo.rows, budget), torch.long, geo.device)
-        flat = (geo.rows * budget,)
-        image = static_tensor(flat, torch.long, geo.device)
-        self.step_index = StepIndex(
-            index=index,
-            image=image,
-            joint_image=static_tensor(flat, torch.long, geo.device),
-            joint_text=static_tensor((geo.rows * geo.text_tokens,), torch.long, geo.device),
-            out=image
-            if groups == geo.rows
-            else static_tensor((groups * budget,), torch.long, geo.device),
-            rows=self.schedule.driver_slice,
-        )
+        self._start_step_index(self.chosen)
+        for tensor in self.step_index.tensors():
+            torch._dynamo.mark_static_address(tensor)
 
     def finish_call(self, mode: Mode) -> None:
         self.schedule.finish(mode)
@@ -140,44 +130,22 @@ class CATState:
     def begin_pruned_step(self) -> StepIndex:
         """Where this pruned step's tokens go: the selection made after the last step, per
         batch row and as rows of the flattened caches (a few small kernels, once per step)."""
-        step, chosen, (offset, joint_offset, out_offset) = (
-            self.step_index,
-            self.chosen,
-            self._offsets,
-        )
-        rows, budget = step.index.shape
-        if chosen.shape[0] == rows:
-            step.index.copy_(chosen)
-        else:  # a CFG pair shares its conditional row's selection
-            step.index.view(2, -1, budget).copy_(chosen.unsqueeze(0))
-        torch.add(step.index, offset, out=step.image.view(rows, budget))
-        torch.add(step.index, joint_offset, out=step.joint_image.view(rows, budget))
-        if step.out is not step.image:
-            torch.add(chosen, out_offset, out=step.out.view(chosen.shape))
-        return step
+        self.step_index.update(self.chosen)
+        return self.step_index
 
     def _start_step_index(self, first: Tensor) -> None:
-        """The step index of this run, from the first selection (at the recording step)."""
-        schedule, p = self.schedule, self.persistent
-        geo, groups, old = schedule.geometry, schedule.groups, self.step_index
-        length, text = geo.tokens, geo.text_tokens
-        rows = torch.arange(geo.rows, device=first.device)[:, None]
-        self._offsets = (rows * length, rows * (length + text), rows[:groups] * length)
-        text_rows = rows * (length + text) + length + torch.arange(text, device=first.device)
-        index = schedule.rows_of(first)
-        image = keep(None if old is None else old.image, (index + self._offsets[0]).view(-1), p)
-        shared = groups != geo.rows
-        out = (first + self._offsets[2]).view(-1)
-        self.step_index = StepIndex(
-            index=keep(None if old is None else old.index, index, p),
-            image=image,
-            joint_image=keep(
-                None if old is None else old.joint_image,
-                (index + self._offsets[1]).view(-1),
-                p,
-            ),
-            joint_text=keep(None if old is None else old.joint_text, text_rows.view(-1), p),
-            out=keep(None if old is None else old.out, out, p) if shared else image,
+        """The step index of this run, from the first selection (at the recording step);
+        updated in place when persistent buffers already hold one of this geometry."""
+        schedule, step = self.schedule, self.step_index
+        if step is not None and step.index.shape == (schedule.geometry.rows, first.shape[1]):
+            step.update(first)
+            return
+        geo, shared = schedule.geometry, schedule.shared_cfg()
+        self.step_index = StepIndex.of(
+            schedule.rows_of(first),
+            geo.tokens,
+            geo.text_tokens,
+            chosen=first if shared else None,
             rows=schedule.driver_slice,
         )
 

@@ -59,10 +59,14 @@ def block_macs(d: int, tokens: int, text: int, computed: int, last: bool, dual: 
     return image + context + attention + modulation
 
 
-def step_macs(dims: ModelDims, tokens: int, text: int, computed: int | None = None) -> int:
-    """MACs of one transformer call for one sample (batch rows multiply it)."""
+def step_macs(
+    dims: ModelDims, tokens: int, text: int, computed: int | None = None, lean: bool = False
+) -> int:
+    """MACs of one transformer call for one sample (batch rows multiply it); `lean`: the
+    output projection runs on the computed tokens only."""
     d = dims.hidden
     computed = tokens if computed is None else computed
+    projected = computed if lean else tokens
     outer = (
         tokens * dims.patch**2 * dims.in_channels * d  # patch embedding
         + text * dims.joint_dim * d  # context embedder
@@ -71,7 +75,7 @@ def step_macs(dims: ModelDims, tokens: int, text: int, computed: int | None = No
         + dims.pooled_dim * d
         + d * d  # time/text embedding
         + d * 2 * d  # final AdaLN
-        + tokens * d * dims.patch**2 * dims.out_channels  # proj_out on every token
+        + projected * d * dims.patch**2 * dims.out_channels  # proj_out
     )
     blocks = sum(
         block_macs(d, tokens, text, computed, last=i == dims.layers - 1, dual=i < dims.dual_layers)
@@ -89,11 +93,12 @@ def run_macs(
     steps: int,
     pruned: int,
     reused: int = 0,
+    lean: bool = False,
 ) -> tuple[int, int]:
     """(MACs of a run with `pruned` of `steps` steps pruned and `reused` not computed at all,
     MACs of the same run unpatched)."""
     full = step_macs(dims, tokens, text)
-    cut = step_macs(dims, tokens, text, budget)
+    cut = step_macs(dims, tokens, text, budget, lean)
     return rows * ((steps - pruned - reused) * full + pruned * cut), rows * steps * full
 
 
@@ -169,6 +174,7 @@ def collect(patch, transformer) -> CATStats:
         stats.steps,
         stats.pruned_steps,
         stats.reused_steps,
+        patch.config.lean,
     )
     stats.cache_bytes = log.cache_bytes
     return stats

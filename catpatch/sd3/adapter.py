@@ -83,13 +83,24 @@ class SD3Adapter:
         for i, block in enumerate(t.transformer_blocks):
             forward = functools.partial(self._block_forward, i, block.forward)
             p.set_attribute(block, "forward", functools.update_wrapper(forward, block.forward))
+        self._compile_regions()
+
+    def _compile_regions(self) -> None:
+        """`compile=`: regional compilation. One compiled function serves every block (dynamo
+        reuses a graph across blocks of the same layout, so compile time does not grow with
+        depth), one the blocks' own forward on full steps, one the selection; the embeddings
+        and hooks between them run eagerly. Nothing is set on the model: removal is free."""
+        self._block_fn, self._observe = cat_block_forward, self.state.observe_output
+        self._full_fn = None
         mode = self.state.config.compile
-        if mode is not None:
-            # What `Module.compile()` does, recorded so that remove_cat undoes it.
-            compiled = torch.compile(
-                t._call_impl, mode=None if mode == "default" else mode, dynamic=False
-            )
-            p.set_attribute(t, "_compiled_call_impl", compiled)
+        if mode is None:
+            return
+        compile_ = functools.partial(
+            torch.compile, mode=None if mode == "default" else mode, dynamic=False
+        )
+        self._block_fn = compile_(cat_block_forward)
+        self._observe = compile_(self.state.observe_output)
+        self._full_fn = compile_(type(self.transformer.transformer_blocks[0]).forward)
 
     def remove(self) -> None:
         self.patches.undo()
@@ -225,7 +236,7 @@ class SD3Adapter:
         state, caches, schedule = self.state, self.state.caches, self.state.schedule
         if schedule.mode in (Mode.PRUNED, Mode.RECORD):
             pruned = schedule.mode is Mode.PRUNED
-            return cat_block_forward(
+            return self._block_fn(
                 self.transformer.transformer_blocks[i],
                 caches.blocks[i],
                 hidden_states,
@@ -236,6 +247,9 @@ class SD3Adapter:
                 keep_all=caches.keep,
                 output_caches=not state.config.lean,
             )
+        block = self.transformer.transformer_blocks[i]
+        if self._full_fn is not None and getattr(original, "__self__", None) is block:
+            original = functools.partial(self._full_fn, block)  # the class forward, compiled
         return original(
             hidden_states=hidden_states,
             encoder_hidden_states=encoder_hidden_states,
@@ -270,4 +284,4 @@ class SD3Adapter:
         state = self.state
         if state.schedule.mode in (Mode.PASS, Mode.FULL):
             return None
-        return state.observe_output(state.schedule.mode, output)
+        return self._observe(state.schedule.mode, output)

@@ -80,12 +80,17 @@ def attention(
         setattr(cache, "key" + slot, keys)
         setattr(cache, "value" + slot, values)
     else:
-        image_rows = step.image if context is None else step.joint_image
-        write_rows(keys, image_rows, k)
-        write_rows(values, image_rows, v)
-        if context is not None:
-            write_rows(keys, step.joint_text, ck)
-            write_rows(values, step.joint_text, cv)
+        if context is None:  # image-only attention: an (R, L, D) cache
+            write_rows(keys, step.image, k)
+            write_rows(values, step.image, v)
+        elif torch.compiler.is_compiling():
+            # one write per cache: a second one makes inductor copy the whole cache
+            write_rows(keys, step.joint.view(-1), torch.cat([k, ck], dim=1))
+            write_rows(values, step.joint.view(-1), torch.cat([v, cv], dim=1))
+        else:  # eager: two writes each, no concatenated temporary
+            for cache_, image_, text_ in ((keys, k, ck), (values, v, cv)):
+                write_rows(cache_, step.joint_image, image_)
+                write_rows(cache_, step.joint_text, text_)
     q, keys, values = (_split_heads(t, heads).transpose(1, 2) for t in (q, keys, values))
     out = F.scaled_dot_product_attention(q, keys, values, dropout_p=0.0)
     out = out.transpose(1, 2).flatten(2).to(q.dtype)

@@ -1,0 +1,212 @@
+"""What a pruned step costs: census targets, memory order, in-place caches, regional compile.
+
+The census runs the real SD3-medium shape on the `meta` device (exact counts, no GPU); the
+inductor checks read the code inductor generates on the CPU, which is the same graph a GPU
+gets up to the kernel language.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+import pytest
+import torch
+from conftest import make_pipe
+from torch._dynamo.utils import counters
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from catpatch import CATConfig, apply_cat, cat_generation, remove_cat
+from catpatch.caches import BlockCache, StepIndex
+from catpatch.census import census
+from catpatch.models.shapes import build_transformer
+from catpatch.patching import get_patch
+from catpatch.schedule import Mode
+from catpatch.sd3 import cat_block_forward, gather_tokens
+
+# sha256[:16] of the final latents of each tiny layout under CAT, made by catpatch 0.1.0 before
+# the pruned step was reworked (contiguous stream, index_copy_ caches, no dead CFG work): the
+# rework must not change a bit. Same call as `_golden_latents`, one thread.
+GOLDEN = {
+    "tiny-sd3/shared": "61ae4df4e93a20a3",
+    "tiny-sd3/per_row": "3848138fbe12a145",
+    "tiny-sd3.5-medium/shared": "9ab15676add499b4",
+    "tiny-sd3.5-medium/per_row": "7c080666a4d2ee10",
+    "tiny-sd3.5-large/shared": "a3c81ed49c35f30d",
+    "tiny-sd3.5-large/per_row": "2647f46c35a67a17",
+}
+
+
+def _golden_latents(pipe, cfg_selection: str) -> torch.Tensor:
+    apply_cat(
+        pipe,
+        CATConfig(keep_ratio=0.3, warmup_steps=4, num_clusters=8, cfg_selection=cfg_selection),
+    )
+    latents = pipe(
+        ["a red circle", "blue square left"], height=128, width=192, num_inference_steps=10,
+        generator=torch.Generator().manual_seed(3), output_type="latent",
+    ).images  # fmt: skip
+    remove_cat(pipe)
+    return latents
+
+
+@pytest.mark.parametrize("shape", ["tiny-sd3", "tiny-sd3.5-medium", "tiny-sd3.5-large"])
+def test_outputs_bit_identical_to_before_the_rework(shape):
+    pipe = make_pipe(shape)
+    for cfg_selection in ("shared", "per_row"):
+        latents = _golden_latents(pipe, cfg_selection)
+        digest = hashlib.sha256(latents.contiguous().numpy().tobytes()).hexdigest()[:16]
+        assert digest == GOLDEN[f"{shape}/{cfg_selection}"], cfg_selection
+
+
+# ---- census at the real SD3-medium size (meta device) ------------------------------------------
+@pytest.fixture(scope="module")
+def sd3_medium():
+    return {lean: census("sd3-medium", 1024, 1024, CATConfig(lean=lean)) for lean in (False, True)}
+
+
+def test_cache_memory_at_sd3_medium_1024(sd3_medium):
+    # bf16, CFG pair, shared selection: was 2.52e9 B (K/V and output caches of both rows)
+    assert sd3_medium[False].cache_bytes <= 1.95e9
+    assert sd3_medium[True].cache_bytes <= 1.35e9
+
+
+def test_pruned_step_traffic_and_flops_at_sd3_medium_1024(sd3_medium):
+    exact, lean = sd3_medium[False], sd3_medium[True]
+    for c in (exact, lean):
+        assert c.full.flops > 0 and 0.34 < c.pruned.flops / c.full.flops < 0.36  # (S+T)/(L+T)
+        assert c.selection.kernels < 80 and c.selection.bytes < 0.001 * c.pruned.bytes
+    # non-GEMM bytes of a pruned step against a full one: was 0.50
+    assert lean.pruned.other_bytes <= 0.40 * lean.full.other_bytes
+    assert exact.pruned.other_bytes <= 0.43 * exact.full.other_bytes
+    # no scatter_ or slice copy into a cache: every cache write is one index_copy_
+    for c in (exact, lean):
+        assert c.pruned.ops["scatter_"] == c.selection.ops["scatter_"]
+        assert c.pruned.ops["copy_"] <= 3  # the step index and the next selection, no cache
+    blocks = 24
+    # eager: image and text K/V apart (no concatenated temporary), then the last output
+    assert lean.pruned.ops["index_copy_"] == 4 * blocks + 1
+    assert exact.pruned.ops["index_copy_"] == 6 * blocks + 2  # + attention / FFN caches, stream
+
+
+# ---- memory order in eager pruned steps ---------------------------------------------------------
+class _ElementwiseOrder(TorchDispatchMode):
+    """Records elementwise ops that read a (R, L, D) operand whose last dim is not dense."""
+
+    ELEMENTWISE = {"add", "add_", "mul", "mul_", "addcmul_", "addcmul", "where", "sub"}
+
+    def __init__(self, tokens: int):
+        super().__init__()
+        self.tokens, self.bad, self.active = tokens, [], False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if self.active and name in self.ELEMENTWISE:
+            for a in args:
+                dense = isinstance(a, torch.Tensor) and a.dim() == 3 and a.shape[1] == self.tokens
+                if dense and not a.is_contiguous():
+                    self.bad.append((name, tuple(a.shape), a.stride()))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("cfg", [False, True])
+def test_pruned_step_reads_no_transposed_operand(cfg):
+    torch.manual_seed(0)
+    model = build_transformer("tiny-sd3.5-medium")
+    apply_cat(model, CATConfig(warmup_steps=2, num_clusters=4))
+    rows = 2
+    inputs = dict(
+        encoder_hidden_states=torch.randn(rows, 9, 64),
+        pooled_projections=torch.randn(rows, 64),
+        timestep=torch.full((rows,), 500.0),
+    )
+    mode = _ElementwiseOrder(tokens=256)
+    # from the patch embedding's output on (the embedding itself is diffusers' own, unpruned)
+    model.pos_embed.register_forward_pre_hook(lambda *_: setattr(mode, "active", False))
+    model.pos_embed.register_forward_hook(lambda *_: setattr(mode, "active", True))
+    with torch.no_grad(), cat_generation(model, 4, cfg=cfg):
+        for step in range(3):
+            if step == 2:
+                with mode:
+                    model(hidden_states=torch.randn(rows, 16, 32, 32), **inputs)
+            else:
+                model(hidden_states=torch.randn(rows, 16, 32, 32), **inputs)
+        assert get_patch(model).state.log.steps[-1].mode is Mode.PRUNED
+    assert not mode.bad, mode.bad
+
+
+# ---- the caches stay in place under inductor --------------------------------------------------
+def test_inductor_updates_the_caches_in_place():
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    block = build_transformer("tiny-sd3").transformer_blocks[1]
+    rows, tokens, text, dim, budget = 2, 64, 7, 32, 19
+    h, ctx, temb = torch.randn(rows, tokens, dim), torch.randn(rows, text, dim), torch.randn(2, 32)
+    cache = BlockCache()
+    with torch.no_grad():
+        cat_block_forward(block, cache, h, ctx, temb)  # the recording step fills it
+        index = torch.stack([torch.randperm(tokens)[:budget].sort().values for _ in range(rows)])
+        step = StepIndex.of(index, tokens, text, h.clone())
+        compiled = torch.compile(cat_block_forward, fullgraph=True, dynamic=False)
+        before = [t.data_ptr() for t in cache.tensors()]
+        x = gather_tokens(h, index)
+        _, codes = run_and_get_code(compiled, block, cache, x, ctx, temb, step)
+    assert [t.data_ptr() for t in cache.tensors()] == before
+    code = "\n".join(codes)
+    # no buffer of a cache's size (K/V: rows x (L+T) x D; outputs: rows x L x D) is allocated
+    sizes = {rows * (tokens + text) * dim, rows * tokens * dim}
+    allocated = re.findall(r"empty_strided\w*\(\(([\d, ]+)\)", code)
+    numels = [eval("*".join(s.replace(" ", "").strip(",").split(","))) for s in allocated]
+    assert not sizes & set(numels), f"a cache-sized temporary: {allocated}"
+    torch._dynamo.reset()
+
+
+# ---- regional compilation -----------------------------------------------------------------------
+def _graphs_of_a_compiled_run(layers: int) -> int:
+    torch._dynamo.reset()
+    model = build_transformer("tiny-sd3", num_layers=layers)
+    apply_cat(model, CATConfig(warmup_steps=2, num_clusters=4, compile="default"))
+    rows = 2
+    inputs = dict(
+        encoder_hidden_states=torch.randn(rows, 9, 64),
+        pooled_projections=torch.randn(rows, 64),
+    )
+    start = counters["stats"]["unique_graphs"]
+    with torch.no_grad(), cat_generation(model, 5):
+        for step in range(5):
+            model(
+                hidden_states=torch.randn(rows, 16, 16, 16),
+                timestep=torch.full((rows,), 900.0 - 100 * step),
+                **inputs,
+            )
+    return counters["stats"]["unique_graphs"] - start
+
+
+def test_regional_compile_graphs_do_not_grow_with_depth():
+    shallow, deep = _graphs_of_a_compiled_run(3), _graphs_of_a_compiled_run(6)
+    torch._dynamo.reset()
+    # full-step block, recording block, pruned block (plain and last layouts) and selection
+    # phases: a fixed set, whatever the depth
+    assert deep == shallow and shallow <= 12, (shallow, deep)
+
+
+def test_cat_generation_cfg_shares_the_conditional_selection():
+    torch.manual_seed(0)
+    model = build_transformer("tiny-sd3")
+    apply_cat(model, CATConfig(warmup_steps=2, num_clusters=4))
+    state = get_patch(model).state
+    rows = 4  # two CFG pairs: [uncond, uncond, cond, cond]
+    inputs = dict(
+        encoder_hidden_states=torch.randn(rows, 9, 64),
+        pooled_projections=torch.randn(rows, 64),
+        timestep=torch.full((rows,), 500.0),
+    )
+    with torch.no_grad(), cat_generation(model, 4, cfg=True):
+        for _ in range(3):
+            model(hidden_states=torch.randn(rows, 16, 16, 16), **inputs)
+        assert state.chosen.shape[0] == 2
+        assert torch.equal(state.index[:2], state.index[2:])
+        assert state.caches.blocks[0].attn.shape[0] == 2  # output caches: conditional rows
+        assert state.caches.blocks[0].key.shape[0] == 4  # K/V: every row
