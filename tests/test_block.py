@@ -11,6 +11,7 @@ from catpatch import CATConfig, apply_cat, cat_generation
 from catpatch.caches import BlockCache, StepIndex
 from catpatch.models.shapes import build_transformer
 from catpatch.patching import get_patch
+from catpatch.schedule import Mode
 from catpatch.sd3 import cat_block_forward, gather_tokens
 
 TOL = dict(atol=2e-5, rtol=1e-4)
@@ -85,14 +86,18 @@ def _attention(q, k, v, heads):
     return (weights @ v).transpose(1, 2).reshape(rows, nq, dim)
 
 
-def _literal_step(model, caches, index, latents, context, pooled, timestep):
+def _literal_step(model, caches, index, latents, context, pooled, timestep, controlnet=None):
     """Spec §3 literally: every token walks the residual stream of every block; only T_s gets
-    Q/K/V, attention output and FFN; the others read the per-block output caches."""
+    Q/K/V, attention output and FFN; the others read the per-block output caches, which this
+    function updates in place (`caches[i].attn/ff/attn2`) as the spec does. `controlnet`:
+    ControlNet residuals, added to every token after every block but the last (as diffusers
+    does for the unpruned model)."""
     x = model.pos_embed(latents)
     temb = model.time_text_embed(timestep, pooled)
     c = model.context_embedder(context)
     h = x
-    for block, cache in zip(model.transformer_blocks, caches, strict=True):
+    blocks = model.transformer_blocks
+    for i, (block, cache) in enumerate(zip(blocks, caches, strict=True)):
         attn = block.attn
         heads = attn.heads
         dual = block.use_dual_attention
@@ -144,6 +149,8 @@ def _literal_step(model, caches, index, latents, context, pooled, timestep):
             c = c + cg_msa[:, None] * attn.to_add_out(out[:, s:])
             mc = block.norm2_context(c) * (1 + c_scale[:, None]) + c_shift[:, None]
             c = c + cg_mlp[:, None] * block.ff_context(mc)
+        if controlnet is not None and not block.context_pre_only:
+            h = h + controlnet[int(i / (len(blocks) / len(controlnet)))]
     return h, temb
 
 
@@ -188,3 +195,77 @@ def test_pruned_step_matches_literal_spec(shape):
     expected = _scatter(finals[3], index, gather_tokens(raw, index))
     torch.testing.assert_close(finals[4], expected, atol=1e-4, rtol=1e-4)
     assert not torch.allclose(finals[4], raw)
+
+
+def _run_to_pruned_step(shape, controlnet_blocks=0, steps=5, seed=1):
+    """A bare transformer (no CFG: every row drives its own selection) through `steps` calls
+    with warm-up 3; returns what the last (pruned) call saw and did, and the literal spec's
+    dense stream and caches for the same call."""
+    torch.manual_seed(seed)
+    model = build_transformer(shape)
+    apply_cat(model, CATConfig(keep_ratio=0.3, warmup_steps=3, num_clusters=6))
+    state = get_patch(model).state
+    rows, tokens, dim = 3, 64, model.inner_dim
+    inputs = dict(
+        encoder_hidden_states=torch.randn(rows, 9, 64),
+        pooled_projections=torch.randn(rows, 64),
+    )
+    seen = {}
+    model.norm_out.register_forward_pre_hook(lambda m, a: seen.update(dense=a[0].clone()))
+    with torch.no_grad(), cat_generation(model):
+        for step in range(steps):
+            latents = torch.randn(rows, 16, 16, 16)
+            timestep = torch.full((rows,), 1000.0 - 150 * step)
+            controlnet = [torch.randn(rows, tokens, dim) for _ in range(controlnet_blocks)]
+            if step == steps - 1:
+                before = copy.deepcopy(state.caches.blocks)
+                index = state.schedule.rows_of(state.chosen).clone()
+            model(
+                hidden_states=latents,
+                timestep=timestep,
+                block_controlnet_hidden_states=controlnet or None,
+                **inputs,
+            )
+        assert state.log.steps[-1].mode is Mode.PRUNED
+        after = [copy.copy(c) for c in state.caches.blocks]  # before the run's end frees them
+        expected = copy.deepcopy(before)
+        dense, _ = _literal_step(
+            model, expected, index, latents, inputs["encoder_hidden_states"],
+            inputs["pooled_projections"], timestep, controlnet or None,
+        )  # fmt: skip
+    return dict(seen=seen, before=before, after=after, expected=expected, dense=dense, index=index)
+
+
+@pytest.mark.parametrize("shape", ["tiny-sd3", "tiny-sd3.5-medium"])
+def test_pruned_step_writes_the_output_caches(shape):
+    """After a pruned step, every block's attention / FFN output caches (and SD3.5's second
+    attention) hold this step's outputs for the computed tokens and the old ones elsewhere,
+    exactly as the literal spec recomputes them. A pruned step that stops writing them would
+    let the next step's unselected tokens read outputs two steps old."""
+    run = _run_to_pruned_step(shape)
+    index, checked = run["index"], 0
+    for i, (old, new, want) in enumerate(
+        zip(run["before"], run["after"], run["expected"], strict=True)
+    ):
+        for name in ("attn", "ff", "attn2"):
+            expected = getattr(want, name)
+            if expected is None:
+                continue
+            got = getattr(new, name).reshape(expected.shape)
+            torch.testing.assert_close(
+                got, expected, atol=1e-4, rtol=1e-4,
+                msg=lambda m, i=i, name=name: f"block {i} cache {name}: {m}",
+            )  # fmt: skip
+            # and the check has teeth: the computed tokens' entries did change this step
+            moved = gather_tokens(got, index) != gather_tokens(getattr(old, name), index)
+            assert moved.any(-1).all(), f"block {i} cache {name}: computed tokens unchanged"
+            checked += 1
+    assert checked == {"tiny-sd3": 8, "tiny-sd3.5-medium": 10}[shape]
+
+
+def test_controlnet_residuals_reach_every_token_on_pruned_steps():
+    """ControlNet residuals enter the dense residual stream of all L tokens on a pruned step,
+    not only the computed ones: the unselected tokens' estimate (and so the next selection's
+    drift) must see the control as the unpruned model would."""
+    run = _run_to_pruned_step("tiny-sd3", controlnet_blocks=2)
+    torch.testing.assert_close(run["seen"]["dense"], run["dense"], atol=1e-4, rtol=1e-4)

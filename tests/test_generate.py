@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +26,7 @@ from catpatch.cli.generate import (
     read_prompts,
     run,
 )
+from catpatch.cli.generate.manifest import read_records
 from catpatch.cli.generate.pipeline import _cat_config
 
 FAST = dict(size=(64, 64), steps=6, warmup_steps=2, num_clusters=4, progress=False)
@@ -141,6 +144,95 @@ def test_resume_makes_only_missing_images(model_dir, tmp_path):
 
     again = run(job, on_image=never)
     assert (again.skipped, again.generated) == (6, 0) and len(manifest(out)) == 6
+
+
+def test_resume_after_a_crash_between_a_png_and_its_line(model_dir, tmp_path, monkeypatch):
+    """The narrowest crash window: the PNG is on disk, its manifest line is not. The re-run
+    must make that image again (a PNG without a line is not done) and record it once."""
+    from catpatch.cli.generate import loop
+
+    out = tmp_path / "run"
+    prompts = ["a red circle", "a blue square"]
+    job = settings(model_dir, out, prompts=prompts, images_per_prompt=2)
+    every = [f"{i:05d}_{j:03d}.png" for i in range(2) for j in range(2)]
+
+    class Killed(Exception):
+        pass
+
+    append, lines = loop._append, []
+
+    def append_until_third(path, record):
+        if len(lines) == 2:
+            raise Killed  # the third PNG is written, its line never is
+        lines.append(record["file"])
+        append(path, record)
+
+    monkeypatch.setattr(loop, "_append", append_until_third)
+    with pytest.raises(Killed):
+        run(job)
+    monkeypatch.setattr(loop, "_append", append)
+    assert sorted(p.name for p in out.glob("*.png")) == every[:3] and lines == every[:2]
+
+    remade: list[str] = []
+    result = run(job, on_image=lambda record: remade.append(record["file"]))
+    assert remade == every[2:], "the PNG without a manifest line must be made again"
+    assert (result.skipped, result.generated, result.missing) == (2, 2, [])
+    assert [r["file"] for r in manifest(out)] == every
+    whole = tmp_path / "whole"
+    run(settings(model_dir, whole, prompts=prompts, images_per_prompt=2))
+    resumed, reference = pixels(out), pixels(whole)
+    assert all(np.array_equal(resumed[n], reference[n]) for n in every)
+
+
+def test_resume_after_sigkill(model_dir, tmp_path, capsys):
+    """`catpatch generate` killed with SIGKILL (no Python cleanup, no exception handler) as
+    soon as its first PNG exists, then the same command again: every image exactly once in
+    the manifest, no shard or temp file left, pixels equal to an uninterrupted run's."""
+    from catpatch.cli import main as catpatch_main
+
+    prompts = ["a red circle", "a blue square", "a green cross"]
+    out = tmp_path / "killed"
+    args = ["generate", "--model", model_dir]
+    for prompt in prompts:
+        args += ["--prompt", prompt]
+    args += [
+        "--images-per-prompt", "2", "--out", str(out), "--size", "64x64", "--steps", "12",
+        "--warmup-steps", "2", "--num-clusters", "4", "--device", "cpu", "--no-progress",
+    ]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    every = [f"{i:05d}_{j:03d}.png" for i in range(3) for j in range(2)]
+
+    command = [sys.executable, "-m", "catpatch", *args]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(out.glob("*.png")) and process.poll() is None:
+            assert time.monotonic() < deadline, "no image after 120 s"
+            time.sleep(0.005)
+        os.kill(process.pid, signal.SIGKILL)
+    finally:
+        process.kill()
+        _, err = process.communicate()
+    assert process.returncode == -signal.SIGKILL, f"not killed mid-run: {err[-2000:]!r}"
+    made = sorted(p.name for p in out.glob("*.png"))
+    assert made and len(made) < len(every), made
+    assert not (out / MANIFEST).exists(), "a killed run cannot have merged its manifest"
+    # the kill may land between a PNG and its line: only recorded images count as done
+    recorded = [f for f in read_records(out) if (out / f).is_file()]
+
+    capsys.readouterr()
+    assert catpatch_main(args) == 0  # the same command again (in this process: faster)
+    printed, k = capsys.readouterr().out, len(recorded)
+    assert f"6 of 6 images in {out} ({k} already there, {6 - k} made" in printed, printed
+    records = manifest(out)
+    assert [r["file"] for r in records] == every, "each image exactly once, in order"
+    assert sorted(p.name for p in out.glob("*.png")) == every
+    assert not list(out.glob("manifest.rank*")) and not list(out.glob(".*.tmp"))
+
+    whole = tmp_path / "whole"
+    run(settings(model_dir, whole, prompts=prompts, images_per_prompt=2, steps=12, device="cpu"))
+    resumed, reference = pixels(out), pixels(whole)
+    assert all(np.array_equal(resumed[n], reference[n]) for n in every), "resumed != whole"
 
 
 def free_port() -> int:

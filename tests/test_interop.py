@@ -136,8 +136,14 @@ def test_cpu_offload_hooks_and_cat(offload, order):
     np.testing.assert_allclose(generate(pipe), generate(make_pipe()), atol=1e-5)
 
 
-def _controlnet_pipe():
-    from diffusers import SD3ControlNetModel, StableDiffusion3ControlNetPipeline
+def _controlnet_pipe(inpaint: bool = False):
+    """A tiny SD3 ControlNet pipeline; `inpaint`: the ControlNet-inpainting one (its
+    ControlNet takes the masked image latents plus the mask: one extra input channel)."""
+    from diffusers import (
+        SD3ControlNetModel,
+        StableDiffusion3ControlNetInpaintingPipeline,
+        StableDiffusion3ControlNetPipeline,
+    )
 
     from catpatch.models.shapes import transformer_config
 
@@ -145,14 +151,17 @@ def _controlnet_pipe():
     torch.manual_seed(3)
     config = transformer_config("tiny-sd3")
     controlnet = SD3ControlNetModel(
-        num_layers=2, **{k: config[k] for k in (
+        num_layers=2, extra_conditioning_channels=int(inpaint), **{k: config[k] for k in (
             "sample_size", "patch_size", "in_channels", "attention_head_dim",
             "num_attention_heads", "joint_attention_dim", "caption_projection_dim",
             "pooled_projection_dim", "out_channels", "pos_embed_max_size")},
     ).eval()  # fmt: skip
     for p in controlnet.parameters():  # ControlNet output layers start at zero: wake them up
         p.data.normal_(0, 0.05)
-    pipe = StableDiffusion3ControlNetPipeline(**base.components, controlnet=controlnet)
+    cls = StableDiffusion3ControlNetPipeline
+    if inpaint:
+        cls = StableDiffusion3ControlNetInpaintingPipeline
+    pipe = cls(**base.components, controlnet=controlnet)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -177,3 +186,30 @@ def test_controlnet_pipeline():
     assert np.abs(pruned - off).max() > 1e-3, "the ControlNet does nothing on pruned steps"
     remove_cat(pipe)
     np.testing.assert_array_equal(generate_control(pipe, **control), base)
+
+
+def test_controlnet_inpainting_pipeline_three_way():
+    """StableDiffusion3ControlNetInpaintingPipeline: unpatched a, patched b, removed c."""
+    pipe = _controlnet_pipe(inpaint=True)
+    mask = torch.zeros(1, 1, 128, 128)
+    mask[..., 32:96, 48:112] = 1.0
+    image = torch.rand(1, 3, 128, 128, generator=torch.Generator().manual_seed(2))
+    control = dict(control_image=image, control_mask=mask, controlnet_conditioning_scale=1.0)
+
+    def run(**changes):
+        torch.manual_seed(0)  # the pipeline encodes the control image without a generator
+        return generate(pipe, **{**control, **changes})
+
+    a = run()
+    assert np.abs(a - run(controlnet_conditioning_scale=0.0)).max() > 1e-3, "inert ControlNet"
+    apply_cat(pipe, CFG)
+    b = run()
+    stats = cat_stats(pipe)
+    off = run(controlnet_conditioning_scale=0.0)
+    remove_cat(pipe)
+    c = run()
+    np.testing.assert_array_equal(a, c)  # removed: the unpatched pipeline bit for bit
+    assert np.abs(a - b).max() > 1e-4 and np.isfinite(b).all()
+    assert np.abs(b - off).max() > 1e-3, "the ControlNet does nothing on pruned steps"
+    assert (stats.steps, stats.pruned_steps, stats.rows) == (10, 6, 2)
+    assert stats.budget == 76 and 0 < stats.computed_fraction < 1 and stats.macs_ratio < 1

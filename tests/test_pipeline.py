@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import SHAPES, generate, make_pipe
-from diffusers import StableDiffusion3Img2ImgPipeline
+from diffusers import StableDiffusion3Img2ImgPipeline, StableDiffusion3InpaintPipeline
 
 from catpatch import CATConfig, apply_cat, cat_stats, remove_cat
 from catpatch.patching import get_patch
@@ -32,13 +32,22 @@ def _instance_state(pipe) -> dict:
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("img2img", [False, True])
-def test_three_way(shape, img2img):
-    cls = StableDiffusion3Img2ImgPipeline if img2img else None
+@pytest.mark.parametrize("kind", ["text2img", "img2img", "inpaint"])
+def test_three_way(shape, kind):
+    cls = {
+        "text2img": None,
+        "img2img": StableDiffusion3Img2ImgPipeline,
+        "inpaint": StableDiffusion3InpaintPipeline,
+    }[kind]
     pipe = make_pipe(shape, cls)
     kwargs = dict(num_inference_steps=12)
-    if img2img:
-        kwargs.update(image=torch.rand(1, 3, 128, 128), strength=0.9, num_inference_steps=14)
+    if kind != "text2img":
+        image = torch.rand(1, 3, 128, 128, generator=torch.Generator().manual_seed(1))
+        kwargs.update(image=image, strength=0.9, num_inference_steps=14)
+    if kind == "inpaint":
+        mask = torch.zeros(1, 1, 128, 128)
+        mask[..., 32:96, 16:80] = 1.0  # repaint a square, keep the rest
+        kwargs.update(mask_image=mask)
     a = generate(pipe, **kwargs)
     before = _instance_state(pipe)  # after a call: the pipeline sets its own attributes
     apply_cat(pipe, CFG)
@@ -53,6 +62,32 @@ def test_three_way(shape, img2img):
     assert stats.steps == steps and stats.pruned_steps == steps - CFG.warmup_steps
     assert stats.tokens == 256 and stats.budget == int(0.3 * 256)
     assert stats.computed_fraction < 1.0 and stats.macs < stats.macs_unpatched
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_half_precision(dtype):
+    """CAT in bf16 / fp16 (the GPU dtypes) on the CPU: outputs stay finite and in the model's
+    dtype, keep_ratio=1.0 equals the unpatched model within the dtype's precision, and
+    remove_cat restores it bit for bit. Compared on the final latents (a half-precision VAE
+    is slow on the CPU and adds nothing here)."""
+    pipe = make_pipe().to(dtype)
+    kwargs = dict(num_inference_steps=8, output_type="latent")
+    tol = {torch.bfloat16: 5e-2, torch.float16: 5e-3}[dtype]
+    a = generate(pipe, **kwargs)
+    apply_cat(pipe, CFG.replace(keep_ratio=1.0))
+    exact = generate(pipe, **kwargs)
+    apply_cat(pipe, CFG)
+    b = generate(pipe, **kwargs)
+    stats = cat_stats(pipe)
+    remove_cat(pipe)
+    c = generate(pipe, **kwargs)
+    assert a.dtype == b.dtype == exact.dtype == dtype
+    assert torch.isfinite(b).all() and torch.isfinite(exact).all()
+    torch.testing.assert_close(exact, a, atol=tol, rtol=tol)
+    assert torch.equal(a, c), "removed patch must give the unpatched latents bit for bit"
+    change = (b - a).float().norm() / a.float().norm()
+    assert change > 0.01, f"pruning changed the latents by {change:.1%} only"
+    assert stats.pruned_steps == 4 and stats.budget == 76
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -254,6 +289,46 @@ def test_apply_twice_replaces_without_stacking(pipe):
     remove_cat(pipe)  # no-op
     assert len(pipe.transformer._forward_pre_hooks) == 0
     assert "progress_bar" not in vars(pipe)
+
+
+def test_remove_cat_keeps_the_users_own_hooks(pipe):
+    """Hooks a user put on the modules CAT hooks (transformer, pos_embed, norm_out, proj_out,
+    a block), before and after apply_cat, with and without kwargs: all still registered
+    after remove_cat, and all firing, while patched and after. Counting hooks is not enough:
+    removing the user's hook instead of ours keeps the count."""
+    t = pipe.transformer
+    modules = {
+        "transformer": t, "pos_embed": t.pos_embed, "norm_out": t.norm_out,
+        "proj_out": t.proj_out, "block": t.transformer_blocks[1],
+    }  # fmt: skip
+    fired: dict[str, int] = {}
+    handles = {}
+
+    def register(when: str) -> None:
+        for name, module in modules.items():
+            for kind in ("pre", "post"):
+                key = f"{when}/{name}/{kind}"
+                fire = lambda *args, key=key: fired.update({key: fired.get(key, 0) + 1})  # noqa: E731
+                kwargs = dict(with_kwargs=True) if name == "transformer" else {}
+                hook = module.register_forward_pre_hook if kind == "pre" else None
+                hook = hook or module.register_forward_hook
+                handles[key] = (module, kind, hook(fire, **kwargs))
+
+    register("before")
+    apply_cat(pipe, CFG)
+    register("after")
+    generate(pipe, num_inference_steps=6)
+    assert sorted(fired) == sorted(handles), "a user hook did not fire while patched"
+    assert len(set(fired.values())) == 1, f"user hooks fired unevenly while patched: {fired}"
+    remove_cat(pipe)
+    for key, (module, kind, handle) in handles.items():
+        hooks = module._forward_pre_hooks if kind == "pre" else module._forward_hooks
+        assert handle.id in hooks, f"remove_cat removed the user's hook {key}"
+    counts = {n: (len(m._forward_pre_hooks), len(m._forward_hooks)) for n, m in modules.items()}
+    assert counts == dict.fromkeys(modules, (2, 2)), f"CAT's hooks left behind: {counts}"
+    fired.clear()
+    generate(pipe, num_inference_steps=2)
+    assert fired == {key: 2 for key in handles}, "user hooks do not fire after remove_cat"
 
 
 def test_remove_on_unpatched_is_noop(pipe):

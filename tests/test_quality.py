@@ -3,9 +3,9 @@
 The floors come from the quality study (`catpatch study`, README "Quality"): on these four
 evaluation captions CAT measured 30.7-37.2 dB PSNR against the unpatched images (mean 33.4);
 the floors leave about 3 dB of margin, so a change that breaks the pruned path (wrong cache,
-wrong selection, stale reference) fails here. CAT also measured 1.6 dB above random selection
-at the same budget on them (random: 30.1-34.4 dB): a selection that degrades to no better than
-random fails too.
+wrong selection, stale reference) fails here. CAT also measured 1.7 dB above random selection
+at the same budget on them (random: 30.1-34.4 dB): a selection that falls to within 1 dB of
+random fails too, and so does one that is the staleness-only ablation under another name.
 """
 
 from __future__ import annotations
@@ -18,6 +18,9 @@ from catpatch.cli.study import fidelity
 
 FLOOR_EACH_DB = 27.5
 FLOOR_MEAN_DB = 30.5
+# CAT over random selection, mean PSNR: the study has +2.0 to +3.9 dB over 64 captions, these
+# four measure +1.7 dB (CAT 33.4, random 31.8).
+RANDOM_MARGIN_DB = 1.0
 
 
 @pytest.fixture(scope="module")
@@ -30,12 +33,14 @@ def runs():
     stats = cat_stats(pipe)
     apply_cat(pipe, CATConfig(keep_ratio=0.3, selection="random"))
     random = toy.generate(pipe, prompts, batch_size=4)
+    apply_cat(pipe, CATConfig(keep_ratio=0.3, selection="stale"))
+    stale = toy.generate(pipe, prompts, batch_size=4)
     remove_cat(pipe)
-    return base, cat, stats, random
+    return base, cat, stats, random, stale
 
 
 def test_cat_stays_close_to_unpatched(runs):
-    base, cat, stats, _ = runs
+    base, cat, stats, _, _ = runs
     assert stats.steps == 28 and stats.pruned_steps == 20 and stats.budget == 76
     psnr, ssim = fidelity(cat, base)
     assert np.all(psnr >= FLOOR_EACH_DB), psnr
@@ -45,5 +50,19 @@ def test_cat_stays_close_to_unpatched(runs):
 
 
 def test_cat_beats_random_selection_at_the_same_budget(runs):
-    base, cat, _, random = runs
-    assert fidelity(cat, base)[0].mean() > fidelity(random, base)[0].mean() + 0.5
+    base, cat, _, random, _ = runs
+    cat_db, random_db = fidelity(cat, base)[0].mean(), fidelity(random, base)[0].mean()
+    assert cat_db > random_db + RANDOM_MARGIN_DB, (cat_db, random_db)
+
+
+def test_cat_is_not_staleness_only(runs):
+    """CAT's images differ from the staleness-only ablation's at the same budget.
+
+    Not a ranking: on this toy model staleness-only is the better of the two (+1.5 to
+    +1.9 dB over CAT in the study, +2.1 dB on these four captions), so asserting CAT > stale
+    would be false. What is asserted is that CAT's drift and cluster quota change what is
+    computed; `test_selection.py::test_cat_policy_picks_what_the_spec_says` checks what it
+    picks on hand-made fields."""
+    _, cat, _, _, stale = runs
+    per_image = np.abs(cat - stale).reshape(len(cat), -1).max(1)
+    assert np.all(per_image > 1e-2), f"CAT's images equal staleness-only's: {per_image}"

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from catpatch import CATConfig, policies
 from catpatch.policies import cat, clustering, noise, random, ranking, stale
+from catpatch.schedule import Geometry
 
 
 def _valid(index: torch.Tensor, budget: int, tokens: int) -> None:
@@ -148,3 +150,56 @@ def test_cluster_scores_adjacency_and_smoothing():
     smoothed = clustering.smooth_scores(s, adjacency)
     assert smoothed[0].tolist() == [1 + 2 + 2, 2 + 1 + 1, 4.0]
     assert smoothed[1].tolist() == [1 + 2 + 2, 2 + 2.5 + 4, 4 + 2 + 2]
+
+
+# ---- what CAT picks, by the specification, on hand-made fields --------------------------------
+def _spots(height: int = 16, width: int = 16, features: int = 4):
+    """Drift confined to two 3 x 3 spots: a hot one in the top-left corner, a weaker one in the
+    bottom-right; every token's drift is distinct (hot spot 10..18, weak spot 2..2.8, a faint
+    gradient elsewhere) so each rank is unambiguous."""
+    tokens = height * width
+    magnitude = 1e-3 * torch.arange(tokens, 0, -1, dtype=torch.float32)
+    hot = [r * width + c for r in range(3) for c in range(3)]
+    weak = [(height - 1 - r) * width + (width - 1 - c) for r in range(3) for c in range(3)]
+    magnitude[hot] = 10.0 + torch.arange(9.0)
+    magnitude[weak] = 2.0 + 0.1 * torch.arange(9.0)
+    direction = torch.zeros(features)
+    direction[0] = 1.0
+    return magnitude[None, :, None] * direction, hot, weak
+
+
+def test_cat_policy_picks_what_the_spec_says():
+    """Through the registry, as a run uses it: after the first selection, a pruned step's
+    selection holds the 3k top-drift tokens of the best cluster and the 2k of the second
+    (spec §3 step 3, even though they were just computed), and the stalest tokens elsewhere
+    (step 4) — so it is not the staleness-only selection, which never revisits them."""
+    config = CATConfig(keep_ratio=0.25, num_clusters=4, cluster_feature_scale=0.0)
+    geometry = Geometry(1, 16, 16, 9, torch.device("cpu"), torch.float32)
+    budget = config.budget(geometry.tokens)
+    cluster_budget = int(config.cluster_fraction * budget)
+    quotas, _ = cat.cluster_quotas(config.num_clusters, budget, config.cluster_quota)
+    assert (budget, cluster_budget, quotas[:2]) == (64, 16, [9, 6])
+    policy, _ = policies.build(config)
+    policy.prepare(geometry, budget)
+    drift, hot, weak = _spots()
+    policy.observe_reference(torch.zeros_like(drift))
+    first = policy.first(drift)
+    _valid(first, budget, geometry.tokens)
+    assert set(hot) <= set(first[0].tolist()), "first selection: the hot spot is missing"
+
+    chosen = policy.next(drift, first)
+    _valid(chosen, budget, geometry.tokens)
+    picked = set(chosen[0].tolist())
+    assert set(hot) <= picked, "the best cluster's 3k top-drift tokens are missing"
+    assert set(weak[-6:]) <= picked, "the second cluster's 2k top-drift tokens are missing"
+    # f after this step: 1 for the first selection's tokens, 0 for all others
+    recency = torch.zeros(1, geometry.tokens).scatter_(1, first, 1.0)
+    revisited = {t for t in picked if recency[0, t] > 0}
+    assert revisited == set(hot) | set(weak[-6:]), "cluster quota: only the drift picks"
+    assert len(revisited) <= cluster_budget
+    # the rest are the stalest tokens (f = 0); catpatch breaks their ties by larger drift
+    stalest = [t for t in drift[0, :, 0].argsort(descending=True).tolist() if recency[0, t] == 0]
+    assert set(stalest[: budget - cluster_budget - 1]) <= picked, "stalest tokens missing"
+    staleness_only = set(stale.stale_selection(recency, budget)[0].tolist())
+    assert not staleness_only & (set(hot) | set(weak)), "staleness-only revisits no spot"
+    assert picked != staleness_only

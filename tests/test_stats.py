@@ -84,6 +84,10 @@ def test_macs_match_flop_counter(shape):
             counted.append(counter.get_total_flops() / 2)  # FLOPs -> MACs
     full = rows * step_macs(dims, tokens, text)
     pruned = rows * step_macs(dims, tokens, text, config.budget(tokens))
-    assert counted[0] == pytest.approx(full, rel=0.10)
-    assert counted[2] == pytest.approx(pruned, rel=0.10)
+    # The cost model is exact for the matrix products torch counts (ratio 1.000 on both
+    # layouts): 1% catches a pruned step that does a few percent of extra work.
+    steps = zip(("reference", "recording", "pruned"), counted, (full, full, pruned), strict=True)
+    for step, got, model_macs in steps:
+        ratio = got / model_macs
+        assert ratio == pytest.approx(1.0, abs=0.01), f"{step} step: {ratio:.3f}x the cost model"
     assert counted[2] < 0.7 * counted[0]

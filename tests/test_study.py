@@ -44,3 +44,26 @@ def test_tiny_study_run(tmp_path):
     again = run_study(tmp_path, images=2, batch_size=2, runs=runs, log=logged.append)
     assert [r.psnr for r in again] == [r.psnr for r in rows]
     assert not any("PSNR" in line for line in logged)
+
+
+def test_study_command_quick_end_to_end(tmp_path, capsys):
+    """`catpatch study --quick` as a user runs it (the smallest image count it accepts): the
+    unpatched reference and the five equal-MACs methods at 28 steps, α 0.3, on the toy."""
+    from catpatch.cli import main
+
+    out = tmp_path / "study"
+    assert main(["study", "--quick", "--images", "1", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    with open(out / "study.csv") as f:
+        rows = list(csv.DictReader(f))
+    methods = ["unpatched", "cat", "random", "noise", "stale", "step"]
+    assert [r["method"] for r in rows] == methods
+    assert {(r["steps"], r["keep_ratio"]) for r in rows[1:]} == {("28", "0.3")}
+    macs = {r["method"]: float(r["macs_ratio"]) for r in rows}
+    assert macs["unpatched"] == 1.0 and 0.7 < macs["cat"] < 0.8
+    assert all(abs(macs[m] - macs["cat"]) < 0.01 for m in methods[1:]), "not equal MACs"
+    psnr = {r["method"]: float(r["psnr"]) for r in rows[1:]}
+    assert all(15 < v < 80 for v in psnr.values()), psnr
+    for name in ("study.csv", "study.md", "study.png", "study.json", "rows.jsonl"):
+        assert (out / name).stat().st_size > 0
+    assert "| 28 | cat | 0.3 | 8 | 20 |" in printed  # the table is printed
