@@ -210,3 +210,16 @@ def test_cat_generation_cfg_shares_the_conditional_selection():
         assert torch.equal(state.index[:2], state.index[2:])
         assert state.caches.blocks[0].attn.shape[0] == 2  # output caches: conditional rows
         assert state.caches.blocks[0].key.shape[0] == 4  # K/V: every row
+
+
+def test_census_command_prints_every_phase(capsys):
+    import json
+
+    from catpatch.cli import main
+
+    assert main(["census", "--shape", "tiny-sd3", "--size", "128x128", "--json", "--lean"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["cache_bytes"] > 0
+    for phase in ("full", "record", "pruned", "selection"):
+        assert result[phase]["kernels"] > 0 and result[phase]["bytes"] > 0
+    assert result["pruned"]["flops"] < result["full"]["flops"]

@@ -138,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="catpatch", description="CAT pruning for Stable Diffusion 3 pipelines"
     )
     sub = parser.add_subparsers(dest="command", required=True)
+    from .census import add_parser as add_census
     from .evaluate import add_parser as add_eval
     from .generate import add_parser as add_generate
 
@@ -146,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval(sub)
     _bench_parser(sub)
     _study_parser(sub)
+    add_census(sub)
     return parser
 
 

@@ -161,12 +161,13 @@ class Loop:
         self.forward = transformer
 
     def __call__(self) -> torch.Tensor:
-        compiled = vars(self.transformer).pop("_compiled_call_impl", None) if self.eager else None
+        modules = self.transformer.modules() if self.eager else ()
+        compiled = {m: vars(m).pop("_compiled_call_impl") for m in modules if _compiled(m)}
         try:
             return self._denoise()
         finally:
-            if compiled is not None:
-                self.transformer._compiled_call_impl = compiled
+            for module, call in compiled.items():
+                module._compiled_call_impl = call
 
     def _denoise(self) -> torch.Tensor:
         s = self.settings
@@ -189,6 +190,10 @@ class Loop:
                     out = uncond + 7.0 * (cond - uncond)
                 latents = self.scheduler.step(out, t, latents, return_dict=False)[0]
         return latents
+
+
+def _compiled(module) -> bool:
+    return "_compiled_call_impl" in vars(module)
 
 
 class _nothing:
@@ -264,11 +269,12 @@ def run(settings: BenchSettings) -> BenchResult:
     base = load_transformer(settings)
     patched = copy.deepcopy(base)
     if settings.compile != "none":
-        # The same compile settings on both sides: in place, one graph per phase for CAT
-        # (CATConfig.compile, with persistent buffers), the whole forward for the baseline.
+        # The same compile settings on both sides: regional (per block) compilation, CAT's
+        # (CATConfig.compile, with persistent buffers) and each block of the baseline in place.
         config = config.replace(compile=settings.compile)
         mode = None if settings.compile == "default" else settings.compile
-        base.compile(mode=mode, dynamic=False)
+        for block in base.transformer_blocks:
+            block.compile(mode=mode, dynamic=False)
     apply_cat(patched, config)
     loops = {"unpatched": Loop(base, settings), "patched": Loop(patched, settings)}
     if settings.compile != "none":  # also the plain eager pipeline a user starts from

@@ -1,0 +1,74 @@
+"""`catpatch census`: kernels, bytes moved and FLOPs of a full and a pruned step, no GPU needed.
+
+    catpatch census --shape sd3-medium --size 1024x1024            # exact CAT, CFG pair, bf16
+    catpatch census --shape sd3.5-large --size 1024x1024 --lean
+
+Builds the named transformer shape on the `meta` device at its real size and counts what one
+full, one recording and one pruned step dispatch (see `catpatch.census`): the tool to check a
+change to the pruned step before any GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    from ..config import CATConfig
+    from ..dtypes import DTYPE_NAMES
+    from ..models.shapes import SHAPES
+    from .generate import parse_size
+
+    default = CATConfig()
+    p = subparsers.add_parser(
+        "census",
+        help="count kernels, bytes and FLOPs of a full and a pruned step (meta device)",
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--shape", default="sd3-medium", choices=sorted(SHAPES), help="model shape")
+    p.add_argument("--size", default="1024x1024", type=parse_size, help="HEIGHTxWIDTH in pixels")
+    p.add_argument("--batch", type=int, default=1, help="images per call")
+    p.add_argument("--no-cfg", action="store_true", help="no classifier-free guidance pair")
+    p.add_argument("--text-tokens", type=int, default=333, help="text tokens T (CLIP + T5)")
+    p.add_argument("--dtype", default="bf16", choices=sorted(DTYPE_NAMES), help="weights dtype")
+    p.add_argument("--keep-ratio", type=float, default=default.keep_ratio, help="α")
+    p.add_argument("--lean", action="store_true", help="CATConfig(lean=True)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=command)
+    return p
+
+
+def command(args: argparse.Namespace) -> int:
+    from ..census import census
+    from ..config import CATConfig
+    from ..dtypes import torch_dtype
+
+    height, width = args.size
+    result = census(
+        args.shape,
+        height,
+        width,
+        CATConfig(keep_ratio=args.keep_ratio, lean=args.lean),
+        batch=args.batch,
+        cfg=not args.no_cfg,
+        text_tokens=args.text_tokens,
+        dtype=torch_dtype(args.dtype),
+    )
+    if args.json:
+        phases = ("full", "record", "pruned", "selection")
+        counts = {
+            name: {
+                "kernels": getattr(result, name).kernels,
+                "bytes": getattr(result, name).bytes,
+                "other_bytes": getattr(result, name).other_bytes,
+                "flops": getattr(result, name).flops,
+            }
+            for name in phases
+        }
+        print(json.dumps({"shape": args.shape, "cache_bytes": result.cache_bytes, **counts}))
+    else:
+        print(f"{args.shape} {height}x{width}, {result.rows} rows, {args.dtype}, {result.config!r}")
+        print(result.table())
+    return 0
