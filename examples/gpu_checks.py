@@ -6,8 +6,9 @@
 1. `sync`: a pruned step of an SD3-medium-shaped transformer (1024², bf16) runs under
    `torch.cuda.set_sync_debug_mode("error")`: no host sync in the per-step path.
 2. bench rows (`catpatch bench`, random weights, 1024², batch 1 + CFG = 2 rows, bf16, 28 steps,
-   α 0.3, t0 8): SD3-medium and SD3.5-large, eager and with CUDA graphs ("reduce-overhead" on
-   both sides; the row also times the plain eager baseline), and SD3-medium compiled "default".
+   α 0.3, t0 8): SD3-medium and SD3.5-large, exact and lean, eager and with CUDA graphs
+   ("reduce-overhead", regional compilation on both sides; the row also times the plain eager
+   baseline), and SD3-medium compiled "default".
 Each result is appended to OUT/results.jsonl as soon as it exists, so a run cut short still
 leaves what it measured (run each row in its own process, under `timeout`, to bound them).
 """
@@ -38,11 +39,15 @@ BASE = BenchSettings(
     device="cuda",
     repeats=3,
 )
-ROWS = {
+LARGE = replace(BASE, shape="sd3.5-large")
+ROWS = {  # most important first: a run cut short keeps what it measured
     "medium-eager": BASE,
+    "medium-eager-lean": replace(BASE, lean=True),
     "medium-graphs": replace(BASE, compile="reduce-overhead"),
-    "large-eager": replace(BASE, shape="sd3.5-large"),
-    "large-graphs": replace(BASE, shape="sd3.5-large", compile="reduce-overhead"),
+    "medium-graphs-lean": replace(BASE, compile="reduce-overhead", lean=True),
+    "large-eager-lean": replace(LARGE, lean=True),
+    "large-graphs-lean": replace(LARGE, compile="reduce-overhead", lean=True),
+    "large-eager": LARGE,
     "medium-default": replace(BASE, compile="default"),
 }
 
@@ -59,7 +64,7 @@ def sync_check() -> dict:
         ),
     )
     latents = torch.randn(rows, 16, 128, 128, device="cuda", dtype=torch.bfloat16)
-    with torch.no_grad(), cat_generation(model):
+    with torch.no_grad(), cat_generation(model, cfg=True):
         for _ in range(3):  # reference, record, first pruned step (warms up the allocator)
             model(hidden_states=latents, **args)
         torch.cuda.synchronize()

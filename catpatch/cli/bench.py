@@ -40,6 +40,7 @@ class BenchSettings:
     dtype: str = "fp32"
     device: str = "cpu"
     compile: str = "none"  # none | default | reduce-overhead | max-autotune
+    lean: bool = False  # CATConfig.lean
     repeats: int = 3
     seed: int = 0
 
@@ -265,6 +266,7 @@ def run(settings: BenchSettings) -> BenchResult:
         warmup_steps=settings.warmup_steps,
         num_clusters=settings.num_clusters,
         selection=settings.selection,
+        lean=settings.lean,
     )
     base = load_transformer(settings)
     patched = copy.deepcopy(base)
