@@ -49,7 +49,8 @@ class CATConfig:
             staleness), "stale" (round robin by recency only) and "step" (step-level reuse:
             after the warm-up, run the whole model on evenly spaced steps, as many as CAT's
             pruned steps would pay for in MACs, and give the previous output again on the
-            others).
+            others); "cat+reuse" (CAT's pruned steps with evenly spaced whole steps
+            skipped in between, down to `reuse_macs` of the unpatched MACs).
         cfg_selection (str, default "shared"): under classifier-free guidance, "shared" gives
             the unconditional row the selection of its conditional row (the rows are one image);
             "per_row" selects for every batch row on its own output.
@@ -67,6 +68,12 @@ class CATConfig:
             fresh estimate from cached block outputs, the attention/FFN output caches go (about
             half the cache memory) and the final norm and projection run on the S computed
             tokens only: a cheaper pruned step, a slightly different image.
+        reuse_macs (float, default 0.5): selection="cat+reuse": the run's MACs as a fraction of
+            the unpatched run's; after the warm-up, as many pruned steps run as fit, evenly
+            spaced, and the steps between them are skipped.
+        reuse_order (int, default 0): what a skipped step ("step", "cat+reuse") gives: 0 the
+            last computed output again, 1 a first-order forecast from the last two (per token,
+            linear in the step index).
     """
 
     keep_ratio: float = 0.3
@@ -84,12 +91,14 @@ class CATConfig:
     persistent_buffers: bool = False
     compile: str | None = None
     lean: bool = False
+    reuse_macs: float = 0.5
+    reuse_order: int = 0
 
     def __post_init__(self) -> None:
         def fail(field: str, why: str) -> None:
             raise ValueError(f"CATConfig.{field}={getattr(self, field)!r}: {why}")
 
-        for name in ("warmup_steps", "num_clusters", "kmeans_iters", "seed"):
+        for name in ("warmup_steps", "num_clusters", "kmeans_iters", "seed", "reuse_order"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 fail(name, "must be an int")
@@ -100,6 +109,7 @@ class CATConfig:
             "cluster_quota",
             "first_quota",
             "cluster_feature_scale",
+            "reuse_macs",
         ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -122,6 +132,10 @@ class CATConfig:
             fail("first_quota", "must be in (0, 1]")
         if self.cluster_feature_scale < 0:
             fail("cluster_feature_scale", "must be >= 0")
+        if not 0.0 < self.reuse_macs <= 1.0:
+            fail("reuse_macs", "must be in (0, 1]; e.g. 0.5 halves the MACs of a run")
+        if self.reuse_order not in (0, 1):
+            fail("reuse_order", "must be 0 (reuse the last output) or 1 (first-order forecast)")
         if self.kmeans_iters < 1:
             fail("kmeans_iters", "must be >= 1")
         if self.selection not in SELECTION_MODES:

@@ -420,3 +420,19 @@ def test_step_reuse_needs_the_step_count():
     )
     with pytest.raises(ValueError, match="num_inference_steps"), cat_generation(model):
         model(hidden_states=torch.randn(1, 16, 16, 16), **args)
+
+
+def test_cat_with_step_reuse_reaches_its_macs_target(pipe):
+    reference = generate(pipe, num_inference_steps=20)
+    apply_cat(pipe, CFG.replace(selection="cat+reuse", reuse_macs=0.6))
+    combined = generate(pipe, num_inference_steps=20)
+    stats = cat_stats(pipe)
+    assert stats.reused_steps > 0 and stats.pruned_steps > 0
+    assert stats.pruned_steps + stats.reused_steps == 20 - CFG.warmup_steps
+    assert stats.macs_ratio <= 0.6
+    apply_cat(pipe, CFG)  # CAT alone costs more
+    generate(pipe, num_inference_steps=20)
+    assert cat_stats(pipe).macs_ratio > 0.6
+    remove_cat(pipe)
+    assert np.array_equal(generate(pipe, num_inference_steps=20), reference)
+    assert np.abs(combined - reference).max() > 1e-4

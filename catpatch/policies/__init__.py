@@ -12,7 +12,7 @@ from .cat import CatPolicy
 from .noise import NoisePolicy
 from .random import RandomPolicy
 from .stale import StalePolicy
-from .step_reuse import StepReuse
+from .step_reuse import PrunedStepReuse, StepReuse
 
 # selection name -> (token policy or None: no token pruning, step policy)
 REGISTRY: dict[str, tuple[type[TokenPolicy] | None, type[StepPolicy]]] = {
@@ -21,6 +21,7 @@ REGISTRY: dict[str, tuple[type[TokenPolicy] | None, type[StepPolicy]]] = {
     "noise": (NoisePolicy, StepPolicy),
     "stale": (StalePolicy, StepPolicy),
     "step": (None, StepReuse),
+    "cat+reuse": (CatPolicy, PrunedStepReuse),
 }
 
 

@@ -137,11 +137,11 @@ class StepPolicy:
     def runs_model(self, step: int) -> bool:
         return True
 
-    def observe(self, sample: Tensor) -> None:
-        """The output of a step that ran the model."""
+    def observe(self, sample: Tensor, step: int) -> None:
+        """The output of step `step`, which ran the model."""
 
-    def output(self) -> Tensor:
-        """What a skipped step gives instead of running the model."""
+    def output(self, step: int) -> Tensor:
+        """What skipped step `step` gives instead of running the model."""
         raise NotImplementedError
 
     def free(self) -> None:

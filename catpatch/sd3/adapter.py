@@ -151,7 +151,8 @@ class SD3Adapter:
         state, schedule = self.state, self.state.schedule
         mode, schedule.mode = schedule.mode, Mode.PASS
         if mode not in (Mode.PASS, Mode.REUSE) and state.steps.skips:
-            state.steps.observe(output[0] if isinstance(output, tuple) else output.sample)
+            sample = output[0] if isinstance(output, tuple) else output.sample
+            state.steps.observe(sample, schedule.step)
         self.controlnet = None
         state.caches.residual = None
         state.finish_call(mode)
@@ -163,7 +164,7 @@ class SD3Adapter:
             return original(*args, **kwargs)
         from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
-        sample = self.state.steps.output()
+        sample = self.state.steps.output(self.state.schedule.step)
         return (
             Transformer2DModelOutput(sample=sample)
             if kwargs.get("return_dict", True)
