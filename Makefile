@@ -6,7 +6,7 @@
 #   make demo VENV=/path/to/venv TORCH=        # an existing venv, keeping the torch it has
 #
 # TORCH is the requirement `pip install` gets for torch, and only when the venv cannot
-# `import torch` yet (given on the command line, it is installed even then); TORCH= (empty)
+# `import torch` yet (TORCH or TORCH_INDEX given on the command line: even then); TORCH= (empty)
 # never installs torch. TORCH_INDEX, if set, is the index pip takes it from (--index-url).
 PYTHON ?= python3
 VENV ?= .venv
@@ -22,7 +22,8 @@ $(BIN)/python:
 $(VENV)/.installed: $(BIN)/python pyproject.toml
 	@if [ -z "$(strip $(TORCH))" ]; then \
 	  echo "TORCH is empty: keeping the torch in $(VENV) (if any)"; \
-	elif [ "$(origin TORCH)" != "command line" ] && $(BIN)/python -c "import torch" 2>/dev/null; then \
+	elif [ "$(origin TORCH)" != "command line" ] && [ "$(origin TORCH_INDEX)" != "command line" ] \
+	    && $(BIN)/python -c "import torch" 2>/dev/null; then \
 	  echo "keeping torch $$($(BIN)/python -c 'import torch; print(torch.__version__)') in $(VENV)"; \
 	else \
 	  echo "pip install $(TORCH) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))"; \

@@ -305,6 +305,7 @@ def fake_venv(folder: Path, has_torch: bool) -> Path:
         (False, ["TORCH="], False),  # TORCH= : never install torch
         (True, ["TORCH=torch==2.13.0"], True),  # asked for on the command line
         (False, ["TORCH_INDEX=https://download.pytorch.org/whl/cpu"], True),
+        (True, ["TORCH_INDEX=https://download.pytorch.org/whl/cpu"], True),  # asked for
     ],
 )
 def test_make_setup_keeps_an_installed_torch(has_torch, extra, installs_torch, tmp_path):
