@@ -137,7 +137,7 @@ def command(args: argparse.Namespace) -> int:
     print(
         f"{result.total - len(result.missing)} of {result.total} images in {result.out} "
         f"({result.skipped} already there, {result.generated} made by process 0 of "
-        f"{result.world_size}, {result.seconds:.1f} s); manifest {result.out / MANIFEST}"
+        f"{result.world_size}); manifest {result.out / MANIFEST}"
     )
     if result.cat_summary:
         print(f"last batch: {result.cat_summary}")
