@@ -2,6 +2,8 @@
 
     python examples/gpu_checks.py --out "$OUT"            # everything, most important first
     python examples/gpu_checks.py --out "$OUT" --rows sync medium-eager
+    python examples/gpu_checks.py --out out/gpu --device cpu --shape tiny-sd3 --size 128 \
+        --steps 6 --warmup-steps 3 --num-clusters 8 --text-tokens 16 --repeats 1   # CPU smoke run
 
 1. `sync`: a pruned step of an SD3-medium-shaped transformer (1024², bf16) runs under
    `torch.cuda.set_sync_debug_mode("error")`: no host sync in the per-step path.
@@ -78,22 +80,44 @@ def sync_check() -> dict:
             return {"pruned_step_without_sync": False, "error": str(error)[:2000]}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="out/gpu")
-    parser.add_argument("--rows", nargs="*", default=["sync", *ROWS])
-    args = parser.parse_args()
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--out", default="out/gpu", help="folder of results.jsonl")
+    parser.add_argument(
+        "--rows", nargs="*", default=["sync", *ROWS], choices=["sync", *ROWS], help="what to run"
+    )
+    # Overrides of every bench row, for a small run (e.g. on a CPU): BenchSettings fields.
+    parser.add_argument("--device", default="cuda", help="bench device (sync needs cuda)")
+    for name, kind in [("shape", str), ("size", int), ("steps", int), ("warmup-steps", int),
+                       ("num-clusters", int), ("text-tokens", int), ("repeats", int)]:  # fmt: skip
+        parser.add_argument(f"--{name}", type=kind, help="override every bench row's value")
+    args = parser.parse_args(argv)
+    overrides = {
+        k: v
+        for k, v in dict(
+            shape=args.shape, height=args.size, width=args.size, steps=args.steps,
+            warmup_steps=args.warmup_steps, num_clusters=args.num_clusters,
+            text_tokens=args.text_tokens, repeats=args.repeats,
+        ).items()
+        if v is not None
+    }  # fmt: skip
+    cuda = args.device.startswith("cuda")
+    if not cuda:
+        overrides.update(device=args.device, dtype="fp32")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    print(torch.cuda.get_device_name(), torch.__version__, flush=True)
+    print(torch.cuda.get_device_name() if cuda else args.device, torch.__version__, flush=True)
     for row in args.rows:
         start = time.time()
         try:
             if row == "sync":
-                result = sync_check()
+                result = sync_check() if cuda else {"skipped": "the sync check needs CUDA"}
                 text = json.dumps(result, indent=2)
             else:
-                bench = run(ROWS[row])
+                bench = run(replace(ROWS[row], **overrides))
                 result, text = json.loads(bench.to_json()), bench.table()
         except Exception:  # keep going: later rows may still fit in the time
             result, text = {"error": traceback.format_exc()}, traceback.format_exc()
@@ -101,7 +125,8 @@ def main() -> None:
         with open(out / "results.jsonl", "a") as f:
             f.write(json.dumps({"row": row, **result}) + "\n")
         print(f"== {row} ({result['wall_s']} s)\n{text}", flush=True)
-        torch.cuda.empty_cache()
+        if cuda:
+            torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

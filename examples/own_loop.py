@@ -3,10 +3,13 @@
 Each generation is wrapped in `cat_generation`: every transformer call inside is one step, and
 the caches are freed when the block exits.
 
-    python examples/own_loop.py
+    python examples/own_loop.py              # a tiny random-weight transformer, 12 steps
+    python examples/own_loop.py --steps 6    # fewer steps (a quick check)
 """
 
 from __future__ import annotations
+
+import argparse
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
@@ -36,4 +39,9 @@ def main(steps: int = 12) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--steps", type=int, default=12, help="denoising steps (> 4 to prune)")
+    main(parser.parse_args().steps)

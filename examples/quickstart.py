@@ -1,46 +1,63 @@
 """CAT on a pipeline you already loaded: patch, generate, read the stats, restore.
 
-python examples/quickstart.py                      # the embedded offline toy pipeline
+python examples/quickstart.py                      # the toy pipeline shipped in catpatch, offline
 python examples/quickstart.py --model stabilityai/stable-diffusion-3-medium-diffusers
+python examples/quickstart.py --steps 12 --warmup-steps 4   # fewer steps (a quick check)
+
+Writes out/quickstart/cat.png and out/quickstart/base.png (--out to change).
 """
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
 
 from catpatch import CATConfig, apply_cat, cat_stats, remove_cat
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", help="an SD3-family pipeline folder or hub id")
-    parser.add_argument(
-        "--prompt", default="a large red circle at the top left on a striped blue background"
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    args = parser.parse_args()
+    parser.add_argument("--model", default="toy", help="'toy' or an SD3 pipeline folder / hub id")
+    parser.add_argument(
+        "--prompt",
+        default="a large red circle at the top left on a striped blue background",
+        help="what to draw",
+    )
+    parser.add_argument("--steps", type=int, default=28, help="denoising steps")
+    parser.add_argument("--warmup-steps", type=int, default=8, help="CAT t0: full steps first")
+    parser.add_argument("--out", default="out/quickstart", help="output folder")
+    args = parser.parse_args(argv)
 
-    if args.model:
+    if args.model == "toy":
+        from catpatch import toy
+
+        pipe, call = toy.load_pipeline(), dict(toy.CALL_KWARGS)
+    else:
         from diffusers import StableDiffusion3Pipeline
 
         cuda = torch.cuda.is_available()
         pipe = StableDiffusion3Pipeline.from_pretrained(
             args.model, torch_dtype=torch.bfloat16 if cuda else torch.float32
         ).to("cuda" if cuda else "cpu")
-        call = dict(num_inference_steps=28, guidance_scale=7.0)
-    else:
-        from catpatch import toy
+        call = dict(guidance_scale=7.0)
+    call["num_inference_steps"] = args.steps
 
-        pipe, call = toy.load_pipeline(), dict(toy.CALL_KWARGS)
-
-    apply_cat(pipe, CATConfig(keep_ratio=0.3, warmup_steps=8))
+    apply_cat(pipe, CATConfig(keep_ratio=0.3, warmup_steps=args.warmup_steps))
     image = pipe(args.prompt, generator=torch.Generator().manual_seed(0), **call).images[0]
     print(cat_stats(pipe).summary())
-    image.save("cat.png")
     remove_cat(pipe)  # the pipeline is exactly as it was
-    pipe(args.prompt, generator=torch.Generator().manual_seed(0), **call).images[0].save("base.png")
-    print("wrote cat.png and base.png")
+    base = pipe(args.prompt, generator=torch.Generator().manual_seed(0), **call).images[0]
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    image.save(out / "cat.png")
+    base.save(out / "base.png")
+    print(f"wrote {out / 'cat.png'} and {out / 'base.png'}")
 
 
 if __name__ == "__main__":

@@ -17,15 +17,19 @@ from catpatch.cli.generate import MANIFEST
 PROMPTS = ["a red circle", "a blue square on a tree", "a green cross at night"]
 
 
-def write_run(folder: Path, images: list[np.ndarray], prompts=PROMPTS, cat=None) -> Path:
-    """A folder as `catpatch generate` leaves it: PNGs and their manifest lines."""
+def write_run(folder: Path, images: list[np.ndarray], prompts=PROMPTS, cat=None, times=None,
+              settings=None) -> Path:  # fmt: skip
+    """A folder as `catpatch generate` leaves it: PNGs and their manifest lines; the first
+    image is the cold one (`warm` false)."""
     folder.mkdir(parents=True)
+    times = times or [0.5] * len(images)
     with open(folder / MANIFEST, "w") as f:
         for i, (image, prompt) in enumerate(zip(images, prompts, strict=True)):
             name = f"{i:05d}_000.png"
             Image.fromarray(image).save(folder / name)
             record = {"file": name, "prompt": prompt, "prompt_index": i, "image_index": 0,
-                      "seed": 1000 * i, "time_s": 0.5, "settings": {"cat": cat is not None},
+                      "seed": 1000 * i, "time_s": times[i], "warm": i > 0,
+                      "settings": {"cat": cat is not None, **(settings or {})},
                       "cat": cat}  # fmt: skip
             f.write(json.dumps(record) + "\n")
     return folder
@@ -151,7 +155,7 @@ def test_clip_score_and_cli_json(tmp_path, clip_dir, capsys):
     assert saved["counts"]["pairs"] == 3 and len(saved["images"]) == 3
     assert saved["summary"]["clip_reference"]["mean"] == pytest.approx(np.mean(scores))
 
-    assert main(["--reference", str(ref), "--candidate", str(cand), "--clip-model", "nope"]) == 1
+    assert main(["--reference", str(ref), "--candidate", str(cand), "--clip-model", "nope"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("catpatch eval: error: --clip-model nope: cannot load")
 
@@ -169,3 +173,21 @@ def test_lpips_needs_torchvision(tmp_path):
         assert "--lpips needs" in str(err)
     else:
         assert all(row["lpips"] > 0 for row in result.images)
+
+
+def test_time_per_image_counts_warm_images_only(tmp_path):
+    """The first (cold) image of a run is not timed; runs on other settings are not compared."""
+    ref = write_run(tmp_path / "ref", images(0), times=[61.0, 1.0, 1.0])
+    cat = write_run(tmp_path / "cat", images(0, noise=3), times=[30.0, 0.8, 0.8])
+    result = evaluate(ref, cat)
+    assert result.runs["reference"]["time_s"] == 1.0 and result.runs["reference"]["timed"] == 2
+    assert result.runs["candidate"]["time_s"] == pytest.approx(0.8)
+    line = result.table().splitlines()[-1]
+    assert "warm batches only: reference 1 s (2 images), candidate 0.8 s" in line
+    assert "1.25x" in line and "61" not in line
+
+    other = write_run(tmp_path / "gpu", images(0, noise=3), settings={"device": "cuda"})
+    assert "not compared (the runs differ in device)" in evaluate(ref, other).table()
+    one = write_run(tmp_path / "one", images(0)[:1], prompts=PROMPTS[:1])
+    assert evaluate(one, one).runs["reference"]["time_s"] is None
+    assert "time per image: not shown" in evaluate(one, one).table()

@@ -306,7 +306,7 @@ def test_user_errors_name_the_fix(model_dir, tmp_path, monkeypatch):
             run(settings(model_dir, out, size=size))
     with pytest.raises(GenerateError, match="--num-clusters 100 exceeds the 64 image tokens"):
         run(settings(model_dir, out, num_clusters=100))
-    with pytest.raises(GenerateError, match="keep_ratio"):
+    with pytest.raises(GenerateError, match=r"--keep-ratio 1.5: must be in \(0, 1\]"):
         run(settings(model_dir, out, keep_ratio=1.5))
     with pytest.raises(GenerateError, match="prompts file .* does not exist"):
         read_prompts(tmp_path / "missing.txt")
@@ -338,13 +338,13 @@ def test_not_sd3_pipeline_and_cli_message(tmp_path, capsys):
     DDPMPipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(tmp_path / "ddpm")
     for extra in ([], ["--no-cat"]):
         args = ["--model", str(tmp_path / "ddpm"), "--prompt", "a cat", "--out", str(tmp_path)]
-        assert main(args + extra) == 1
+        assert main(args + extra) == 2
         err = capsys.readouterr().err  # after diffusers' loading bar
         last = err.strip().splitlines()[-1]
         assert last.startswith("catpatch generate: error: DDPMPipeline is not a supported SD3")
         assert "Traceback" not in err
 
-    assert main(["--model", str(tmp_path / "nope"), "--prompt", "a", "--out", "x"]) == 1
+    assert main(["--model", str(tmp_path / "nope"), "--prompt", "a", "--out", "x"]) == 2
     assert "does not exist" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--model", "m", "--prompt", "a", "--out", "x", "--size", "big"])

@@ -22,7 +22,7 @@ def test_fidelity_metrics():
     np.testing.assert_allclose(psnr, 10 * np.log10(1 / mse), rtol=1e-6)
 
 
-def test_tiny_study_run(tmp_path):
+def test_tiny_study_run(tmp_path, recwarn):
     runs = [
         (6, "cat", CATConfig(warmup_steps=3, num_clusters=8)),
         (6, "step", CATConfig(warmup_steps=3, selection="step")),
@@ -38,6 +38,7 @@ def test_tiny_study_run(tmp_path):
     with open(tmp_path / "study.csv") as f:
         assert len(list(csv.DictReader(f))) == 3
     assert "| 6 | cat | 0.3 | 3 | 8 |" in (tmp_path / "study.md").read_text()
+    assert not [w for w in recwarn if "No artists" in str(w.message)], "plot without a legend"
 
     # A second run in the same folder resumes: nothing is generated again, the rows are the same.
     logged = []

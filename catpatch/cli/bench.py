@@ -4,6 +4,8 @@ Builds an SD3-family transformer from a named shape with random weights (speed d
 on weight values) or loads a user's transformer, and times whole denoising loops of the two,
 alternating, after warm-up, reporting medians, their ratio, the arithmetic bound of the config
 (spec cost model), MACs, the memory the caches hold and the selection time per pruned step.
+`check_settings` rejects what cannot be timed (sizes that are not multiples of 16, loops no
+longer than the warm-up, ...) with one line that names the fix.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import copy
 import json
 import statistics
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -21,12 +24,14 @@ from ..config import CATConfig
 from ..dtypes import torch_dtype
 from ..patching import apply_cat, cat_generation, get_patch
 from ..stats import ModelDims, run_bound, run_macs
+from .common import CommandError, cat_config, check_device, resolve_model
+from .generate.pipeline import first_line
 
 
 @dataclass
 class BenchSettings:
     shape: str = "cpu-256x8"
-    model: str | None = None  # a pipeline or transformer folder / hub id instead of a shape
+    model: str | None = None  # "toy", a pipeline or transformer folder / hub id, not a shape
     height: int = 512
     width: int = 512
     steps: int = 28
@@ -109,6 +114,84 @@ class BenchResult:
         return json.dumps(asdict(self), indent=2)
 
 
+class BenchError(CommandError):
+    """Bad settings for `catpatch bench`; the message names the fix (exit status 2)."""
+
+
+def transformer_config(shape: str, model: str | None) -> dict[str, Any]:
+    """The transformer config of a named shape, or of `model` (read, not loaded)."""
+    if model is None:
+        from ..models.shapes import transformer_config as shape_config
+
+        return shape_config(shape)
+    from diffusers import SD3Transformer2DModel
+
+    path = resolve_model(model)
+    for kwargs in ({"subfolder": "transformer"}, {}):
+        try:
+            with warnings.catch_warnings():  # huggingface_hub's deprecation notices
+                warnings.simplefilter("ignore")
+                return dict(SD3Transformer2DModel.load_config(path, **kwargs))
+        except (OSError, ValueError) as err:
+            reason = first_line(err)
+    raise BenchError(
+        f"--model {model}: no SD3 transformer config there ({reason}); pass 'toy', a pipeline "
+        f"or transformer folder, or a hub id (offline: a local folder)"
+    )
+
+
+def default_size(shape: str, model: str | None) -> tuple[int, int]:
+    """512x512 for a named shape; the model's sample size x 8 (its native size) for a model."""
+    if model is None:
+        return 512, 512
+    try:
+        side = int(transformer_config(shape, model).get("sample_size") or 64) * 8
+    except BenchError:
+        return 512, 512  # check_settings reports the model
+    return side, side
+
+
+def check_settings(settings: BenchSettings, device_given: bool = True) -> None:
+    """BenchError for settings that cannot be timed, before anything is built or loaded."""
+    if device_given:
+        check_device(settings.device)
+    config = transformer_config(settings.shape, settings.model)
+    patch = int(config.get("patch_size") or 2)
+    unit = 8 * patch  # the SD3 VAE's 8x, then patch x patch latents per token
+    height, width = settings.height, settings.width
+    if height <= 0 or width <= 0 or height % unit or width % unit:
+        fit = "x".join(str(max(unit, round(v / unit) * unit)) for v in (height, width))
+        raise BenchError(
+            f"--size {height}x{width}: height and width must be positive multiples of {unit} "
+            f"for SD3 (latents are 1/8 of the image, tokens are {patch}x{patch} latents), "
+            f"e.g. --size {fit}"
+        )
+    limit = config.get("pos_embed_max_size")
+    if limit and max(height, width) > limit * unit:
+        raise BenchError(
+            f"--size {height}x{width}: this transformer's position embedding allows at most "
+            f"{limit * unit} pixels per side, e.g. --size {limit * unit}x{limit * unit}"
+        )
+    tokens = (height // unit) * (width // unit)
+    cat_config(
+        keep_ratio=settings.keep_ratio, warmup_steps=settings.warmup_steps,
+        num_clusters=settings.num_clusters, selection=settings.selection,
+    )  # fmt: skip
+    if settings.num_clusters > tokens:
+        raise BenchError(
+            f"--num-clusters {settings.num_clusters} exceeds the {tokens} image tokens at "
+            f"{height}x{width}: lower --num-clusters or raise --size"
+        )
+    if settings.steps <= settings.warmup_steps:
+        raise BenchError(
+            f"--steps {settings.steps} must be more than --warmup-steps {settings.warmup_steps}:"
+            f" a loop that short prunes nothing, so there is nothing to compare"
+        )
+    for name in ("batch", "text_tokens", "repeats"):
+        if getattr(settings, name) < 1:
+            raise BenchError(f"--{name.replace('_', '-')} must be >= 1")
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -127,10 +210,11 @@ def load_transformer(settings: BenchSettings):
     else:
         from diffusers import SD3Transformer2DModel
 
+        path = resolve_model(settings.model)  # "toy": the pipeline shipped in catpatch
         try:
-            model = SD3Transformer2DModel.from_pretrained(settings.model, subfolder="transformer")
+            model = SD3Transformer2DModel.from_pretrained(path, subfolder="transformer")
         except (OSError, ValueError):
-            model = SD3Transformer2DModel.from_pretrained(settings.model)
+            model = SD3Transformer2DModel.from_pretrained(path)
     if model.dtype != dtype:
         model = model.to(dtype=dtype)
     return model.to(device=settings.device).eval()

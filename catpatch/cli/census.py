@@ -18,6 +18,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     from ..config import CATConfig
     from ..dtypes import DTYPE_NAMES
     from ..models.shapes import SHAPES
+    from .common import HelpFormatter
     from .generate import parse_size
 
     default = CATConfig()
@@ -25,7 +26,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "census",
         help="count kernels, bytes and FLOPs of a full and a pruned step (meta device)",
         description=__doc__.splitlines()[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--shape", default="sd3-medium", choices=sorted(SHAPES), help="model shape")
     p.add_argument("--size", default="1024x1024", type=parse_size, help="HEIGHTxWIDTH in pixels")

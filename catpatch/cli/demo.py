@@ -1,15 +1,18 @@
 """`catpatch demo`: CAT on the embedded offline pipeline, with pictures of what it did.
 
-Generates the same prompts with and without CAT and writes:
-- `compare.png`: one row per prompt: unpatched | CAT | |difference| (x4);
+Generates the same prompts with and without CAT and writes, each picture with its title,
+headings, legend and caption:
+- `compare.png`: one row per prompt: unpatched | CAT | |difference| x4;
 - `tokens.png` / `tokens.gif`: which image tokens were recomputed at each pruned step;
 - `clusters.png`: the spatial clusters CAT made (over the CAT image);
-- `summary.json`: the savings (MACs, tokens, time of this run) and `cat_stats`.
+- `summary.json`: the savings (MACs, tokens), `cat_stats`, and the warm timings: medians of
+  `repeats` alternating runs of each side after one warm-up run of each (none with repeats=0).
 """
 
 from __future__ import annotations
 
 import json
+import statistics
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -21,176 +24,290 @@ import torch
 from ..config import CATConfig
 from ..patching import apply_cat, get_patch, remove_cat
 from ..schedule import Mode
+from .pictures import (
+    Figure,
+    Swatch,
+    number_regions,
+    outline_cells,
+    region_borders,
+    to_uint8,
+    upscale,
+)
 
+# Captions the toy model renders well with seeds 0, 1, 2, 3 (image i uses seed + i); the toy
+# only knows its procedural vocabulary (see `catpatch.toy.data`).
 DEMO_PROMPTS = (
     "a large red circle at the top left on a striped blue background",
-    "a small yellow triangle at the bottom right on a dotted green background",
-    "a medium white square at the center on a checkered purple background",
-    "a large green cross at the top right on a plain gray background",
+    "a large yellow square at the bottom right on a plain purple background",
+    "a large blue square at the left on a checkered green background",
+    "a medium white square at the top on a checkered yellow background",
+)
+TOY_NOTE = (
+    "Toy model: a small SD3 pipeline (6 transformer blocks, 64x64 px, 256 image tokens) trained "
+    "for catpatch on procedural shapes and shipped inside it - a test bed for pruning, not a good "
+    "image generator."
+)
+TIMING_NOTE = (
+    "medians of warm runs (after one warm-up run of each), unpatched and CAT alternating; the "
+    "whole pipeline (text encoders, denoising, VAE) on this machine. `catpatch bench` times the "
+    "denoising loop alone."
 )
 
 
-def default_pipeline(device: str | None = None) -> tuple[Any, dict[str, Any], str]:
-    """The embedded offline default: the trained toy pipeline shipped in the package (see
-    `catpatch.toy`), or a tiny untrained one when those weights are absent.
-
-    Returns (pipeline, recommended call kwargs, description).
-    """
-    try:
+def load_demo_pipeline(
+    model: str = "toy", device: str | None = None
+) -> tuple[Any, dict[str, Any], str]:
+    """The pipeline of the demo: (pipeline, call kwargs, description). `model` is `toy` (the
+    pipeline shipped in catpatch) or an SD3-family pipeline folder / hub id."""
+    if model == "toy":
         from .. import toy
 
         pipe = toy.load_pipeline(device=device)
-        return pipe, dict(toy.CALL_KWARGS), "toy SD3 pipeline trained by catpatch.toy (offline)"
-    except (ImportError, OSError, ValueError):
-        from ..models.tiny import build_pipeline
+        return pipe, dict(toy.CALL_KWARGS), TOY_NOTE
+    from ..dtypes import default_dtype_name, torch_dtype
+    from .generate import load_pipeline
+    from .generate.pipeline import _as_text_to_image
 
-        pipe = build_pipeline("tiny-sd3")
-        pipe.set_progress_bar_config(disable=True)
-        if device is not None:
-            pipe.to(device)
-        kwargs = dict(height=128, width=128, num_inference_steps=28, guidance_scale=5.0)
-        return pipe, kwargs, "tiny untrained SD3 pipeline built from configs (offline)"
-
-
-def _to_uint8(images: np.ndarray) -> np.ndarray:
-    return (np.clip(images, 0.0, 1.0) * 255).round().astype(np.uint8)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pipe = _as_text_to_image(load_pipeline(model, device, torch_dtype(default_dtype_name(device))))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, dict(num_inference_steps=28, guidance_scale=7.0), f"Model: {model}."
 
 
-def _upscale(image: np.ndarray, factor: int) -> np.ndarray:
-    return image.repeat(factor, axis=0).repeat(factor, axis=1)
+def default_pipeline(device: str | None = None) -> tuple[Any, dict[str, Any], str]:
+    """The embedded offline default: the trained toy pipeline shipped in the package."""
+    return load_demo_pipeline("toy", device)
 
 
 def _palette(count: int) -> np.ndarray:
-    """`count` distinct colours (golden-angle hues)."""
+    """`count` distinct colours (golden-angle hues), floats in [0, 1]."""
     import colorsys
 
     hues = (np.arange(count) * 0.618033988749895) % 1.0
-    return np.array([colorsys.hsv_to_rgb(h, 0.65, 0.95) for h in hues]) * 255
+    return np.array([colorsys.hsv_to_rgb(h, 0.65, 0.95) for h in hues])
 
 
 def run_demo(
     out: str | Path,
-    prompts: tuple[str, ...] = DEMO_PROMPTS,
+    prompts: tuple[str, ...] | list[str] = DEMO_PROMPTS,
     config: CATConfig | None = None,
     seed: int = 0,
     device: str | None = None,
+    model: str = "toy",
+    repeats: int = 3,
+    progress: bool = False,
     **call_overrides: Any,
 ) -> dict[str, Any]:
-    """Run the demo into folder `out`; returns the summary that is also saved as JSON."""
-    from PIL import Image
+    """Run the demo into folder `out` (created once the images exist); returns the summary
+    that is also saved as `summary.json` (plus `summary_text`).
+
+    Image i of `prompts` is made from seed `seed + i`. `repeats` warm timed runs of each side
+    (0: no timing). `call_overrides` go to the pipeline call (e.g. `num_inference_steps`).
+    """
+    from tqdm.auto import tqdm
 
     from .. import cat_stats
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    pipe, call, source = default_pipeline(device)
+    pipe, call, source = load_demo_pipeline(model, device)
     call.update(call_overrides)
     config = config or CATConfig()
     prompts = list(prompts)
+    steps = int(call["num_inference_steps"])
+    bar = tqdm(total=(2 + 2 * repeats) * steps, desc="demo", unit="step", disable=not progress)
 
-    def generate(callback=None) -> tuple[np.ndarray, float]:
-        generator = torch.Generator().manual_seed(seed)
+    def generate(record=None) -> tuple[np.ndarray, float]:
+        def on_step(p, step, timestep, kwargs):
+            bar.update(1)
+            return record(p, step, timestep, kwargs) if record else kwargs
+
+        generators = [torch.Generator().manual_seed(seed + i) for i in range(len(prompts))]
         start = time.perf_counter()
         images = pipe(
-            prompt=prompts, generator=generator, output_type="np",
-            callback_on_step_end=callback, **call,
+            prompt=prompts, generator=generators, output_type="np",
+            callback_on_step_end=on_step, **call,
         ).images  # fmt: skip
         return images, time.perf_counter() - start
 
-    baseline, _ = generate()  # also the warm-up of the unpatched path
-    apply_cat(pipe, config)
-    state = get_patch(pipe).state
-    masks: list[np.ndarray] = []
-    clusters: list[np.ndarray] = []
+    try:
+        baseline, _ = generate()  # the pictures; also the warm-up of the unpatched path
+        apply_cat(pipe, config)
+        state = get_patch(pipe).state
+        masks: list[np.ndarray] = []
+        pruned_steps: list[int] = []
+        clusters: list[np.ndarray] = []
 
-    def record(p, step, timestep, kwargs):
-        # Host copies for the pictures only (after the step); pruned steps never sync.
-        geo, groups = state.schedule.geometry, state.schedule.groups
-        labels = getattr(state.tokens, "labels", None)
-        if labels is not None and not clusters:
-            clusters.append(labels.cpu().numpy().reshape(-1, geo.height, geo.width))
-        if state.log.steps and state.log.steps[-1].mode is Mode.PRUNED:
-            computed = state.index[:groups].cpu().numpy()  # this step's selection
-            mask = np.zeros((groups, geo.tokens), dtype=bool)
-            np.put_along_axis(mask, computed, True, axis=1)
-            masks.append(mask.reshape(-1, geo.height, geo.width))
-        return kwargs
+        def record(p, step, timestep, kwargs):
+            # Host copies for the pictures only (after the step); pruned steps never sync.
+            geo, groups = state.schedule.geometry, state.schedule.groups
+            labels = getattr(state.tokens, "labels", None)
+            if labels is not None and not clusters:
+                clusters.append(labels.cpu().numpy().reshape(-1, geo.height, geo.width))
+            if state.log.steps and state.log.steps[-1].mode is Mode.PRUNED:
+                computed = state.index[:groups].cpu().numpy()  # this step's selection
+                mask = np.zeros((groups, geo.tokens), dtype=bool)
+                np.put_along_axis(mask, computed, True, axis=1)
+                masks.append(mask.reshape(-1, geo.height, geo.width))
+                pruned_steps.append(step + 1)
+            return kwargs
 
-    cat_images, _ = generate(record)  # the pictures; also the warm-up of the CAT path
-    stats = cat_stats(pipe)
-    # One timed run each, after both warm-ups (a demo, not a benchmark: see catpatch bench).
-    _, cat_s = generate()
-    remove_cat(pipe)
-    _, baseline_s = generate()
+        cat_images, _ = generate(record)  # the pictures; also the warm-up of the CAT path
+        stats = cat_stats(pipe)
+        times: dict[str, list[float]] = {"unpatched": [], "cat": []}
+        for _ in range(repeats):  # warm, alternating: both sides see the same machine load
+            times["cat"].append(generate()[1])
+            remove_cat(pipe)
+            times["unpatched"].append(generate()[1])
+            apply_cat(pipe, config)
+    finally:
+        bar.close()
+        remove_cat(pipe)
 
-    # compare.png: unpatched | CAT | |diff| x4, one row per prompt, upscaled for viewing
-    factor = max(1, 256 // baseline.shape[1])
-    rows = []
-    for a, b in zip(baseline, cat_images, strict=True):
-        diff = np.clip(np.abs(a - b) * 4, 0, 1)
-        rows.append(np.concatenate([a, b, diff], axis=1))
-    grid = _upscale(_to_uint8(np.concatenate(rows, axis=0)), factor)
-    Image.fromarray(grid).save(out / "compare.png")
-
-    saved = ["compare.png"]
+    settings = (
+        f"keep_ratio {config.keep_ratio}, warmup_steps {config.warmup_steps}, "
+        f"{config.num_clusters} clusters, {steps} steps"
+    )
+    out = Path(out)  # made only now: a run that fails leaves no empty folder behind
+    out.mkdir(parents=True, exist_ok=True)
+    saved = [_save_compare(out, prompts, seed, baseline, cat_images, settings, stats, source)]
     if masks:
-        saved += _save_token_maps(out, masks, cat_images, factor)
+        saved += _save_token_maps(out, masks, pruned_steps, cat_images, steps, stats, source)
     if clusters:
-        saved.append(_save_clusters(out, clusters[0], cat_images, factor))
+        saved.append(_save_clusters(out, clusters[0], cat_images, config, source))
 
-    summary = {
+    summary: dict[str, Any] = {
         "pipeline": source,
         "prompts": prompts,
+        "seeds": [seed + i for i in range(len(prompts))],
         "call": {k: v for k, v in call.items() if isinstance(v, (int, float, str))},
         "config": repr(config),
-        "time_unpatched_s": round(baseline_s, 3),
-        "time_cat_s": round(cat_s, 3),
-        "speedup_this_run": round(baseline_s / cat_s, 3),
         "macs_ratio": round(stats.macs_ratio, 4),
         "image_tokens_computed": round(stats.computed_fraction, 4),
         "max_abs_pixel_difference": float(np.abs(baseline - cat_images).max()),
         "files": saved,
         "stats": {k: v for k, v in asdict(stats).items() if k not in ("config", "per_step")},
     }
+    if repeats:
+        unpatched, cat = (statistics.median(times[k]) for k in ("unpatched", "cat"))
+        summary["timing"] = {
+            "warm_runs": repeats,
+            "unpatched_s": [round(t, 4) for t in times["unpatched"]],
+            "cat_s": [round(t, 4) for t in times["cat"]],
+            "median_unpatched_s": round(unpatched, 4),
+            "median_cat_s": round(cat, 4),
+            "speedup": round(unpatched / cat, 3),
+            "how": TIMING_NOTE,
+        }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary | {"summary_text": stats.summary()}
 
 
-def _save_token_maps(out: Path, masks, images: np.ndarray, factor: int) -> list[str]:
-    """tokens.png (one row per prompt, one column per pruned step: recomputed tokens in red)
-    and tokens.gif (all prompts, one frame per pruned step)."""
-    from PIL import Image
+def _tile_scale(side: int, target: int) -> int:
+    return max(1, target // side)
 
-    side = images.shape[1]
-    steps = []  # per pruned step: (prompts, side, side, 3)
-    for mask in masks:  # (groups, H', W')
-        cell = side // mask.shape[1]
-        up = np.stack([_upscale(m, cell) for m in mask])[..., None]
-        shown = images[: mask.shape[0]]
-        steps.append(np.where(up, shown * 0.35 + np.array([1.0, 0.15, 0.15]) * 0.65, shown * 0.5))
-    per_prompt = zip(*steps, strict=True)
-    grid = np.concatenate([np.concatenate(list(row), axis=1) for row in per_prompt], axis=0)
-    Image.fromarray(_to_uint8(grid)).save(out / "tokens.png")
-    frames = [
-        Image.fromarray(_upscale(_to_uint8(np.concatenate(list(step), axis=1)), factor))
-        for step in steps
+
+def _save_compare(out, prompts, seed, baseline, cat_images, settings, stats, source) -> str:
+    factor = _tile_scale(baseline.shape[1], 256)
+    tiles = []
+    for a, b in zip(baseline, cat_images, strict=True):
+        diff = np.clip(np.abs(a - b) * 4, 0, 1)
+        tiles.append([upscale(to_uint8(x), factor) for x in (a, b, diff)])
+    Figure(
+        tiles,
+        title=f"Unpatched vs CAT ({settings})",
+        columns=["unpatched", "CAT", "|difference| x4 (black: equal)"],
+        rows=[f'{i + 1}. "{p}" (seed {seed + i})' for i, p in enumerate(prompts)],
+        caption=f"CAT computed {stats.computed_fraction:.1%} of the image tokens over the run; "
+        f"MACs {stats.macs_ratio:.3f} of the unpatched run. {source}",
+    ).save(out / "compare.png")
+    return "compare.png"
+
+
+def _token_tile(image: np.ndarray, mask: np.ndarray, factor: int) -> np.ndarray:
+    """Recomputed tokens at full colour with a two-tone outline; the others dimmed."""
+    cell = image.shape[0] // mask.shape[0] * factor
+    big = upscale(to_uint8(image), factor)
+    keep = upscale(mask, cell)[..., None]
+    dimmed = (big * 0.3 + 40).astype(np.uint8)
+    return outline_cells(np.where(keep, big, dimmed), mask, cell)
+
+
+def _legend_tokens(cell: int = 14) -> list[Swatch]:
+    grey = np.full((cell, cell, 3), 150, dtype=np.uint8)
+    mask = np.ones((1, 1), dtype=bool)
+    return [
+        Swatch(outline_cells(grey, mask, cell), "recomputed at this step (full colour, outlined)"),
+        Swatch((grey * 0.3 + 40).astype(np.uint8), "reused from the cache (dimmed)"),
     ]
+
+
+def _save_token_maps(out, masks, pruned_steps, images, steps, stats, source) -> list[str]:
+    """tokens.png (one row per prompt, one column per pruned step) and tokens.gif (all
+    prompts, one frame per pruned step)."""
+    side, grid = images.shape[1], masks[0].shape[1]
+    small = _tile_scale(side, 128)  # tokens.png: 128-px tiles, 10 steps side by side
+    rows = [
+        [_token_tile(images[g], mask[g], small) for mask in masks] for g in range(masks[0].shape[0])
+    ]
+    budget, tokens = stats.budget, stats.tokens
+    explain = (
+        f"Each pruned step recomputes {budget} of the {tokens} image tokens ({grid}x{grid} grid) "
+        f"and reuses cached values for the rest; steps 1-{steps - len(masks)} are full warm-up "
+        f"steps. {source}"
+    )
+    Figure(
+        rows,
+        title="Tokens CAT recomputed at each pruned step (columns: denoising step)",
+        columns=[str(s) for s in pruned_steps],
+        row_labels=[f"{g + 1}." for g in range(len(rows))],
+        legend=_legend_tokens(),
+        caption=explain + " Rows: the prompts of compare.png.",
+        gap=3,
+        wrap_columns=10,
+    ).save(out / "tokens.png")
+
+    big = _tile_scale(side, 192)
+    frames = []
+    for step, mask in zip(pruned_steps, masks, strict=True):
+        tiles = [[_token_tile(images[g], mask[g], big) for g in range(mask.shape[0])]]
+        figure = Figure(
+            tiles,
+            title=f"Step {step} of {steps}: {budget} of {tokens} image tokens recomputed",
+            columns=[f"prompt {g + 1}" for g in range(mask.shape[0])],
+            legend=_legend_tokens(),
+            caption=explain,
+        )
+        frames.append(figure.render().convert("P", palette=1, colors=255))  # adaptive palette
     frames[0].save(
-        out / "tokens.gif", save_all=True, append_images=frames[1:], duration=300, loop=0
+        out / "tokens.gif", save_all=True, append_images=frames[1:], duration=400, loop=0
     )
     return ["tokens.png", "tokens.gif"]
 
 
-def _save_clusters(out: Path, labels: np.ndarray, images: np.ndarray, factor: int) -> str:
-    from PIL import Image
-
-    palette = _palette(int(labels.max()) + 1) / 255
+def _save_clusters(out, labels: np.ndarray, images: np.ndarray, config, source) -> str:
+    count = int(labels.max()) + 1
+    palette = _palette(count)
     side = images.shape[1]
+    factor = _tile_scale(side, 256)
+    cell = side // labels.shape[1] * factor
     tiles = []
     for g, image in enumerate(images[: labels.shape[0]]):
-        colour = _upscale(palette[labels[g]], side // labels.shape[1])
-        tiles.append(image * 0.45 + colour * 0.55)
-    Image.fromarray(_upscale(_to_uint8(np.concatenate(tiles, axis=1)), factor)).save(
-        out / "clusters.png"
-    )
+        colour = upscale(palette[labels[g]], cell)
+        tile = to_uint8(upscale(image, factor) * 0.3 + colour * 0.7)
+        tile[region_borders(labels[g], cell)] = 0
+        tiles.append(number_regions(tile, labels[g], cell))
+    legend = [
+        Swatch(np.full((14, 14, 3), to_uint8(palette[c]), dtype=np.uint8), f"cluster {c + 1}")
+        for c in range(count)
+    ]
+    Figure(
+        [tiles],
+        title=f"The {count} spatial clusters CAT made for each image",
+        columns=[f"prompt {g + 1}" for g in range(len(tiles))],
+        legend=legend,
+        caption=f"Made once per image at step {config.warmup_steps - 1} (k-means on each "
+        f"token's position and model output; black lines: cluster borders; numbers: the "
+        f"legend's clusters). Each pruned step "
+        f"spreads part of its budget over these regions instead of piling it into one spot. "
+        f"Colours tell clusters apart; they mean nothing across images. {source}",
+    ).save(out / "clusters.png")
     return "clusters.png"

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .._quiet import quiet_loading
+from .common import CommandError, HelpFormatter, Parser, check_device, fail
 from .generate import MANIFEST, first_line, read_records
 
 METRICS = {  # key: label in the table
@@ -33,8 +35,8 @@ METRICS = {  # key: label in the table
 }
 
 
-class EvalError(RuntimeError):
-    """A user error of `catpatch eval`; the message names the fix."""
+class EvalError(CommandError):
+    """A user error of `catpatch eval`; the message names the fix (exit status 2)."""
 
 
 @dataclass
@@ -81,8 +83,28 @@ class EvalResult:
                 if cat
                 else "no CAT"
             )
-            lines.append(f"{name}: {text}; {run['time_s']:.3g} s per image (manifest)")
+            lines.append(f"{name}: {text}")
+        lines.append(self.timing_line())
         return "\n".join(lines)
+
+    def timing_line(self) -> str:
+        """Warm time per image of both runs, or why there is none to compare."""
+        ref, cand = self.runs["reference"], self.runs["candidate"]
+        if ref["time_s"] is None or cand["time_s"] is None:
+            return (
+                "time per image: not shown (a run has no warm batch: the first batch of each "
+                "process is a cold start; make more images, or time with `catpatch bench`)"
+            )
+        keys = ("device", "dtype", "batch_size", "height", "width", "steps", "world_size")
+        differ = [k for k in keys if ref["settings"].get(k) != cand["settings"].get(k)]
+        if differ:
+            return f"time per image: not compared (the runs differ in {', '.join(differ)})"
+        return (
+            f"time per image, warm batches only: reference {ref['time_s']:.3g} s "
+            f"({ref['timed']} images), candidate {cand['time_s']:.3g} s ({cand['timed']} "
+            f"images): {ref['time_s'] / cand['time_s']:.2f}x (from the manifests; `catpatch "
+            f"bench` times the denoising loop alone)"
+        )
 
 
 def _finite(value: Any) -> Any:
@@ -140,8 +162,9 @@ def _clip_metric(name: str, device):
             return _tensor(self.clip.get_text_features(*args, **kwargs))
 
     def load():
-        model = CLIPModel.from_pretrained(name).eval()
-        return Unwrapped(model), CLIPProcessor.from_pretrained(name)
+        with quiet_loading():  # no notices about torchvision, which CLIPScore does not need
+            model = CLIPModel.from_pretrained(name).eval()
+            return Unwrapped(model), CLIPProcessor.from_pretrained(name)
 
     try:
         return CLIPScore(model_name_or_path=load).to(device)
@@ -253,11 +276,17 @@ def evaluate(
 
 
 def _run_info(records: dict[str, dict[str, Any]], names: Sequence[str]) -> dict[str, Any]:
-    """Settings, mean time per image and mean CAT figures of the paired records of a run."""
+    """Settings, mean time per image and mean CAT figures of the paired records of a run.
+
+    The time is the mean over warm images only (`warm` in the manifest: not the first batch of
+    a process, whose time includes loading, compilation and allocator warm-up); None if there
+    are none."""
     rows = [records[n] for n in names]
+    warm = [r["time_s"] for r in rows if r.get("warm") and r.get("time_s") is not None]
     info: dict[str, Any] = {
         "settings": rows[0].get("settings", {}),
-        "time_s": sum(r.get("time_s", 0.0) for r in rows) / len(rows),
+        "time_s": sum(warm) / len(warm) if warm else None,
+        "timed": len(warm),
         "cat": None,
     }
     cats = [r["cat"] for r in rows if r.get("cat")]
@@ -269,11 +298,20 @@ def _run_info(records: dict[str, dict[str, Any]], names: Sequence[str]) -> dict[
 # ---- the command line ------------------------------------------------------------------------
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The options of `catpatch eval`."""
-    p.add_argument("--reference", required=True, help="a `generate` folder (e.g. the --no-cat run)")
-    p.add_argument("--candidate", required=True, help="a `generate` folder (e.g. the CAT run)")
-    p.add_argument("--clip-model", help="CLIP folder (or hub id) for prompt-image CLIP scores")
+    p.add_argument(
+        "--reference", required=True, help="required: a `generate` folder (e.g. the --no-cat run)"
+    )
+    p.add_argument(
+        "--candidate", required=True, help="required: a `generate` folder (e.g. the CAT run)"
+    )
+    p.add_argument(
+        "--clip-model",
+        help="CLIP folder (or hub id) for prompt-image CLIP scores (default: no CLIP score)",
+    )
     p.add_argument("--lpips", action="store_true", help="also LPIPS (needs torchvision)")
-    p.add_argument("--json", help="write the per-image metrics and summary to this file")
+    p.add_argument(
+        "--json", help="write the per-image metrics and summary to this file (default: none)"
+    )
     p.add_argument("--device", help="default: cuda if available, else cpu")
 
 
@@ -281,6 +319,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register `eval` on the `catpatch` subcommands."""
     p = subparsers.add_parser(
         "eval",
+        formatter_class=HelpFormatter,
         help="compare two `generate` outputs image by image (PSNR, SSIM, CLIP, LPIPS)",
         description="Pair the images of two `catpatch generate` folders by file name and "
         "print PSNR and SSIM of the candidate against the reference, CLIP scores against the "
@@ -294,10 +333,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def command(args: argparse.Namespace) -> int:
     """Run `catpatch eval` from parsed arguments; the exit code."""
     try:
+        check_device(args.device)
         result = evaluate(args.reference, args.candidate, args.clip_model, args.lpips, args.device)
-    except EvalError as err:
-        print(f"catpatch eval: error: {err}", file=sys.stderr)
-        return 1
+    except CommandError as err:
+        return fail("eval", err)
     print(result.table())
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -308,7 +347,7 @@ def command(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m catpatch.cli.evaluate ...`: the same as `catpatch eval ...`."""
-    parser = argparse.ArgumentParser(prog="catpatch eval", description=__doc__.split("\n")[0])
+    parser = Parser(prog="catpatch eval", description=__doc__.split("\n")[0])
     add_arguments(parser)
     return command(parser.parse_args(argv))
 

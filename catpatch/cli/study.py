@@ -30,6 +30,7 @@ from torch import Tensor
 
 from ..config import CATConfig
 from ..patching import apply_cat, remove_cat
+from .common import CommandError
 
 METHODS = ("cat", "random", "noise", "stale", "step")
 STEPS = (28, 50)
@@ -105,6 +106,21 @@ def configurations(quick: bool = False) -> list[tuple[int, str, CATConfig]]:
     return runs
 
 
+def check_model(model: str) -> None:
+    """CommandError unless `model` is `toy` or a folder written by `python -m catpatch.toy
+    train` (a pipeline and its detector)."""
+    if model == "toy":
+        return
+    from ..toy.detector import DETECTOR_FILE
+
+    folder = Path(model).expanduser()
+    if not (folder / "model_index.json").is_file() or not (folder / DETECTOR_FILE).is_file():
+        raise CommandError(
+            f"--model {model}: the study needs 'toy' or a folder written by `python -m "
+            f"catpatch.toy train --out DIR` (model_index.json and {DETECTOR_FILE})"
+        )
+
+
 def run_study(
     out: str | Path,
     images: int = 64,
@@ -112,16 +128,25 @@ def run_study(
     batch_size: int = 16,
     runs: list[tuple[int, str, CATConfig]] | None = None,
     log=print,
+    model: str = "toy",
+    progress: bool = False,
 ) -> list[Row]:
     """Run the study into folder `out` (see the module docstring); returns its rows.
 
-    `runs` replaces the configurations of the study (`configurations(quick)`)."""
-    from .. import cat_stats, toy
+    `runs` replaces the configurations of the study (`configurations(quick)`). `model`: `toy`
+    or a folder written by `python -m catpatch.toy train`. `progress`: a bar over the
+    configurations (log lines then print above it)."""
+    from tqdm.auto import tqdm
 
+    from .. import cat_stats, toy
+    from ..toy.detector import DETECTOR_FILE
+
+    check_model(model)
+    folder = None if model == "toy" else Path(model).expanduser()
+    pipe = toy.load_pipeline(path=folder)
+    detector = toy.load_detector(folder / DETECTOR_FILE if folder else None)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    pipe = toy.load_pipeline()
-    detector = toy.load_detector()
     prompts = toy.eval_prompts(images)
     labels = np.array([p.labels for p in prompts])
     runs = configurations(quick) if runs is None else runs
@@ -136,53 +161,54 @@ def run_study(
     done = _load_done(out / "rows.jsonl", images)
     references: dict[int, tuple[Tensor, np.ndarray]] = {}
     rows: list[Row] = []
-    for steps in sorted({s for s, _, _ in runs}):
-        start = time.perf_counter()
-        references[steps] = _reference(
-            out, images, steps, lambda s=steps: _generate(pipe, prompts, s, batch_size)
-        )
-        acc = accuracy(references[steps][1])
-        rows.append(
-            Row(
-                steps,
-                "unpatched",
-                1.0,
-                steps,
-                0,
-                1.0,
-                float("inf"),
-                float("inf"),
-                1.0,
-                0.0,
-                acc["colour+position"],
-                acc["all"],
-                time.perf_counter() - start,
+    step_counts = sorted({s for s, _, _ in runs})
+    bar = tqdm(total=len(step_counts) + len(runs), desc="study", unit="run", disable=not progress)
+    if progress:
+        log = tqdm.write
+    try:
+        for steps in step_counts:
+            start = time.perf_counter()
+            references[steps] = _reference(
+                out, images, steps, lambda s=steps: _generate(pipe, prompts, s, batch_size)
             )
-        )
-        log(f"unpatched {steps} steps: {time.perf_counter() - start:.0f} s")
-    for steps, method, config in runs:
-        key = _key(steps, config)
-        if key in done:
-            rows.append(done[key])
-            continue
-        start = time.perf_counter()
-        apply_cat(pipe, config)
-        latents, imgs = _generate(pipe, prompts, steps, batch_size)
-        stats = cat_stats(pipe)
-        remove_cat(pipe)
-        ref_latents, ref_images = references[steps]
-        psnr, ssim = fidelity(imgs, ref_images)
-        error = (latents - ref_latents).flatten(1).norm(dim=1) / ref_latents.flatten(1).norm(dim=1)
-        acc = accuracy(imgs)
-        row = Row(
-            steps, method, config.keep_ratio, config.warmup_steps, config.num_clusters,
-            stats.macs_ratio, float(psnr.mean()), float(psnr.min()), float(ssim.mean()),
-            float(error.mean()), acc["colour+position"], acc["all"], time.perf_counter() - start,
-        )  # fmt: skip
-        rows.append(row)
-        with open(out / "rows.jsonl", "a") as f:
-            f.write(json.dumps({"key": key, "images": images, **asdict(row)}) + "\n")
-        log(f"{steps} steps {config!r}: PSNR {row.psnr:.2f} dB, MACs {row.macs_ratio:.3f}")
+            acc = accuracy(references[steps][1])
+            rows.append(
+                Row(
+                    steps, "unpatched", 1.0, steps, 0, 1.0, float("inf"), float("inf"), 1.0,
+                    0.0, acc["colour+position"], acc["all"], time.perf_counter() - start,
+                )
+            )  # fmt: skip
+            log(f"unpatched {steps} steps: done")
+            bar.update(1)
+        for steps, method, config in runs:
+            key = _key(steps, config)
+            if key in done:
+                rows.append(done[key])
+                bar.update(1)
+                continue
+            start = time.perf_counter()
+            apply_cat(pipe, config)
+            latents, imgs = _generate(pipe, prompts, steps, batch_size)
+            stats = cat_stats(pipe)
+            remove_cat(pipe)
+            ref_latents, ref_images = references[steps]
+            psnr, ssim = fidelity(imgs, ref_images)
+            ref_norm = ref_latents.flatten(1).norm(dim=1)
+            error = (latents - ref_latents).flatten(1).norm(dim=1) / ref_norm
+            acc = accuracy(imgs)
+            row = Row(
+                steps, method, config.keep_ratio, config.warmup_steps, config.num_clusters,
+                stats.macs_ratio, float(psnr.mean()), float(psnr.min()), float(ssim.mean()),
+                float(error.mean()), acc["colour+position"], acc["all"],
+                time.perf_counter() - start,
+            )  # fmt: skip
+            rows.append(row)
+            with open(out / "rows.jsonl", "a") as f:
+                f.write(json.dumps({"key": key, "images": images, **asdict(row)}) + "\n")
+            log(f"{steps} steps {config!r}: PSNR {row.psnr:.2f} dB, MACs {row.macs_ratio:.3f}")
+            bar.update(1)
+    finally:
+        bar.close()
     write_outputs(out, rows, images)
     return rows
 
@@ -265,7 +291,8 @@ def plot(rows: list[Row], path: Path) -> None:
         ax.set_xlabel("MACs / unpatched")
         ax.set_ylabel("PSNR vs unpatched (dB)")
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:  # a run without the default t0 / clusters has none
+            ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

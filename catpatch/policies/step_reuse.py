@@ -28,7 +28,7 @@ def _spaced(count: int, after: int, start: int) -> set[int]:
 
 
 class StepReuse(StepPolicy):
-    """"step": run the model on as many post-warm-up steps as CAT's pruned steps would cost."""
+    """ "step": run the model on as many post-warm-up steps as CAT's pruned steps would cost."""
 
     name = "reuse"
     skips = True
@@ -74,7 +74,7 @@ class StepReuse(StepPolicy):
 
 
 class PrunedStepReuse(StepReuse):
-    """"cat+reuse": pruned steps, with evenly spaced skipped steps down to a MACs target."""
+    """ "cat+reuse": pruned steps, with evenly spaced skipped steps down to a MACs target."""
 
     def plan(self, planned_steps: int | None, step_cost_ratio: float) -> None:
         """The most pruned steps that keep the run within `reuse_macs` of its unpatched MACs

@@ -50,17 +50,22 @@ def load_pipeline(
     dtype: torch.dtype | None = None,
     path: str | Path | None = None,
 ) -> StableDiffusion3Pipeline:
-    """The trained toy pipeline, loaded offline (float32 on CPU unless told otherwise)."""
+    """The trained toy pipeline, loaded offline (float32 on CPU unless told otherwise), quietly:
+    no loading bars (it takes a second) and no notices about torchvision, which it does not use.
+    """
     import torch
-    from diffusers import StableDiffusion3Pipeline
 
+    from .._quiet import quiet_loading
     from ..dtypes import from_pretrained_dtype
 
-    pipe = StableDiffusion3Pipeline.from_pretrained(
-        str(path or weights_dir()),
-        local_files_only=True,
-        **from_pretrained_dtype(dtype or torch.float32),
-    )
+    with quiet_loading(progress=False):
+        from diffusers import StableDiffusion3Pipeline
+
+        pipe = StableDiffusion3Pipeline.from_pretrained(
+            str(path or weights_dir()),
+            local_files_only=True,
+            **from_pretrained_dtype(dtype or torch.float32),
+        )
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device) if device is not None else pipe
 

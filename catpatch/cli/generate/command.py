@@ -12,10 +12,19 @@ import sys
 from collections.abc import Sequence
 
 from ...dtypes import DTYPE_NAMES
+from ...toy import GUIDANCE_SCALE as TOY_GUIDANCE
+from ..common import (
+    MODEL_HELP,
+    HelpFormatter,
+    Parser,
+    fail,
+    positive_int,
+    warn_if_nothing_pruned,
+)
 from .manifest import MANIFEST
-from .parallel import _close_process_group, run
+from .parallel import _close_process_group, check, run
 from .prompts import SEED_STRIDE, read_prompts
-from .settings import GenerateError, GenerateSettings
+from .settings import DEFAULT_GUIDANCE, GenerateError, GenerateSettings
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -33,42 +42,57 @@ def parse_size(text: str) -> tuple[int, int]:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The options of `catpatch generate`."""
-    p.add_argument("--model", required=True, help="pipeline folder (save_pretrained) or hub id")
+    p.add_argument("--model", required=True, help=f"required: {MODEL_HELP}")
     which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--prompt", action="append", help="a prompt (repeat for more)")
+    which.add_argument(
+        "--prompt", action="append",
+        help="a prompt; repeat for more (required: this or --prompts-file)",
+    )  # fmt: skip
     which.add_argument(
         "--prompts-file",
         help="prompts: .txt one per line, .jsonl/.json (prompt or caption fields, COCO "
-        "captions), .tsv/.csv with a Prompt column (PartiPrompts)",
+        "captions), .tsv/.csv with a Prompt column (PartiPrompts) (required: this or --prompt)",
     )
-    p.add_argument("--limit", type=int, help="only the first N prompts")
-    p.add_argument("--out", required=True, help="output folder (re-run into it to resume)")
-    p.add_argument("--no-cat", dest="cat", action="store_false", help="the unpatched baseline")
-    p.add_argument("--keep-ratio", type=float, default=0.3, help="CAT alpha (0.3)")
-    p.add_argument("--warmup-steps", type=int, default=8, help="CAT t0, full steps first (8)")
-    p.add_argument("--num-clusters", type=int, default=20, help="CAT spatial clusters (20)")
-    p.add_argument("--steps", type=int, default=28, help="denoising steps (28)")
-    p.add_argument("--guidance", type=float, default=7.0, help="guidance scale (7.0)")
+    p.add_argument("--limit", type=positive_int, help="only the first N prompts (default: all)")
     p.add_argument(
-        "--size", type=parse_size, help="HxW in pixels (default: the model's, 1024x1024 for SD3)"
+        "--out", required=True, help="required: output folder (re-run into it to resume)"
     )
+    p.add_argument("--no-cat", dest="cat", action="store_false", help="the unpatched baseline")
+    p.add_argument(
+        "--keep-ratio", type=float, default=0.3,
+        help="CAT alpha: share of the image tokens recomputed at each pruned step",
+    )  # fmt: skip
+    p.add_argument("--warmup-steps", type=int, default=8, help="CAT t0: full steps before pruning")
+    p.add_argument("--num-clusters", type=int, default=20, help="CAT spatial clusters")
+    p.add_argument("--steps", type=positive_int, default=28, help="denoising steps")
+    p.add_argument(
+        "--guidance", type=float, help=f"guidance scale (default: {DEFAULT_GUIDANCE}; "
+        f"{TOY_GUIDANCE} with --model toy)",
+    )  # fmt: skip
+    p.add_argument(
+        "--size", type=parse_size,
+        help="HxW in pixels (default: the model's own, 1024x1024 for SD3, 64x64 for toy)",
+    )  # fmt: skip
     p.add_argument(
         "--seed", type=int, default=0, help=f"base seed; image j of prompt i: seed+{SEED_STRIDE}i+j"
     )
-    p.add_argument("--images-per-prompt", type=int, default=1)
-    p.add_argument("--batch-size", type=int, default=1, help="images per pipeline call (1)")
+    p.add_argument("--images-per-prompt", type=positive_int, default=1, help="images per prompt")
+    p.add_argument("--batch-size", type=positive_int, default=1, help="images per pipeline call")
     p.add_argument("--dtype", choices=list(DTYPE_NAMES), help="default: bf16 on cuda, fp32 on cpu")
-    p.add_argument("--device", help="cuda or cpu (default: cuda if available)")
-    p.add_argument("--lora", help="LoRA weights (folder or file) for pipe.load_lora_weights")
-    p.add_argument("--lora-scale", type=float, default=1.0, help="LoRA scale (1.0)")
+    p.add_argument("--device", help="cuda or cpu (default: cuda if available, else cpu)")
+    p.add_argument(
+        "--lora", help="LoRA weights (folder or file) for pipe.load_lora_weights (default: none)"
+    )
+    p.add_argument("--lora-scale", type=float, default=1.0, help="LoRA scale")
     p.add_argument("--compile", action="store_true", help="torch.compile the transformer")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no bars")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register `generate` on the `catpatch` subcommands."""
     p = subparsers.add_parser(
         "generate",
+        formatter_class=HelpFormatter,
         help="generate images of a prompt list with or without CAT (resumable, data-parallel)",
         description="Generate one PNG per prompt and image with an SD3-family pipeline, with "
         "CAT (default) or --no-cat, plus manifest.jsonl. Re-running into the same --out makes "
@@ -83,21 +107,26 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def command(args: argparse.Namespace) -> int:
     """Run `catpatch generate` from parsed arguments; the exit code."""
+    guidance = args.guidance
+    if guidance is None:
+        guidance = TOY_GUIDANCE if args.model == "toy" else DEFAULT_GUIDANCE
     try:
         prompts = args.prompt or read_prompts(args.prompts_file)
         prompts = prompts[: args.limit] if args.limit is not None else prompts
         settings = GenerateSettings(
             model=args.model, prompts=prompts, out=args.out, cat=args.cat,
             keep_ratio=args.keep_ratio, warmup_steps=args.warmup_steps,
-            num_clusters=args.num_clusters, steps=args.steps, guidance=args.guidance,
+            num_clusters=args.num_clusters, steps=args.steps, guidance=guidance,
             size=args.size, seed=args.seed, images_per_prompt=args.images_per_prompt,
             batch_size=args.batch_size, dtype=args.dtype, device=args.device, lora=args.lora,
             lora_scale=args.lora_scale, compile=args.compile, progress=args.progress,
         )  # fmt: skip
+        check(settings)
+        if args.cat:
+            warn_if_nothing_pruned("generate", args.steps, args.warmup_steps)
         result = run(settings)
     except GenerateError as err:
-        print(f"catpatch generate: error: {err}", file=sys.stderr)
-        return 1
+        return fail("generate", err)
     except KeyboardInterrupt:
         print("catpatch generate: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
@@ -108,7 +137,7 @@ def command(args: argparse.Namespace) -> int:
     print(
         f"{result.total - len(result.missing)} of {result.total} images in {result.out} "
         f"({result.skipped} already there, {result.generated} made by process 0 of "
-        f"{result.world_size}, {result.seconds:.1f} s); manifest {result.out / MANIFEST}"
+        f"{result.world_size}); manifest {result.out / MANIFEST}"
     )
     if result.cat_summary:
         print(f"last batch: {result.cat_summary}")
@@ -125,6 +154,6 @@ def command(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m catpatch.cli.generate ...`: the same as `catpatch generate ...`."""
-    parser = argparse.ArgumentParser(prog="catpatch generate", description=__doc__.split("\n")[0])
+    parser = Parser(prog="catpatch generate", description=__doc__.split("\n")[0])
     add_arguments(parser)
     return command(parser.parse_args(argv))

@@ -1,6 +1,7 @@
 """The per-image loop of one process: `_generate_share` makes its share of the images in
 batches with per-image CPU generators, saves each PNG and appends its manifest line (prompt,
-seed, settings, time and the CAT figures of its batch, `_cat_figures`), and returns the
+seed, settings, time and the CAT figures of its batch, `_cat_figures`; `warm` is false for the
+first batch of each process, whose time includes one-off start-up costs), and returns the
 out-of-memory message (`_oom_message`) instead of raising when the device runs out.
 """
 
@@ -46,7 +47,7 @@ def _generate_share(pipe, extra, mine, out, recorded, state, show, on_image, res
                     "file": job.file, "prompt": job.prompt, "prompt_index": job.prompt_index,
                     "image_index": job.image_index, "seed": job.seed,
                     "rank": state.process_index, "time_s": seconds / len(batch),
-                    "batch_time_s": seconds, "batch_images": len(batch),
+                    "batch_time_s": seconds, "batch_images": len(batch), "warm": first > 0,
                     "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
                     "settings": recorded, "cat": figures,
                 }  # fmt: skip

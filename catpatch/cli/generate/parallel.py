@@ -1,5 +1,5 @@
 """A whole run, split over the processes of `accelerate launch` or `torchrun`: `run` checks the
-settings (`_check`), finds the images still missing, gives each process a contiguous share
+settings (`check`), finds the images still missing, gives each process a contiguous share
 of them through accelerate's `PartialState`, waits for all, then merges the manifest on the
 main process; `_close_process_group` ends the torch.distributed group when the command is done.
 """
@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from ...dtypes import DTYPE_NAMES, torch_dtype
+from ..common import CommandError, check_device, output_folder
 from .loop import _generate_share
 from .manifest import _completed, _recorded, merge_manifest
 from .pipeline import _as_text_to_image, _cat_config, _prepare, load_pipeline
@@ -32,14 +32,20 @@ def run(
     from accelerate import PartialState
 
     started = time.perf_counter()
-    _check(settings)
+    check(settings)
     wanted = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
     state = PartialState(cpu=wanted.startswith("cpu"))  # plain PartialState() misreads torchrun
     on_state = wanted == "cuda" and state.device.type == "cuda"  # the process's own GPU
     device = state.device if on_state else torch.device(wanted)
     recorded = _recorded(settings, device, state.num_processes, loaded=pipe is not None)
-    out = Path(settings.out)
-    out.mkdir(parents=True, exist_ok=True)
+    # a run that fails before its first image (bad size, model, ...) leaves no empty folder
+    with output_folder(settings.out) as out:
+        return _run(settings, pipe, on_image, state, device, recorded, out, started)
+
+
+def _run(settings, pipe, on_image, state, device, recorded, out, started) -> GenerateResult:
+    import torch
+
     jobs = jobs_for(settings.prompts, settings.images_per_prompt, settings.seed)
     done = _completed(out, jobs, recorded)  # every process reads the same snapshot
     pending = [job for job in jobs if job.file not in done]
@@ -73,7 +79,8 @@ def run(
     return result
 
 
-def _check(settings: GenerateSettings) -> None:
+def check(settings: GenerateSettings) -> None:
+    """GenerateError for the settings that are wrong before any model is loaded."""
     if not settings.prompts:
         raise GenerateError("no prompts: pass --prompt or --prompts-file")
     if not 1 <= settings.images_per_prompt <= SEED_STRIDE:
@@ -84,6 +91,10 @@ def _check(settings: GenerateSettings) -> None:
         raise GenerateError(f"--dtype must be one of {', '.join(DTYPE_NAMES)}")
     if settings.cat:
         _cat_config(settings)
+    try:
+        check_device(settings.device)
+    except CommandError as err:
+        raise GenerateError(str(err)) from None
 
 
 def _close_process_group() -> None:

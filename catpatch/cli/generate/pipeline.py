@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ...dtypes import from_pretrained_dtype
+from ..common import CommandError, cat_config, is_builtin, resolve_model
 from .settings import GenerateError, GenerateSettings
 
 
@@ -19,7 +20,16 @@ def _looks_like_path(model: str) -> bool:
 
 
 def load_pipeline(model: str, device: Any, dtype: Any):
-    """`DiffusionPipeline.from_pretrained(model)` on `device` in `dtype`, with clear errors."""
+    """`DiffusionPipeline.from_pretrained(model)` on `device` in `dtype`, with clear errors;
+    `model` may also be a built-in name (`toy`: the pipeline shipped in catpatch)."""
+    from ..._quiet import quiet_loading
+
+    builtin = is_builtin(model)
+    with quiet_loading(progress=not builtin):  # no torchvision notices; the toy loads in 1 s
+        return _load(resolve_model(model), device, dtype)
+
+
+def _load(model: str, device: Any, dtype: Any):
     from diffusers import DiffusionPipeline
 
     path = Path(model).expanduser()
@@ -84,7 +94,7 @@ def check_size(pipe, height: int, width: int, num_clusters: int | None = None) -
     if limit and max(height, width) > limit * unit:
         raise GenerateError(
             f"--size {height}x{width}: this model's position embedding allows at most "
-            f"{limit * unit} pixels per side"
+            f"{limit * unit} pixels per side, e.g. --size {limit * unit}x{limit * unit}"
         )
     tokens = (height // unit) * (width // unit)
     if num_clusters is not None and num_clusters > tokens:
@@ -95,16 +105,14 @@ def check_size(pipe, height: int, width: int, num_clusters: int | None = None) -
 
 
 def _cat_config(settings: GenerateSettings):
-    from ...config import CATConfig
-
     try:
-        return CATConfig(
+        return cat_config(
             keep_ratio=settings.keep_ratio,
             warmup_steps=settings.warmup_steps,
             num_clusters=settings.num_clusters,
             compile="default" if settings.compile else None,
         )
-    except ValueError as err:
+    except CommandError as err:
         raise GenerateError(str(err)) from None
 
 

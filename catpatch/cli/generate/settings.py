@@ -8,16 +8,20 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..common import CommandError
 
-class GenerateError(RuntimeError):
-    """A user error of `catpatch generate`; the message names the fix."""
+DEFAULT_GUIDANCE = 7.0  # of `catpatch generate`; the toy model's own is 5.0
+
+
+class GenerateError(CommandError):
+    """A user error of `catpatch generate`; the message names the fix (exit status 2)."""
 
 
 @dataclass
 class GenerateSettings:
     """What `catpatch generate` makes; the fields mirror the command-line options."""
 
-    model: str
+    model: str  # a pipeline folder, a hub id, or "toy" (the pipeline shipped in catpatch)
     prompts: list[str]
     out: str | Path
     cat: bool = True
@@ -25,7 +29,7 @@ class GenerateSettings:
     warmup_steps: int = 8
     num_clusters: int = 20
     steps: int = 28
-    guidance: float = 7.0
+    guidance: float = DEFAULT_GUIDANCE
     size: tuple[int, int] | None = None  # (height, width); None: the model's native size
     seed: int = 0
     images_per_prompt: int = 1

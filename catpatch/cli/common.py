@@ -1,0 +1,169 @@
+"""What every `catpatch` command shares: one-line errors with exit status 2 (`CommandError`,
+`Parser`), help that shows each option's default (`HelpFormatter`), the built-in model names
+(`--model toy`), the device check, the `CATConfig` of a command line and one-line warnings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import re
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+# Built-in model names every `--model` option takes besides a folder or a hub id.
+BUILTIN_MODELS = {
+    "toy": "the small SD3 pipeline trained for catpatch and shipped inside it (64x64 px, offline)",
+}
+MODEL_HELP = "'toy' (the small SD3 pipeline shipped in catpatch, offline), a folder or a hub id"
+EXIT_USAGE = 2  # bad input, as argparse exits
+
+
+class CommandError(RuntimeError):
+    """Bad input to a command: `catpatch` prints one line that names the fix and exits with
+    status 2."""
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Help that ends every option with its default: `(default: 28)`; an option whose default
+    is None says in its own words what it defaults to, and a flag reads `(default: off)`."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default is argparse.SUPPRESS or not action.option_strings:
+            return text
+        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            return f"{text} (default: off)"  # a flag: not given unless you give it
+        if action.default is None:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line, `catpatch bench: error: ... (see
+    `catpatch bench --help`)`, with exit status 2; its subcommands are Parsers too."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def fail(command: str, error: BaseException | str) -> int:
+    """Print the one-line error of `command` on stderr; the exit status (2)."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    print(f"catpatch {command}: error: {text}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def warn(command: str, message: str) -> None:
+    """One warning line on stderr."""
+    print(f"catpatch {command}: warning: {message}", file=sys.stderr)
+
+
+def warn_if_nothing_pruned(command: str, steps: int | None, warmup_steps: int) -> bool:
+    """Warn (one line) when a run of `steps` steps is no longer than the CAT warm-up: nothing
+    would be pruned. True if it warned."""
+    if steps is None or steps > warmup_steps:
+        return False
+    warn(
+        command,
+        f"--steps {steps} is not more than --warmup-steps {warmup_steps}: CAT prunes nothing "
+        f"in this run (raise --steps or lower --warmup-steps)",
+    )
+    return True
+
+
+def is_builtin(model: str | None) -> bool:
+    return model in BUILTIN_MODELS
+
+
+def resolve_model(model: str) -> str:
+    """The folder or hub id of `model`: a built-in name (`toy`) becomes its shipped folder."""
+    if model == "toy":
+        from .. import toy
+
+        return str(toy.weights_dir())
+    return model
+
+
+def check_device(device: str | None, option: str = "--device") -> None:
+    """CommandError unless torch can use `device` (None: automatic, always fine)."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, ValueError):
+        raise CommandError(f"{option} {device}: not a device name; use cpu or cuda") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        why = (
+            f"this torch ({torch.__version__}) is a CPU-only build"
+            if torch.version.cuda is None
+            else "no CUDA GPU is visible"
+        )
+        raise CommandError(
+            f"{option} {device}: {why}; use --device cpu, or install a CUDA build of torch "
+            f"(see the README, Install)"
+        )
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise CommandError(f"{option} {device}: MPS is not available here; use --device cpu")
+
+
+_FIELD = re.compile(r"CATConfig\.(\w+)=(.*?): (.*)", re.DOTALL)
+
+
+def cat_config(**fields: Any):
+    """`CATConfig(**fields)`; CommandError naming the command-line option if a value is bad."""
+    from ..config import CATConfig
+
+    try:
+        return CATConfig(**fields)
+    except ValueError as err:
+        match = _FIELD.match(str(err))
+        if match is None:
+            raise CommandError(str(err)) from None
+        name, value, why = match.groups()
+        raise CommandError(f"--{name.replace('_', '-')} {value}: {why}") from None
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an int >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    return value
+
+
+def nonnegative_int(text: str) -> int:
+    """argparse type: an int >= 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+positive_int.__name__ = "int"  # argparse says "invalid int value: 'x'"
+nonnegative_int.__name__ = "int"
+
+
+@contextlib.contextmanager
+def output_folder(path: str | Path) -> Iterator[Path]:
+    """Create `path` (and missing parents) for a run; if the run fails before writing anything
+    into it, remove what was created, so that a failed run leaves no empty folders behind."""
+    path = Path(path)
+    created = [p for p in (path, *path.parents) if not p.exists()]
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        yield path
+    except BaseException:
+        for folder in created:  # innermost first; stop at the first one holding anything
+            if not folder.is_dir() or any(folder.iterdir()):
+                break
+            folder.rmdir()
+        raise
