@@ -1,6 +1,6 @@
 """Lean against exact CAT on the shipped toy model: paired PSNR against unpatched.
 
-    python examples/lean_study.py [--images 64] [--out examples/results/lean-study.json]
+    python examples/lean_study.py [--images 64] [--out out/lean-study.jsonl]
 
 For 28 and 50 steps and keep ratios 0.2 / 0.3 / 0.5, generates the evaluation prompts of the
 toy model unpatched, with default CAT and with `CATConfig(lean=True)` (same seeds), and
@@ -24,8 +24,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=64, help="images per run (default 64)")
     parser.add_argument("--batch-size", type=int, default=16, help="batch (default 16)")
+    parser.add_argument("--steps", type=int, nargs="+", default=list(STEPS), help="step counts")
     parser.add_argument(
-        "--out", default="examples/results/lean-study.json", help="results file (JSON lines)"
+        "--keep-ratios", type=float, nargs="+", default=list(KEEP_RATIOS), help="α values"
+    )
+    parser.add_argument(
+        "--out", default="out/lean-study.jsonl", help="results file (JSON lines)"
     )
     args = parser.parse_args()
     pipe = toy.load_pipeline()
@@ -33,9 +37,9 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = []
-    for steps in STEPS:
+    for steps in args.steps:
         _, reference = _generate(pipe, prompts, steps, args.batch_size)
-        for keep in KEEP_RATIOS:
+        for keep in args.keep_ratios:
             psnr, macs = {}, {}
             for lean in (False, True):
                 apply_cat(pipe, CATConfig(keep_ratio=keep, lean=lean))

@@ -1,6 +1,6 @@
 """CAT combined with step reuse against CAT and step reuse alone, on the shipped toy model.
 
-    python examples/reuse_study.py [--images 32] [--out examples/results/reuse-study.jsonl]
+    python examples/reuse_study.py [--images 32] [--out out/reuse-study.jsonl]
 
 Mean PSNR against unpatched (same seeds) and the MACs of each configuration, 28 steps: the
 numbers behind the README's "CAT with step reuse" rows. The toy's text tokens outnumber its
@@ -32,7 +32,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=32, help="images per run (default 32)")
     parser.add_argument("--steps", type=int, default=28, help="denoising steps (default 28)")
-    parser.add_argument("--out", default="examples/results/reuse-study.jsonl", help="results")
+    parser.add_argument("--out", default="out/reuse-study.jsonl", help="results")
     args = parser.parse_args()
     pipe = toy.load_pipeline()
     prompts = toy.eval_prompts(args.images)

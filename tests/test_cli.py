@@ -253,6 +253,8 @@ def test_study_takes_model_toy(tmp_path, monkeypatch):
         ("gpu_checks.py", ["--device", "cpu", "--rows", "sync", "medium-eager", "--shape",
                            "tiny-sd3", "--size", "128", "--steps", "5", "--warmup-steps", "2",
                            "--num-clusters", "4", "--text-tokens", "8", "--repeats", "1"]),
+        ("lean_study.py", ["--images", "2", "--steps", "10", "--keep-ratios", "0.3"]),
+        ("reuse_study.py", ["--images", "2", "--steps", "10"]),
     ],
 )  # fmt: skip
 def test_examples_run(script, argv, tmp_path, monkeypatch, capsys):
@@ -266,6 +268,9 @@ def test_examples_run(script, argv, tmp_path, monkeypatch, capsys):
         assert "3 pruned" in out
     elif script == "own_loop.py":
         assert "2 pruned" in out
+    elif script.endswith("_study.py"):
+        rows = (tmp_path / "out" / script.replace("_", "-").replace(".py", ".jsonl")).read_text()
+        assert all(json.loads(r)["images"] == 2 for r in rows.splitlines())
     else:
         rows = [json.loads(x) for x in (tmp_path / "out/gpu/results.jsonl").read_text().split("\n")
                 if x]  # fmt: skip
