@@ -44,8 +44,13 @@ class CATConfig:
             features next to the 2-D position code (row/H', col/W'). 0 gives pure spatial tiles;
             larger lets content shape the clusters more.
         kmeans_iters (int, default 10): Lloyd iterations (fixed count: no data-dependent stop).
-        selection (str, default "cat"): "cat" (cluster-aware, the paper), or the same-budget
-            ablations "random" (uniform), "noise" (largest drift only, no clusters, no
+        selection (str, default "cat"): "cat" (cluster-aware, the paper's rules as catpatch
+            implements them), "paper" (cluster-aware with the reference code's own selection
+            rules: position added into the k-means features so clusters are compact spatial
+            blobs, first-selection scores smoothed per channel over the 4-neighbour cluster
+            graph, the reference's quota floors, and each later cluster's top-drift quota
+            united with its least recently computed tokens; `CATConfig.paper()`), or the
+            same-budget ablations "random" (uniform), "noise" (largest drift only, no clusters, no
             staleness), "stale" (round robin by recency only) and "step" (step-level reuse:
             after the warm-up, run the whole model on evenly spaced steps, as many as CAT's
             pruned steps would pay for in MACs, and give the previous output again on the
@@ -155,8 +160,10 @@ class CATConfig:
 
     @classmethod
     def paper(cls, **overrides) -> CATConfig:
-        """The reference setting of the paper: α 0.3, t0 8, 20 clusters."""
-        return cls(**{"keep_ratio": 0.3, "warmup_steps": 8, "num_clusters": 20, **overrides})
+        """The reference setting of the paper: α 0.3, t0 8, 20 clusters, and the reference
+        code's own selection rules (`selection="paper"`); `overrides` change any field."""
+        settings = {"keep_ratio": 0.3, "warmup_steps": 8, "num_clusters": 20, "selection": "paper"}
+        return cls(**{**settings, **overrides})
 
     def replace(self, **changes) -> CATConfig:
         """A copy with some fields changed (validated again)."""

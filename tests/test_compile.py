@@ -48,7 +48,7 @@ def test_pruned_block_compiles_as_one_graph(block_index):
     torch.testing.assert_close(caches[1].ff, caches[0].ff, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("selection", ["cat", "noise", "stale"])
+@pytest.mark.parametrize("selection", ["cat", "paper", "noise", "stale"])
 def test_per_step_selection_compiles_as_one_graph(selection):
     """Recency update, replacement of unselected outputs and the next selection: one graph,
     so no host sync and no data-dependent shape."""

@@ -41,6 +41,7 @@ def test_config_repr_presets_and_budget():
     )
     paper = CATConfig.paper()
     assert (paper.keep_ratio, paper.warmup_steps, paper.num_clusters) == (0.3, 8, 20)
+    assert paper.selection == "paper" and CATConfig.paper(keep_ratio=0.5).keep_ratio == 0.5
     assert CATConfig().budget(4096) == 1228 and CATConfig(keep_ratio=1.0).budget(10) == 10
     with pytest.raises(ValueError):
         CATConfig().replace(keep_ratio=2.0)

@@ -90,7 +90,7 @@ def _policy_after_first(selection: str, groups: int = 2, height: int = 8, width:
     return token_policy, output, chosen, budget
 
 
-@pytest.mark.parametrize("selection", ["cat", "noise", "stale", "random"])
+@pytest.mark.parametrize("selection", ["cat", "paper", "noise", "stale", "random"])
 def test_selection_has_no_host_sync(selection):
     """The per-step selection alone (what runs after every pruned step) on hand-made tensors:
     no host sync, static shape (G, S)."""

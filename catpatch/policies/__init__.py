@@ -10,6 +10,7 @@ from __future__ import annotations
 from .base import StepPolicy, TokenPolicy
 from .cat import CatPolicy
 from .noise import NoisePolicy
+from .paper import PaperPolicy
 from .random import RandomPolicy
 from .stale import StalePolicy
 from .step_reuse import PrunedStepReuse, StepReuse
@@ -17,6 +18,7 @@ from .step_reuse import PrunedStepReuse, StepReuse
 # selection name -> (token policy or None: no token pruning, step policy)
 REGISTRY: dict[str, tuple[type[TokenPolicy] | None, type[StepPolicy]]] = {
     "cat": (CatPolicy, StepPolicy),
+    "paper": (PaperPolicy, StepPolicy),
     "random": (RandomPolicy, StepPolicy),
     "noise": (NoisePolicy, StepPolicy),
     "stale": (StalePolicy, StepPolicy),

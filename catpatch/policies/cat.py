@@ -11,6 +11,7 @@ exactly S (see `cat_selection`).
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -101,6 +102,7 @@ def cat_selection(
 
 class CatPolicy(DriftPolicy, RecencyPolicy):
     name = "cat"
+    grid_neighbours: ClassVar[int] = 8  # the token-grid graph the cluster adjacency is read on
 
     def __init__(self, config, persistent: bool = False):
         super().__init__(config, persistent)
@@ -161,9 +163,10 @@ class CatPolicy(DriftPolicy, RecencyPolicy):
         self.recency_quota = 0
 
     def _grid(self, geometry) -> clustering.GridGeometry:
-        key = (geometry.height, geometry.width, self.config.num_clusters, str(geometry.device))
+        clusters, neighbours = self.config.num_clusters, self.grid_neighbours
+        key = (geometry.height, geometry.width, clusters, neighbours, str(geometry.device))
         if key not in self._grids:
             self._grids[key] = clustering.GridGeometry.build(
-                geometry.height, geometry.width, self.config.num_clusters, geometry.device
+                geometry.height, geometry.width, clusters, geometry.device, neighbours
             )
         return self._grids[key]

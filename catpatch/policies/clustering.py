@@ -23,15 +23,24 @@ class GridGeometry:
     height: int
     width: int
     position: Tensor  # (L, 2): row / H', col / W'
-    edges: Tensor  # (2, E): 8-neighbour grid edges, no self loops
+    edges: Tensor  # (2, E): 8- (or 4-) neighbour grid edges, no self loops
     init: Tensor  # (C,): token indices of the initial centroids
 
     @classmethod
-    def build(cls, height: int, width: int, num_clusters: int, device) -> GridGeometry:
+    def build(
+        cls, height: int, width: int, num_clusters: int, device, neighbours: int = 8
+    ) -> GridGeometry:
+        """`neighbours` 8 (diagonals included) or 4 (edge-sharing tokens only)."""
+        if neighbours not in (4, 8):
+            raise ValueError(f"neighbours={neighbours!r}: must be 4 or 8")
         rows = torch.arange(height, dtype=torch.float32).repeat_interleave(width) / height
         cols = torch.arange(width, dtype=torch.float32).repeat(height) / width
         position = torch.stack([rows, cols], dim=1)
         edges, _ = remove_self_loops(grid(height, width)[0])
+        if neighbours == 4:
+            row, col = edges // width, edges % width
+            steps = (row[0] - row[1]).abs() + (col[0] - col[1]).abs()
+            edges = edges[:, steps == 1]
         init = farthest_points(position, num_clusters)
         return cls(height, width, position.to(device), edges.to(device), init.to(device))
 
@@ -76,28 +85,52 @@ def kmeans(features: Tensor, init: Tensor, iters: int) -> Tensor:
     return torch.cdist(features, centroids).argmin(-1)
 
 
-def cluster_features(output: Tensor, position: Tensor, scale: float) -> Tensor:
-    """k-means features: scale·output next to the position code. (G, L, F) -> (G, L, F+2)."""
-    pos = position.to(torch.float32).expand(output.shape[0], -1, -1)
-    return torch.cat([scale * output.float(), pos], dim=-1)
+def cluster_features(
+    output: Tensor, position: Tensor, scale: float, combine: str = "concat"
+) -> Tensor:
+    """k-means features from scale·output and the position code (row/H', col/W').
 
-
-def cluster_scores(diff: Tensor, labels: Tensor, num_clusters: int) -> Tensor:
-    """Score per cluster: norm of the channel-wise max of `diff` over the cluster's tokens.
-
-    Graph max-pooling of token features into cluster nodes. (G, L, F) -> (G, C); an empty
-    cluster scores 0.
+    `combine` "concat": the position code next to the channels, (G, L, F) -> (G, L, F+2);
+    content then shapes the clusters strongly. "add" (the reference's): row/H' added to the
+    first half of the channels and col/W' to the second half, (G, L, F) -> (G, L, F); position
+    then dominates (about sqrt(F/2) per axis) and clusters are compact spatial blobs.
     """
+    pos = position.to(torch.float32).expand(output.shape[0], -1, -1)
+    if combine == "concat":
+        return torch.cat([scale * output.float(), pos], dim=-1)
+    if combine != "add":
+        raise ValueError(f"combine={combine!r}: must be 'concat' or 'add'")
+    dim = output.shape[-1]
+    half = dim // 2
+    rows, cols = pos[..., :1].expand(-1, -1, half), pos[..., 1:].expand(-1, -1, dim - half)
+    code = torch.cat([rows, cols], dim=-1)
+    return scale * output.float() + code
+
+
+def cluster_maxima(diff: Tensor, labels: Tensor, num_clusters: int) -> Tensor:
+    """Channel-wise max of `diff` over each cluster's tokens (graph max-pooling of token
+    features into cluster nodes). (G, L, F) -> (G, C, F); an empty cluster gives 0."""
     groups, _, dim = diff.shape
     index = _flat_cluster_index(labels, num_clusters)
     pooled, _ = max_pool_x(
         index, diff.reshape(-1, dim).float(), None, batch_size=1, size=groups * num_clusters
     )
-    return pooled.view(groups, num_clusters, dim).norm(dim=-1)
+    return pooled.view(groups, num_clusters, dim)
 
 
-def cluster_adjacency(labels: Tensor, edges: Tensor, num_clusters: int) -> Tensor:
-    """Which clusters touch on the token grid (the coarsened graph). -> (G, C, C) bool."""
+def cluster_scores(diff: Tensor, labels: Tensor, num_clusters: int) -> Tensor:
+    """Score per cluster: norm of the channel-wise max of `diff` over the cluster's tokens.
+
+    (G, L, F) -> (G, C); an empty cluster scores 0.
+    """
+    return cluster_maxima(diff, labels, num_clusters).norm(dim=-1)
+
+
+def cluster_adjacency(
+    labels: Tensor, edges: Tensor, num_clusters: int, self_loops: bool = False
+) -> Tensor:
+    """Which clusters touch on the token grid (the coarsened graph). -> (G, C, C) bool; with
+    `self_loops` every cluster is also its own neighbour."""
     groups = labels.shape[0]
     src, dst = labels[:, edges[0]], labels[:, edges[1]]
     pair = src * num_clusters + dst
@@ -107,7 +140,7 @@ def cluster_adjacency(labels: Tensor, edges: Tensor, num_clusters: int) -> Tenso
     touch, _ = max_pool_x(flat, ones, None, batch_size=1, size=size)
     adjacency = touch.view(groups, num_clusters, num_clusters) > 0
     eye = torch.eye(num_clusters, dtype=torch.bool, device=labels.device)
-    return adjacency & ~eye
+    return adjacency | eye if self_loops else adjacency & ~eye
 
 
 def smooth_scores(score: Tensor, adjacency: Tensor) -> Tensor:
@@ -118,3 +151,19 @@ def smooth_scores(score: Tensor, adjacency: Tensor) -> Tensor:
     masked = torch.where(adjacency, score[:, None, :], torch.full_like(neighbours, -torch.inf))
     maximum = torch.where(degree > 0, masked.amax(-1), torch.zeros_like(score))
     return score + mean + maximum
+
+
+def smooth_channel_maxima(maxima: Tensor, adjacency: Tensor) -> Tensor:
+    """The reference's smoothing of the first selection's cluster scores.
+
+    Per channel, over the cluster graph `adjacency` (G, C, C) (self loops included by the
+    caller): 2·mean + max of the pooled channel maxima `maxima` (G, C, F) of a cluster's
+    neighbours; then the L2 norm over the channels. -> (G, C).
+    """
+    neighbours = adjacency.to(maxima.dtype)
+    degree = neighbours.sum(-1, keepdim=True).clamp(min=1)
+    mean = torch.bmm(neighbours, maxima) / degree
+    masked = torch.where(adjacency[..., None], maxima[:, None, :, :], -torch.inf)
+    maximum = masked.amax(2)
+    maximum = torch.where(torch.isfinite(maximum), maximum, torch.zeros_like(maximum))
+    return (2 * mean + maximum).norm(dim=-1)
