@@ -1,7 +1,7 @@
 """The reference's own selection against catpatch's CAT on the shipped toy model.
 
     python examples/paper_study.py [--images 64] [--steps 28] [--keep-ratios 0.3 0.2 0.5]
-                                   [--out examples/results/paper-vs-cat.jsonl]
+                                   [--out out/paper-vs-cat.jsonl]
 
 For each keep ratio, generates the evaluation prompts of the toy model unpatched, with
 catpatch's CAT (`CATConfig(keep_ratio=α)`, selection "cat") and with the reference's selection
@@ -33,7 +33,7 @@ def main() -> None:
     )
     parser.add_argument("--batch-size", type=int, default=16, help="batch (default 16)")
     parser.add_argument(
-        "--out", default="examples/results/paper-vs-cat.jsonl", help="results file (JSON lines)"
+        "--out", default="out/paper-vs-cat.jsonl", help="results file (JSON lines)"
     )
     args = parser.parse_args()
     pipe = toy.load_pipeline()

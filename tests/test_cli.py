@@ -255,6 +255,7 @@ def test_study_takes_model_toy(tmp_path, monkeypatch):
                            "--num-clusters", "4", "--text-tokens", "8", "--repeats", "1"]),
         ("lean_study.py", ["--images", "2", "--steps", "10", "--keep-ratios", "0.3"]),
         ("reuse_study.py", ["--images", "2", "--steps", "10"]),
+        ("paper_study.py", ["--images", "2", "--steps", "10", "--keep-ratios", "0.3"]),
     ],
 )  # fmt: skip
 def test_examples_run(script, argv, tmp_path, monkeypatch, capsys):
@@ -269,7 +270,8 @@ def test_examples_run(script, argv, tmp_path, monkeypatch, capsys):
     elif script == "own_loop.py":
         assert "2 pruned" in out
     elif script.endswith("_study.py"):
-        rows = (tmp_path / "out" / script.replace("_", "-").replace(".py", ".jsonl")).read_text()
+        name = {"paper_study.py": "paper-vs-cat.jsonl"}.get(script, script.replace("_", "-"))
+        rows = (tmp_path / "out" / name.replace(".py", ".jsonl")).read_text()
         assert all(json.loads(r)["images"] == 2 for r in rows.splitlines())
     else:
         rows = [json.loads(x) for x in (tmp_path / "out/gpu/results.jsonl").read_text().split("\n")
