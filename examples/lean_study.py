@@ -28,9 +28,7 @@ def main() -> None:
     parser.add_argument(
         "--keep-ratios", type=float, nargs="+", default=list(KEEP_RATIOS), help="α values"
     )
-    parser.add_argument(
-        "--out", default="out/lean-study.jsonl", help="results file (JSON lines)"
-    )
+    parser.add_argument("--out", default="out/lean-study.jsonl", help="results file (JSON lines)")
     args = parser.parse_args()
     pipe = toy.load_pipeline()
     prompts = toy.eval_prompts(args.images)

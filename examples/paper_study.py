@@ -32,9 +32,7 @@ def main() -> None:
         "--keep-ratios", type=float, nargs="+", default=[0.3, 0.2, 0.5], help="α values"
     )
     parser.add_argument("--batch-size", type=int, default=16, help="batch (default 16)")
-    parser.add_argument(
-        "--out", default="out/paper-vs-cat.jsonl", help="results file (JSON lines)"
-    )
+    parser.add_argument("--out", default="out/paper-vs-cat.jsonl", help="results file (JSON lines)")
     args = parser.parse_args()
     pipe = toy.load_pipeline()
     prompts = toy.eval_prompts(args.images)
