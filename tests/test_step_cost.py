@@ -40,7 +40,10 @@ GOLDEN = {
 def _golden_latents(pipe, cfg_selection: str) -> torch.Tensor:
     apply_cat(
         pipe,
-        CATConfig(keep_ratio=0.3, warmup_steps=4, num_clusters=8, cfg_selection=cfg_selection),
+        CATConfig(
+            keep_ratio=0.3, warmup_steps=4, num_clusters=8, cfg_selection=cfg_selection,
+            lean=False,
+        ),
     )
     latents = pipe(
         ["a red circle", "blue square left"], height=128, width=192, num_inference_steps=10,
@@ -195,7 +198,7 @@ def test_regional_compile_graphs_do_not_grow_with_depth():
 def test_cat_generation_cfg_shares_the_conditional_selection():
     torch.manual_seed(0)
     model = build_transformer("tiny-sd3")
-    apply_cat(model, CATConfig(warmup_steps=2, num_clusters=4))
+    apply_cat(model, CATConfig(warmup_steps=2, num_clusters=4, lean=False))
     state = get_patch(model).state
     rows = 4  # two CFG pairs: [uncond, uncond, cond, cond]
     inputs = dict(
@@ -217,7 +220,7 @@ def test_census_command_prints_every_phase(capsys):
 
     from catpatch.cli import main
 
-    assert main(["census", "--shape", "tiny-sd3", "--size", "128x128", "--json", "--lean"]) == 0
+    assert main(["census", "--shape", "tiny-sd3", "--size", "128x128", "--json", "--exact"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["cache_bytes"] > 0
     for phase in ("full", "record", "pruned", "selection"):
