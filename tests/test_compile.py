@@ -54,7 +54,7 @@ def test_per_step_selection_compiles_as_one_graph(selection):
     so no host sync and no data-dependent shape."""
     torch.manual_seed(0)
     model = build_transformer("tiny-sd3")
-    apply_cat(model, CFG.replace(selection=selection, warmup_steps=2))
+    apply_cat(model, CFG.replace(selection=selection, warmup_steps=2, lean=False))
     state = get_patch(model).state
     rows = 2
     inputs = dict(

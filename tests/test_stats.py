@@ -26,7 +26,7 @@ def test_cat_stats_against_hand_calculation(pipe):
     # 16 latent channels, T5 width 64, pooled 64, T=333, L=256, S=76
     D, L, T, S = 32, 256, 333, 76
     outer = L * 4 * 16 * D + T * 64 * D + (256 * D + D * D + 64 * D + D * D) + 2 * D * D
-    outer += L * D * 4 * 16
+    projection = D * 4 * 16  # proj_out per token: all L on full steps, the S computed (lean)
 
     def block(n, last):
         image = 12 * D * D * n
@@ -34,8 +34,8 @@ def test_cat_stats_against_hand_calculation(pipe):
         modulation = 6 * D * D + (2 if last else 6) * D * D
         return image + text + 2 * D * (n + T) * (L + T) + modulation
 
-    full = outer + 3 * block(L, False) + block(L, True)
-    pruned = outer + 3 * block(S, False) + block(S, True)
+    full = outer + L * projection + 3 * block(L, False) + block(L, True)
+    pruned = outer + S * projection + 3 * block(S, False) + block(S, True)
     assert stats.macs_unpatched == 2 * 10 * full
     assert stats.macs == 2 * (4 * full + 6 * pruned)
     assert stats.macs_ratio == pytest.approx(stats.macs / stats.macs_unpatched)
@@ -83,7 +83,7 @@ def test_macs_match_flop_counter(shape):
                 model(hidden_states=latents, **args)
             counted.append(counter.get_total_flops() / 2)  # FLOPs -> MACs
     full = rows * step_macs(dims, tokens, text)
-    pruned = rows * step_macs(dims, tokens, text, config.budget(tokens))
+    pruned = rows * step_macs(dims, tokens, text, config.budget(tokens), config.lean)
     # The cost model is exact for the matrix products torch counts (ratio 1.000 on both
     # layouts): 1% catches a pruned step that does a few percent of extra work.
     steps = zip(("reference", "recording", "pruned"), counted, (full, full, pruned), strict=True)
