@@ -44,11 +44,12 @@ BASE = BenchSettings(
 LARGE = replace(BASE, shape="sd3.5-large")
 ROWS = {  # most important first: a run cut short keeps what it measured
     "medium-eager": BASE,
+    "medium-eager-lean": replace(BASE, lean=True),
     "medium-graphs": replace(BASE, compile="reduce-overhead"),
+    "medium-graphs-lean": replace(BASE, compile="reduce-overhead", lean=True),
+    "large-eager-lean": replace(LARGE, lean=True),
+    "large-graphs-lean": replace(LARGE, compile="reduce-overhead", lean=True),
     "large-eager": LARGE,
-    "large-graphs": replace(LARGE, compile="reduce-overhead"),
-    "medium-eager-exact": replace(BASE, lean=False),
-    "medium-graphs-exact": replace(BASE, compile="reduce-overhead", lean=False),
     "medium-default": replace(BASE, compile="default"),
 }
 

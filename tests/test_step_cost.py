@@ -220,7 +220,7 @@ def test_census_command_prints_every_phase(capsys):
 
     from catpatch.cli import main
 
-    assert main(["census", "--shape", "tiny-sd3", "--size", "128x128", "--json", "--exact"]) == 0
+    assert main(["census", "--shape", "tiny-sd3", "--size", "128x128", "--json", "--lean"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["cache_bytes"] > 0
     for phase in ("full", "record", "pruned", "selection"):

@@ -1,7 +1,7 @@
 """`catpatch census`: kernels, bytes moved and FLOPs of a full and a pruned step, no GPU needed.
 
     catpatch census --shape sd3-medium --size 1024x1024            # CFG pair, bf16
-    catpatch census --shape sd3.5-large --size 1024x1024 --exact
+    catpatch census --shape sd3.5-large --size 1024x1024 --lean
 
 Builds the named transformer shape on the `meta` device at its real size and counts what one
 full, one recording and one pruned step dispatch (see `catpatch.census`): the tool to check a
@@ -35,7 +35,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--text-tokens", type=int, default=333, help="text tokens T (CLIP + T5)")
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPE_NAMES), help="weights dtype")
     p.add_argument("--keep-ratio", type=float, default=default.keep_ratio, help="α")
-    p.add_argument("--exact", action="store_true", help="CATConfig(lean=False)")
+    p.add_argument("--lean", action="store_true", help="CATConfig(lean=True)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=command)
     return p
@@ -51,7 +51,7 @@ def command(args: argparse.Namespace) -> int:
         args.shape,
         height,
         width,
-        CATConfig(keep_ratio=args.keep_ratio, lean=not args.exact),
+        CATConfig(keep_ratio=args.keep_ratio, lean=args.lean),
         batch=args.batch,
         cfg=not args.no_cfg,
         text_tokens=args.text_tokens,
