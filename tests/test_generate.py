@@ -344,10 +344,12 @@ def test_not_sd3_pipeline_and_cli_message(tmp_path, capsys):
         assert last.startswith("catpatch generate: error: DDPMPipeline is not a supported SD3")
         assert "Traceback" not in err
 
-    assert main(["--model", str(tmp_path / "nope"), "--prompt", "a", "--out", "x"]) == 2
+    out = str(tmp_path / "x")
+    assert main(["--model", str(tmp_path / "nope"), "--prompt", "a", "--out", out]) == 2
     assert "does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists(), "a failed run left its --out folder behind"
     with pytest.raises(SystemExit):
-        main(["--model", "m", "--prompt", "a", "--out", "x", "--size", "big"])
+        main(["--model", "m", "--prompt", "a", "--out", out, "--size", "big"])
     assert "size must look like 1024x1024" in capsys.readouterr().err
 
 

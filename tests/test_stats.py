@@ -26,7 +26,7 @@ def test_cat_stats_against_hand_calculation(pipe):
     # 16 latent channels, T5 width 64, pooled 64, T=333, L=256, S=76
     D, L, T, S = 32, 256, 333, 76
     outer = L * 4 * 16 * D + T * 64 * D + (256 * D + D * D + 64 * D + D * D) + 2 * D * D
-    projection = D * 4 * 16  # proj_out per token: all L on full steps, the S computed (lean)
+    projection = D * 4 * 16  # proj_out per token: all L tokens (lean: the S computed ones)
 
     def block(n, last):
         image = 12 * D * D * n
@@ -35,11 +35,15 @@ def test_cat_stats_against_hand_calculation(pipe):
         return image + text + 2 * D * (n + T) * (L + T) + modulation
 
     full = outer + L * projection + 3 * block(L, False) + block(L, True)
-    pruned = outer + S * projection + 3 * block(S, False) + block(S, True)
+    pruned = outer + L * projection + 3 * block(S, False) + block(S, True)
     assert stats.macs_unpatched == 2 * 10 * full
     assert stats.macs == 2 * (4 * full + 6 * pruned)
     assert stats.macs_ratio == pytest.approx(stats.macs / stats.macs_unpatched)
     assert "6 pruned" in stats.summary()
+    apply_cat(pipe, CATConfig(keep_ratio=0.3, warmup_steps=4, num_clusters=8, lean=True))
+    generate(pipe, num_inference_steps=10)
+    lean = outer + S * projection + 3 * block(S, False) + block(S, True)
+    assert cat_stats(pipe).macs == 2 * (4 * full + 6 * lean)
 
 
 @pytest.mark.parametrize("steps,expected", [(28, 0.54), (50, 0.46)])

@@ -140,7 +140,7 @@ def cat_block_forward(
     """
     if step is not None:
         rows, output_caches = step.rows, step.residual is not None
-    store = output_caches
+    store = output_caches  # this step keeps attention / FFN output caches
     if block.use_dual_attention:
         normed, gate_msa, shift_mlp, scale_mlp, gate_mlp, normed2, gate_msa2 = block.norm1(
             hidden_states, emb=temb
