@@ -41,7 +41,10 @@ def _golden_latents(pipe, cfg_selection: str) -> torch.Tensor:
     apply_cat(
         pipe,
         CATConfig(
-            keep_ratio=0.3, warmup_steps=4, num_clusters=8, cfg_selection=cfg_selection,
+            keep_ratio=0.3,
+            warmup_steps=4,
+            num_clusters=8,
+            cfg_selection=cfg_selection,
             lean=False,
         ),
     )

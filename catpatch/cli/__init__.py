@@ -15,19 +15,11 @@ from .common import (
     CommandError,
     HelpFormatter,
     Parser,
+    add_cat_options,
     fail,
     nonnegative_int,
     positive_int,
 )
-
-
-def _add_cat_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--keep-ratio", type=float, default=0.3,
-        help="CAT alpha: share of the image tokens recomputed at each pruned step",
-    )  # fmt: skip
-    p.add_argument("--warmup-steps", type=int, default=8, help="CAT t0: full steps before pruning")
-    p.add_argument("--num-clusters", type=int, default=20, help="CAT spatial clusters")
 
 
 def _bench_parser(sub) -> None:
@@ -68,7 +60,7 @@ def _bench_parser(sub) -> None:
         "--text-tokens", type=positive_int, default=333,
         help="text tokens T per row (SD3: 77 CLIP + 256 T5)",
     )  # fmt: skip
-    _add_cat_options(p)
+    add_cat_options(p)
     # "step" and "cat+reuse" skip whole steps: the bound of the table is for pruned steps
     selections = [m for m in SELECTION_MODES if m not in ("step", "cat+reuse")]
     p.add_argument(
@@ -143,7 +135,7 @@ def _demo_parser(sub) -> None:
         "--prompt", action="append",
         help="a prompt; repeat for more (default: four captions the toy model renders well)",
     )  # fmt: skip
-    _add_cat_options(p)
+    add_cat_options(p)
     p.add_argument(
         "--steps", type=positive_int,
         help="denoising steps (default: the model's recommended, 28)",

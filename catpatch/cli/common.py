@@ -167,3 +167,13 @@ def output_folder(path: str | Path) -> Iterator[Path]:
                 break
             folder.rmdir()
         raise
+
+
+def add_cat_options(p: argparse.ArgumentParser) -> None:
+    """--keep-ratio, --warmup-steps, --num-clusters: the CAT settings every command takes."""
+    p.add_argument(
+        "--keep-ratio", type=float, default=0.3,
+        help="CAT alpha: share of the image tokens recomputed at each pruned step",
+    )  # fmt: skip
+    p.add_argument("--warmup-steps", type=int, default=8, help="CAT t0: full steps before pruning")
+    p.add_argument("--num-clusters", type=int, default=20, help="CAT spatial clusters")

@@ -141,20 +141,17 @@ class CatPolicy(DriftPolicy, RecencyPolicy):
         return first_selection(delta, smoothed, self.labels, self.budget, quota)
 
     def next(self, output: Tensor, computed: Tensor) -> Tensor:
-        cfg, budget = self.config, self.budget
         self.update_recency(computed)
         diff, delta = self.drift(output)
-        score = clustering.cluster_scores(diff, self.labels, cfg.num_clusters)
+        score = clustering.cluster_scores(diff, self.labels, self.config.num_clusters)
+        return self.rule(delta, score, int(self.config.cluster_fraction * self.budget))
+
+    def rule(self, delta: Tensor, score: Tensor, cluster_budget: int) -> Tensor:
+        """The per-step selection from Δ (G, L) and the cluster scores (G, C)."""
         return cat_selection(
-            delta,
-            score,
-            self.labels,
-            self.recency,
-            budget,
-            int(cfg.cluster_fraction * budget),
-            self.quotas,
+            delta, score, self.labels, self.recency, self.budget, cluster_budget, self.quotas,
             self.recency_quota,
-        )
+        )  # fmt: skip
 
     def free(self) -> None:
         super().free()

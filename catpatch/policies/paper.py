@@ -123,21 +123,11 @@ class PaperPolicy(CatPolicy):
         quota = paper_first_quota(self.budget, cfg.first_quota)
         return first_selection(delta, smoothed, self.labels, self.budget, quota)
 
-    def next(self, output: Tensor, computed: Tensor) -> Tensor:
-        cfg, budget = self.config, self.budget
-        self.update_recency(computed)
-        diff, delta = self.drift(output)
-        score = clustering.cluster_scores(diff, self.labels, cfg.num_clusters)
+    def rule(self, delta: Tensor, score: Tensor, cluster_budget: int) -> Tensor:
         return paper_selection(
-            delta,
-            score,
-            self.labels,
-            self.recency,
-            budget,
-            int(cfg.cluster_fraction * budget),
-            self.quotas,
+            delta, score, self.labels, self.recency, self.budget, cluster_budget, self.quotas,
             self.recent_quotas,
-        )
+        )  # fmt: skip
 
     def free(self) -> None:
         super().free()

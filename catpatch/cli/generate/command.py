@@ -17,6 +17,7 @@ from ..common import (
     MODEL_HELP,
     HelpFormatter,
     Parser,
+    add_cat_options,
     fail,
     positive_int,
     warn_if_nothing_pruned,
@@ -58,12 +59,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--out", required=True, help="required: output folder (re-run into it to resume)"
     )
     p.add_argument("--no-cat", dest="cat", action="store_false", help="the unpatched baseline")
-    p.add_argument(
-        "--keep-ratio", type=float, default=0.3,
-        help="CAT alpha: share of the image tokens recomputed at each pruned step",
-    )  # fmt: skip
-    p.add_argument("--warmup-steps", type=int, default=8, help="CAT t0: full steps before pruning")
-    p.add_argument("--num-clusters", type=int, default=20, help="CAT spatial clusters")
+    add_cat_options(p)
     p.add_argument("--steps", type=positive_int, default=28, help="denoising steps")
     p.add_argument(
         "--guidance", type=float, help=f"guidance scale (default: {DEFAULT_GUIDANCE}; "
