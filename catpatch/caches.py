@@ -92,8 +92,7 @@ class StepIndex:
     joint_image / joint_text: the two parts apart (eager code writes them separately, with no
     concatenated temporary); out: (G·S,) rows in the flattened (G·L, D) output caches, which
     hold only the driver rows `rows` (the conditional half of a CFG pair that shares its
-    selection); residual: the driver rows' dense residual stream
-    (G, L, D) of this step, or None when the run keeps none (lean).
+    selection).
     """
 
     index: Tensor
@@ -103,7 +102,6 @@ class StepIndex:
     joint_text: Tensor
     out: Tensor
     rows: slice
-    residual: Tensor | None = None
     offsets: tuple[Tensor, ...] = ()  # row offsets of `image`, `joint`, `out`
 
     def tensors(self) -> list[Tensor]:
@@ -117,7 +115,6 @@ class StepIndex:
         index: Tensor,
         tokens: int,
         text_tokens: int,
-        residual: Tensor | None = None,
         chosen: Tensor | None = None,
         rows: slice = ALL_ROWS,
     ) -> StepIndex:
@@ -136,8 +133,7 @@ class StepIndex:
         else:
             out = image
         return cls(
-            index.clone(), image, joint, joint_image.view(-1), text.view(-1), out, rows, residual,
-            offsets,
+            index.clone(), image, joint, joint_image.view(-1), text.view(-1), out, rows, offsets
         )  # fmt: skip
 
     def update(self, chosen: Tensor) -> None:
@@ -188,4 +184,4 @@ class Caches:
     def free(self) -> None:
         self.blocks = [BlockCache() for _ in range(self.num_blocks)]
         self.previous: Tensor | None = None  # (R, L, F) last output of every token
-        self.residual: Tensor | None = None  # (R, L, D) dense residual stream, this call only
+        self.residual: Tensor | None = None  # (G, L, D) driver rows' dense stream, this call

@@ -49,8 +49,9 @@ def test_pruned_block_equals_unpatched_block_on_cached_kv(which):
         h1 = _scatter(h0, index, torch.randn(rows, budget, dim))
         ctx1 = torch.randn(rows, text, dim)
         residual = h1.clone()
-        step = StepIndex.of(index, tokens, text, residual)
-        got = cat_block_forward(block, cache, gather_tokens(h1, index), ctx1, temb, step)
+        step = StepIndex.of(index, tokens, text)
+        x1 = gather_tokens(h1, index)
+        got = cat_block_forward(block, cache, x1, ctx1, temb, step, residual)
         # unpatched block on the mixed input: unselected tokens keep h0, so their K/V are
         # exactly the cached ones
         ref = block(hidden_states=h1, encoder_hidden_states=ctx1, temb=temb)

@@ -39,10 +39,9 @@ def test_pruned_block_compiles_as_one_graph(block_index):
         compiled = torch.compile(cat_block_forward, fullgraph=True, dynamic=False)
         h1 = torch.randn(rows, tokens, dim)
         args = (gather_tokens(h1, index), torch.randn(rows, text, dim), temb)
-        eager = cat_block_forward(
-            block, caches[0], *args, StepIndex.of(index, tokens, text, h1.clone())
-        )
-        graph = compiled(block, caches[1], *args, StepIndex.of(index, tokens, text, h1.clone()))
+        step = StepIndex.of(index, tokens, text)
+        eager = cat_block_forward(block, caches[0], *args, step, h1.clone())
+        graph = compiled(block, caches[1], *args, step, h1.clone())
     torch.testing.assert_close(graph[1], eager[1], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(caches[1].key, caches[0].key, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(caches[1].ff, caches[0].ff, atol=1e-5, rtol=1e-5)

@@ -154,11 +154,11 @@ def test_inductor_updates_the_caches_in_place():
     with torch.no_grad():
         cat_block_forward(block, cache, h, ctx, temb)  # the recording step fills it
         index = torch.stack([torch.randperm(tokens)[:budget].sort().values for _ in range(rows)])
-        step = StepIndex.of(index, tokens, text, h.clone())
+        step, residual = StepIndex.of(index, tokens, text), h.clone()
         compiled = torch.compile(cat_block_forward, fullgraph=True, dynamic=False)
         before = [t.data_ptr() for t in cache.tensors()]
         x = gather_tokens(h, index)
-        _, codes = run_and_get_code(compiled, block, cache, x, ctx, temb, step)
+        _, codes = run_and_get_code(compiled, block, cache, x, ctx, temb, step, residual)
     assert [t.data_ptr() for t in cache.tensors()] == before
     code = "\n".join(codes)
     # no buffer of a cache's size (K/V: rows x (L+T) x D; outputs: rows x L x D) is allocated

@@ -222,7 +222,7 @@ class SD3Adapter:
             residual = state.schedule.driver_rows(output).clone(
                 memory_format=torch.contiguous_format
             )
-            state.caches.residual = state.step_index.residual = residual
+            state.caches.residual = residual
         return gather_tokens(output, state.index)
 
     def _block_forward(
@@ -244,6 +244,7 @@ class SD3Adapter:
                 encoder_hidden_states,
                 temb,
                 step=state.step_index if pruned else None,
+                residual=caches.residual if pruned else None,
                 rows=schedule.driver_slice,
                 keep_all=caches.keep,
                 output_caches=not state.config.lean,

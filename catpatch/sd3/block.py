@@ -124,6 +124,7 @@ def cat_block_forward(
     encoder_hidden_states: Tensor,
     temb: Tensor,
     step: StepIndex | None = None,
+    residual: Tensor | None = None,
     rows: slice = ALL_ROWS,
     keep_all=keep,
     output_caches: bool = True,
@@ -134,12 +135,13 @@ def cat_block_forward(
     On the recording step the K/V caches are filled, and, with `output_caches`, the image
     attention / FFN outputs of the driver rows `rows`. On a pruned step (`step` given) the
     computed tokens' K/V and outputs are written in place, and if the step keeps a dense
-    residual stream (`step.residual`, the driver rows of all L tokens), the gated cached outputs
-    of every token are added to it: from it the unselected tokens' outputs are estimated.
+    `residual` stream (the driver rows of all L tokens; None when lean), the gated cached
+    outputs of every token are added to it: from it the unselected tokens' outputs are
+    estimated.
     `keep_all` turns a recording step's tensors into caches (see `caches.keep`).
     """
     if step is not None:
-        rows, output_caches = step.rows, step.residual is not None
+        rows, output_caches = step.rows, residual is not None
     store = output_caches  # this step keeps attention / FFN output caches
     if block.use_dual_attention:
         normed, gate_msa, shift_mlp, scale_mlp, gate_mlp, normed2, gate_msa2 = block.norm1(
@@ -170,8 +172,7 @@ def cat_block_forward(
     ff_all = _store(cache, "ff", ff_output, step, rows, keep_all) if store else None
     hidden_states = hidden_states + gate_mlp.unsqueeze(1) * ff_output
 
-    if step is not None and step.residual is not None:
-        residual = step.residual
+    if step is not None and residual is not None:
         residual.addcmul_(gate_msa[rows].unsqueeze(1), attn_all)
         if block.use_dual_attention:
             residual.addcmul_(gate_msa2[rows].unsqueeze(1), attn2_all)
