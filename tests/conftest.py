@@ -34,3 +34,20 @@ def generate(pipe, seed: int = 0, **kwargs) -> np.ndarray:
 @pytest.fixture
 def pipe():
     return make_pipe()
+
+
+def policy_after_first(config, groups: int = 2, height: int = 8, width: int = 12):
+    """The token policy of `config` after its first selection on a hand-made drift field
+    (seeded): (policy, output, first selection, budget S)."""
+    from catpatch import policies
+    from catpatch.schedule import Geometry
+
+    policy, _ = policies.build(config)
+    geometry = Geometry(groups, height, width, 9, torch.device("cpu"), torch.float32)
+    budget = config.budget(geometry.tokens)
+    policy.prepare(geometry, budget)
+    gen = torch.Generator().manual_seed(0)
+    reference = torch.randn(groups, geometry.tokens, 16, generator=gen)
+    policy.observe_reference(reference)
+    output = reference + torch.randn(reference.shape, generator=gen)
+    return policy, output, policy.first(output), budget

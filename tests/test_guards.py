@@ -11,15 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import generate
+from conftest import generate, policy_after_first
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import catpatch
-from catpatch import CATConfig, apply_cat, cat_generation, cat_stats, policies
+from catpatch import CATConfig, apply_cat, cat_generation, cat_stats
 from catpatch.models.shapes import build_transformer
 from catpatch.patching import get_patch
 from catpatch.policies import cat
-from catpatch.schedule import Geometry
 
 PACKAGE = str(Path(catpatch.__file__).parent)
 
@@ -76,18 +75,9 @@ def test_pruned_step_has_no_host_sync(shape):
     assert cat_stats(model).pruned_steps == 3
 
 
-def _policy_after_first(selection: str, groups: int = 2, height: int = 8, width: int = 12):
+def _policy_after_first(selection: str):
     config = CATConfig(keep_ratio=0.3, warmup_steps=2, num_clusters=5, selection=selection)
-    token_policy, _ = policies.build(config)
-    geometry = Geometry(groups, height, width, 9, torch.device("cpu"), torch.float32)
-    budget = config.budget(geometry.tokens)
-    token_policy.prepare(geometry, budget)
-    gen = torch.Generator().manual_seed(0)
-    reference = torch.randn(groups, geometry.tokens, 16, generator=gen)
-    token_policy.observe_reference(reference)
-    output = reference + torch.randn(reference.shape, generator=gen)
-    chosen = token_policy.first(output)
-    return token_policy, output, chosen, budget
+    return policy_after_first(config)
 
 
 @pytest.mark.parametrize("selection", ["cat", "paper", "noise", "stale", "random"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import generate, make_pipe
+from conftest import generate, make_pipe, policy_after_first
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from catpatch import CATConfig, apply_cat, cat_stats, policies, remove_cat
@@ -365,18 +365,11 @@ class _Dispatched(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _paper_policy_after_first(groups: int = 2, height: int = 8, width: int = 12):
-    config = CATConfig.paper(warmup_steps=2, num_clusters=5)
-    policy, _ = policies.build(config)
-    geometry = Geometry(groups, height, width, 9, torch.device("cpu"), torch.float32)
-    budget = config.budget(geometry.tokens)
-    policy.prepare(geometry, budget)
-    gen = torch.Generator().manual_seed(0)
-    reference = torch.randn(groups, geometry.tokens, 16, generator=gen)
-    policy.observe_reference(reference)
-    output = reference + torch.randn(reference.shape, generator=gen)
-    first = policy.first(output)
-    _valid(first, budget, geometry.tokens)
+def _paper_policy_after_first():
+    policy, output, first, budget = policy_after_first(
+        CATConfig.paper(warmup_steps=2, num_clusters=5)
+    )
+    _valid(first, budget, policy.geometry.tokens)
     return policy, output, first, budget
 
 
