@@ -80,6 +80,9 @@ class CATConfig:
         reuse_order (int, default 0): what a skipped step ("step", "cat+reuse") gives: 0 the
             last computed output again, 1 a first-order forecast from the last two (per token,
             linear in the step index).
+        token_order (int, default 0): what a pruned step gives for the tokens it does not
+            compute: 0 their last computed output, 1 a first-order forecast from their last two
+            computed outputs (per token, linear in the timestep; `catpatch.forecast`).
     """
 
     keep_ratio: float = 0.3
@@ -99,12 +102,14 @@ class CATConfig:
     lean: bool = False
     reuse_macs: float = 0.5
     reuse_order: int = 0
+    token_order: int = 0
 
     def __post_init__(self) -> None:
         def fail(field: str, why: str) -> None:
             raise ValueError(f"CATConfig.{field}={getattr(self, field)!r}: {why}")
 
-        for name in ("warmup_steps", "num_clusters", "kmeans_iters", "seed", "reuse_order"):
+        integers = ("warmup_steps", "num_clusters", "kmeans_iters", "seed", "reuse_order")
+        for name in (*integers, "token_order"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 fail(name, "must be an int")
@@ -142,6 +147,8 @@ class CATConfig:
             fail("reuse_macs", "must be in (0, 1]; e.g. 0.5 halves the MACs of a run")
         if self.reuse_order not in (0, 1):
             fail("reuse_order", "must be 0 (reuse the last output) or 1 (first-order forecast)")
+        if self.token_order not in (0, 1):
+            fail("token_order", "must be 0 (last computed output) or 1 (first-order forecast)")
         if self.kmeans_iters < 1:
             fail("kmeans_iters", "must be >= 1")
         if self.selection not in SELECTION_MODES:

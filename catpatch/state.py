@@ -18,6 +18,7 @@ from torch import Tensor
 from . import policies
 from .caches import Caches, StepIndex, gather_tokens, keep, static_tensor, write_rows
 from .config import CATConfig
+from .forecast import TokenForecast
 from .schedule import Geometry, Mode, Schedule
 
 
@@ -30,6 +31,7 @@ class CATState:
         self.schedule = Schedule(config)
         self.caches = Caches(num_blocks, persistent)
         self.tokens, self.steps = policies.build(config, persistent)
+        self.forecast = TokenForecast(persistent) if config.token_order else None
         self._free()
 
     # ---- run boundaries -------------------------------------------------------------------
@@ -56,6 +58,8 @@ class CATState:
         if self.tokens is not None:
             self.tokens.free()
         self.steps.free()
+        if self.forecast is not None:
+            self.forecast.free()
         self.chosen: Tensor | None = None  # (G, S) selection of the current / next pruned step
         self.step_index: StepIndex | None = None  # where this pruned step's tokens go
 
@@ -74,6 +78,8 @@ class CATState:
             tensors += self.tokens.tensors()
         if self.step_index is not None:
             tensors += self.step_index.tensors()
+        if self.forecast is not None:
+            tensors += self.forecast.tensors()
         return tensors + [t for t in (self.chosen,) if t is not None]
 
     def cache_bytes(self) -> int:
@@ -116,6 +122,8 @@ class CATState:
             return
         self.caches.allocate(block_shapes, (geo.rows, geo.tokens, features), geo.dtype, geo.device)
         self.tokens.allocate(groups, geo, budget, features)
+        if self.forecast is not None:
+            self.forecast.allocate((geo.rows, geo.tokens, features), geo.device)
         self.chosen = static_tensor((groups, budget), torch.long, geo.device)
         self._start_step_index(self.chosen)
         for tensor in self.step_index.tensors():
@@ -149,29 +157,37 @@ class CATState:
             rows=schedule.driver_slice,
         )
 
-    def observe_output(self, mode: Mode, output: Tensor) -> Tensor:
-        """Take the model output of a step (R, L, F), update the selection state, return the
-        output the model should give (unselected tokens replaced by their previous output)."""
-        schedule, caches, p = self.schedule, self.caches, self.persistent
+    def observe_output(self, mode: Mode, output: Tensor, time: Tensor | None = None) -> Tensor:
+        """Take the model output of a step (R, L, F) at timestep `time` (R,), update the
+        selection state, return the output the model should give (unselected tokens replaced by
+        their previous output, or its forecast with `token_order=1`, which needs `time`)."""
+        schedule, caches, p, forecast = self.schedule, self.caches, self.persistent, self.forecast
         if mode is Mode.REFERENCE:
             self.tokens.observe_reference(schedule.driver_rows(output))
+            if forecast is not None:
+                forecast.observe_reference(output, time)
             return output
         if mode is Mode.RECORD:
             caches.previous = keep(caches.previous, output, p)
             first = self.tokens.first(schedule.driver_rows(output))
             self.chosen = keep(self.chosen, first, p)
             self._start_step_index(first)
+            if forecast is not None:
+                forecast.start(output, time)
             return output
         if mode is not Mode.PRUNED:
             return output
         step = self.step_index
-        if self.config.lean:
-            # `output` holds the computed tokens only; the others' drift is their last output
-            write_rows(caches.previous, step.image, output)
-            estimate = caches.previous
+        # lean: `output` holds the computed tokens only; the others' drift is their last output
+        # (or its forecast)
+        computed = output if self.config.lean else gather_tokens(output, step.index)
+        if forecast is not None:
+            forecast.update(caches.previous, step.index, step.image, computed, time)
+        write_rows(caches.previous, step.image, computed)
+        if forecast is not None:
+            result = forecast.apply(caches.previous, time)
         else:
-            write_rows(caches.previous, step.image, gather_tokens(output, step.index))
-            estimate = output
-        result = caches.previous.clone()
+            result = caches.previous.clone()
+        estimate = result if self.config.lean else output
         self.chosen.copy_(self.tokens.next(schedule.driver_rows(estimate), self.chosen))
         return result

@@ -82,16 +82,18 @@ def test_per_step_selection_compiles_as_one_graph(selection):
         torch.testing.assert_close(a, b)
 
 
-def test_compile_option_matches_eager_without_per_step_recompiles():
+@pytest.mark.parametrize("token_order", [0, 1])
+def test_compile_option_matches_eager_without_per_step_recompiles(token_order):
     """Compiled CAT equals eager CAT, and compiles nothing new after its first pruned step:
     in the FIRST generation (cold: a graph guarded on the step counter would recompile every
     step, up to dynamo's limit) and in later ones. No exact graph count: only that it does not
     grow with the number of pruned steps."""
     pipe = make_pipe()
-    apply_cat(pipe, CFG)
+    config = CFG.replace(token_order=token_order)
+    apply_cat(pipe, config)
     eager = generate(pipe)
     start = counters["stats"]["unique_graphs"]
-    apply_cat(pipe, CFG.replace(compile="default"))
+    apply_cat(pipe, config.replace(compile="default"))
     assert get_patch(pipe).state.persistent
     per_step = []
 

@@ -51,13 +51,16 @@ def _inputs(rows: int, text: int = 9, seed: int = 0) -> dict:
     )
 
 
-@pytest.mark.parametrize("shape", ["tiny-sd3", "tiny-sd3.5-medium"])
-def test_pruned_step_has_no_host_sync(shape):
-    """A whole pruned transformer call (hooks, pruned blocks, output replacement, recency
-    update and the next selection) reads no tensor value on the host."""
+@pytest.mark.parametrize(
+    "shape, token_order", [("tiny-sd3", 0), ("tiny-sd3.5-medium", 0), ("tiny-sd3", 1)]
+)
+def test_pruned_step_has_no_host_sync(shape, token_order):
+    """A whole pruned transformer call (hooks, pruned blocks, output replacement or its
+    forecast, recency update and the next selection) reads no tensor value on the host."""
     torch.manual_seed(0)
     model = build_transformer(shape)
-    apply_cat(model, CATConfig(keep_ratio=0.3, warmup_steps=2, num_clusters=4))
+    config = CATConfig(keep_ratio=0.3, warmup_steps=2, num_clusters=4, token_order=token_order)
+    apply_cat(model, config)
     rows, steps = 2, 5
     inputs = _inputs(rows)
     with torch.no_grad(), cat_generation(model, num_inference_steps=steps):

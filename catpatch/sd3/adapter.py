@@ -67,6 +67,7 @@ class SD3Adapter:
         self.state = state
         self.patches = PatchSet()
         self.controlnet: list[Tensor] | None = None
+        self.timestep: Tensor | None = None  # of the current call, for the token forecast
         self._warned_outside = False
 
     # -- install / remove
@@ -135,6 +136,7 @@ class SD3Adapter:
             return None
         if state.persistent and schedule.step == 0 and schedule.prunes():
             state.allocate(self._block_shapes(), self._features())
+        self.timestep = _call_argument(args, kwargs, "timestep", 3)
         if mode is not Mode.PRUNED:
             return None
         index = state.begin_pruned_step().index
@@ -153,7 +155,7 @@ class SD3Adapter:
         if mode not in (Mode.PASS, Mode.REUSE) and state.steps.skips:
             sample = output[0] if isinstance(output, tuple) else output.sample
             state.steps.observe(sample, schedule.step)
-        self.controlnet = None
+        self.controlnet = self.timestep = None
         state.caches.residual = None
         state.finish_call(mode)
         return None
@@ -286,4 +288,4 @@ class SD3Adapter:
         state = self.state
         if state.schedule.mode in (Mode.PASS, Mode.FULL):
             return None
-        return self._observe(state.schedule.mode, output)
+        return self._observe(state.schedule.mode, output, self.timestep)
