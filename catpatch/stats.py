@@ -9,6 +9,7 @@ the embedders, the AdaLN modulation and the output projection of all L tokens.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .config import CATConfig
@@ -112,6 +113,35 @@ def run_bound(steps: int, warmup: int, tokens: int, text: int, budget: int) -> f
     if steps <= warmup:
         return 1.0
     return steps / (warmup + (steps - warmup) * spec_step_ratio(tokens, text, budget))
+
+
+def measured_macs(run: Callable[[], object], module: str | None = None) -> int:
+    """MACs (half the FLOPs) that torch's FLOP counter sees while `run()` runs: all of them, or
+    those inside modules of class name `module` (e.g. "SD3Transformer2DModel", to leave out the
+    text encoders and VAE of a pipeline). Attention on the CPU is counted as on a GPU."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    count_cpu_attention()
+    counter = FlopCounterMode(display=False)
+    with counter:
+        run()
+    if module is None:
+        return counter.get_total_flops() // 2
+    return sum(counter.get_flop_counts().get(module, {}).values()) // 2
+
+
+def count_cpu_attention() -> None:
+    """Teach torch's FLOP counter the CPU attention kernel (it knows the CUDA ones only; the
+    arithmetic is the same)."""
+    import torch
+    from torch.utils import flop_counter
+
+    op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    if op not in flop_counter.flop_registry:
+
+        @flop_counter.register_flop_formula(op)
+        def _cpu_sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
+            return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
 @dataclass

@@ -5,12 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import generate
-from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
 from catpatch import CATConfig, apply_cat, cat_generation, cat_stats
 from catpatch.models.shapes import SHAPES, build_transformer
-from catpatch.stats import ModelDims, run_bound, run_macs, step_macs
+from catpatch.stats import ModelDims, count_cpu_attention, run_bound, run_macs, step_macs
 
 
 def test_cat_stats_against_hand_calculation(pipe):
@@ -57,12 +56,7 @@ def test_sd3_medium_headline_ratio(steps, expected):
     assert run_bound(28, 8, 4096, 333, 1228) == pytest.approx(1.86, abs=0.01)
 
 
-_CPU_SDPA = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-if _CPU_SDPA not in flop_counter.flop_registry:
-    # torch counts the CUDA attention kernels only; the CPU one has the same arithmetic.
-    @flop_counter.register_flop_formula(_CPU_SDPA)
-    def _cpu_sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
-        return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
+count_cpu_attention()
 
 
 @pytest.mark.parametrize("shape", ["tiny-sd3", "tiny-sd3.5-medium"])

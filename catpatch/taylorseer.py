@@ -1,0 +1,112 @@
+"""diffusers' own TaylorSeerCache on an SD3 pipeline: the peer catpatch's study measures against.
+
+diffusers ships `apply_taylorseer_cache` (TaylorSeer, arXiv 2503.06923: hooked modules run on
+every `cache_interval`-th step after a warm-up and are forecast by a Taylor series in the step
+index in between), but the SD3 pipelines set no cache context, so a hooked SD3 transformer
+raises "No cache context is set", and nothing resets the hooks' state between generations.
+`apply_taylorseer` supplies both for one pipeline — the context for every call of a
+generation, a reset at its start — through the same reversible patches as `apply_cat`.
+
+Two settings: diffusers' default hooks every joint attention (`transformer_blocks.N.attn`: its
+projections and attention are forecast; norms and FFNs still run); `lite=True` is diffusers'
+lite mode — every block skipped (zeros), the output projection forecast: whole steps forecast —
+with the last block skipped module by module, because diffusers' lite mode fails on SD3's last
+block (it returns no text states: `None` has no dtype). `catpatch.stats.measured_macs` measures
+the MACs of such a run with torch's FLOP counter, which agrees with the cost model of ours
+(tests/test_stats.py, tests/test_taylorseer.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import wrapt
+
+from .hooks import PatchSet
+
+_PATCHES = "_catpatch_taylorseer"
+
+
+def apply_taylorseer(
+    pipe: Any,
+    cache_interval: int = 3,
+    warmup_steps: int = 3,
+    max_order: int = 1,
+    lite: bool = False,
+) -> None:
+    """Hook diffusers' TaylorSeerCache into `pipe.transformer` and make the SD3 pipeline run
+    it; `remove_taylorseer(pipe)` undoes both. `warmup_steps` is diffusers'
+    `disable_cache_before_step`; factors are kept in float32 (diffusers' default bfloat16 would
+    add rounding that is not TaylorSeer's)."""
+    import torch
+    from diffusers.hooks import TaylorSeerCacheConfig, apply_taylorseer_cache
+
+    if hasattr(pipe, _PATCHES):
+        raise ValueError("TaylorSeer is already applied to this pipeline; remove_taylorseer first")
+    transformer = pipe.transformer
+    modules = {}
+    if lite:
+        last = len(transformer.transformer_blocks) - 1
+        modules = dict(
+            skip_predict_identifiers=[
+                rf"transformer_blocks\.(?!{last}$)\d+",
+                rf"transformer_blocks\.{last}\.(norm1|norm1_context|attn|attn2|ff)",
+            ],
+            cache_identifiers=["proj_out"],
+        )
+    config = TaylorSeerCacheConfig(
+        cache_interval=cache_interval,
+        disable_cache_before_step=warmup_steps,
+        max_order=max_order,
+        taylor_factors_dtype=torch.float32,
+        **modules,
+    )
+    apply_taylorseer_cache(transformer, config)
+    _registry(transformer).invalidate_child_registries_cache()  # it lists hooked modules
+    patches = PatchSet()
+
+    def start_run(wrapped, instance, args, kwargs):
+        return _Generation(wrapped(*args, **kwargs), transformer)
+
+    patches.set_attribute(pipe, "progress_bar", wrapt.FunctionWrapper(pipe.progress_bar, start_run))
+    setattr(pipe, _PATCHES, patches)
+
+
+def remove_taylorseer(pipe: Any) -> None:
+    """Undo `apply_taylorseer`: the pipeline patch and every TaylorSeer hook."""
+    patches = vars(pipe).pop(_PATCHES, None)
+    if patches is None:
+        return
+    patches.undo()
+    registry = _registry(pipe.transformer)
+    registry.remove_hook("taylorseer_cache")
+    registry.invalidate_child_registries_cache()
+
+
+def _registry(model):
+    from diffusers.hooks import HookRegistry
+
+    return HookRegistry.check_if_exists_or_initialize(model)
+
+
+class _Generation(wrapt.ObjectProxy):
+    """The pipeline's progress bar, which also spans one TaylorSeer generation: fresh hook
+    state and a cache context while the denoising loop runs."""
+
+    def __init__(self, bar, transformer):
+        super().__init__(bar)
+        self._self_transformer = transformer
+
+    def __enter__(self):
+        from diffusers.hooks.hooks import CacheContext, _set_cache_context
+
+        model = self._self_transformer
+        _registry(model).reset_stateful_hooks()
+        _set_cache_context(model, CacheContext("cond"))  # one batched call per step (CFG pair)
+        return self.__wrapped__.__enter__()
+
+    def __exit__(self, *exc):
+        from diffusers.hooks.hooks import _set_cache_context
+
+        _set_cache_context(self._self_transformer, None)
+        return self.__wrapped__.__exit__(*exc)
