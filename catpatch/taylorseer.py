@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from dataclasses import dataclass
+
 import wrapt
 
 from .hooks import PatchSet
@@ -27,17 +29,24 @@ from .hooks import PatchSet
 _PATCHES = "_catpatch_taylorseer"
 
 
-def apply_taylorseer(
-    pipe: Any,
-    cache_interval: int = 3,
-    warmup_steps: int = 3,
-    max_order: int = 1,
-    lite: bool = False,
-) -> None:
+@dataclass(frozen=True)
+class TaylorSeer:
+    """Settings of diffusers' TaylorSeerCache as the study runs it.
+
+    cache_interval: hooked modules run on every n-th step after the warm-up and are forecast
+    in between; warmup_steps: diffusers' `disable_cache_before_step` (full steps first);
+    max_order: order of the Taylor series; lite: forecast whole steps (see the module doc)."""
+
+    cache_interval: int = 3
+    warmup_steps: int = 3
+    max_order: int = 1
+    lite: bool = False
+
+
+def apply_taylorseer(pipe: Any, settings: TaylorSeer = TaylorSeer()) -> None:
     """Hook diffusers' TaylorSeerCache into `pipe.transformer` and make the SD3 pipeline run
-    it; `remove_taylorseer(pipe)` undoes both. `warmup_steps` is diffusers'
-    `disable_cache_before_step`; factors are kept in float32 (diffusers' default bfloat16 would
-    add rounding that is not TaylorSeer's)."""
+    it; `remove_taylorseer(pipe)` undoes both. Factors are kept in float32 (diffusers' default
+    bfloat16 would add rounding that is not TaylorSeer's)."""
     import torch
     from diffusers.hooks import TaylorSeerCacheConfig, apply_taylorseer_cache
 
@@ -45,7 +54,7 @@ def apply_taylorseer(
         raise ValueError("TaylorSeer is already applied to this pipeline; remove_taylorseer first")
     transformer = pipe.transformer
     modules = {}
-    if lite:
+    if settings.lite:
         last = len(transformer.transformer_blocks) - 1
         modules = dict(
             skip_predict_identifiers=[
@@ -55,9 +64,9 @@ def apply_taylorseer(
             cache_identifiers=["proj_out"],
         )
     config = TaylorSeerCacheConfig(
-        cache_interval=cache_interval,
-        disable_cache_before_step=warmup_steps,
-        max_order=max_order,
+        cache_interval=settings.cache_interval,
+        disable_cache_before_step=settings.warmup_steps,
+        max_order=settings.max_order,
         taylor_factors_dtype=torch.float32,
         **modules,
     )

@@ -7,7 +7,8 @@ import csv
 import numpy as np
 
 from catpatch import CATConfig
-from catpatch.cli.study import fidelity, run_study
+from catpatch.cli.study import fidelity, frontier, run_study
+from catpatch.taylorseer import TaylorSeer
 
 
 def test_fidelity_metrics():
@@ -26,17 +27,22 @@ def test_tiny_study_run(tmp_path, recwarn):
     runs = [
         (6, "cat", CATConfig(warmup_steps=3, num_clusters=8)),
         (6, "step", CATConfig(warmup_steps=3, selection="step")),
+        (6, "taylorseer", TaylorSeer(cache_interval=2, warmup_steps=3)),
     ]
     rows = run_study(tmp_path, images=2, batch_size=2, runs=runs, log=lambda *_: None)
-    assert [r.method for r in rows] == ["unpatched", "cat", "step"]
-    base, cat, step = rows
+    assert [r.method for r in rows] == ["unpatched", "cat", "step", "taylorseer"]
+    base, cat, step, taylorseer = rows
+    assert 0.5 < taylorseer.macs_ratio < 1.0 and 5 < taylorseer.psnr < 100
+    assert len(cat.psnr_each) == 2 and taylorseer.setting == "interval 2"
+    targets = (tmp_path / "targets.md").read_text()
+    assert "| 6 | taylorseer interval 2 |" in targets
     assert base.macs_ratio == 1.0 and base.latent_error == 0.0
     assert 0.5 < cat.macs_ratio < 1.0 and abs(step.macs_ratio - cat.macs_ratio) < 0.1
     assert 5 < cat.psnr < 100 and 0 < cat.ssim < 1 and cat.latent_error > 0
     for name in ("study.csv", "study.md", "study.png", "study.json"):
         assert (tmp_path / name).stat().st_size > 0
     with open(tmp_path / "study.csv") as f:
-        assert len(list(csv.DictReader(f))) == 3
+        assert len(list(csv.DictReader(f))) == 4
     assert "| 6 | cat | 0.3 | 3 | 8 |" in (tmp_path / "study.md").read_text()
     assert not [w for w in recwarn if "No artists" in str(w.message)], "plot without a legend"
 
@@ -45,6 +51,16 @@ def test_tiny_study_run(tmp_path, recwarn):
     again = run_study(tmp_path, images=2, batch_size=2, runs=runs, log=logged.append)
     assert [r.psnr for r in again] == [r.psnr for r in rows]
     assert not any("PSNR" in line for line in logged)
+
+
+def test_frontier_keeps_what_nothing_cheaper_beats():
+    from catpatch.cli.study import Row
+
+    def row(macs, psnr):
+        return Row(28, "cat", "", 0.3, 8, 20, macs, psnr, psnr, 1, 0, 1, 1, 0)
+
+    rows = [row(0.5, 30), row(0.6, 29), row(0.4, 25), row(0.7, 33), row(0.5, 28)]
+    assert [(r.macs_ratio, r.psnr) for r in frontier(rows)] == [(0.4, 25), (0.5, 30), (0.7, 33)]
 
 
 def test_study_command_quick_end_to_end(tmp_path, capsys):

@@ -7,7 +7,7 @@ import pytest
 from conftest import generate, make_pipe
 
 from catpatch.stats import ModelDims, measured_macs, run_macs
-from catpatch.taylorseer import apply_taylorseer, remove_taylorseer
+from catpatch.taylorseer import TaylorSeer, apply_taylorseer, remove_taylorseer
 
 
 def test_sd3_pipelines_cannot_run_taylorseer_as_shipped():
@@ -26,7 +26,7 @@ def test_sd3_pipelines_cannot_run_taylorseer_as_shipped():
 def test_taylorseer_runs_resets_and_is_removed(lite):
     pipe = make_pipe("tiny-sd3.5-medium")  # dual attention blocks included
     base = generate(pipe)
-    apply_taylorseer(pipe, cache_interval=3, warmup_steps=3, lite=lite)
+    apply_taylorseer(pipe, TaylorSeer(cache_interval=3, warmup_steps=3, lite=lite))
     with pytest.raises(ValueError, match="already applied"):
         apply_taylorseer(pipe)
     first, second = generate(pipe), generate(pipe)
@@ -59,7 +59,7 @@ def test_taylorseer_macs_are_counted_as_ours():
     _, model = run_macs(dims, rows, tokens, text, tokens, steps, 0)
     ratios = {}
     for lite in (False, True):
-        apply_taylorseer(pipe, cache_interval=3, warmup_steps=3, lite=lite)
+        apply_taylorseer(pipe, TaylorSeer(cache_interval=3, warmup_steps=3, lite=lite))
         run = measured_macs(lambda: generate(pipe, num_inference_steps=steps), MODEL)
         ratios[lite] = run / unpatched
         remove_taylorseer(pipe)

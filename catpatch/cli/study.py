@@ -3,17 +3,23 @@
 On the trained toy pipeline (`catpatch.toy`), a fixed set of captions and seeds is generated
 unpatched and with every method, for 28 and 50 steps and keep ratios 0.2 / 0.3 / 0.5:
 
-- `cat` (the default) and, at the same MACs, `random`, `noise` (drift only), `stale`
-  (round robin) and `step` (step-level reuse: whole steps computed or skipped);
+- token policies at the same MACs: `cat` (the default), `paper` (the reference's rules),
+  each also with the first-order token forecast (`+forecast`, `token_order=1`), and the
+  ablations `random`, `noise` (drift only), `stale` (round robin);
+- whole-step peers: `step` (step-level reuse at CAT's MACs, also at α 0.05 / 0.1 to cover low
+  MACs) and `step+forecast` (skipped steps forecast, `reuse_order=1`); `cat+reuse` (CAT
+  combined with step reuse at MACs 0.4 / 0.5 / 0.6, zeroth and first order); diffusers'
+  `taylorseer` (attention forecast) and `taylorseer-lite` (whole steps forecast) at cache
+  intervals 2-4, MACs measured with torch's FLOP counter (`catpatch.taylorseer`);
 - warm-up t0 and the cluster count swept around the defaults (28 steps, α 0.3).
 
 Fidelity to the unpatched output: PSNR and SSIM in pixel space (torchmetrics), the relative L2
 error of the final latents; caption following: the toy detector's accuracy on the images
 (colour and position of the shape both right, and all six attributes right). Writes
 `study.csv`, `study.md` (a table), `study.png` (PSNR against MACs, one line per method) and
-`study.json`. Finished runs are kept in `rows.jsonl` (and the unpatched references in
-`reference-*.pt`), so rerunning into the same folder resumes an interrupted study; use a new
-folder after changing the model or the code.
+`study.json`, and `targets.md` (the comparisons at equal MACs). Finished runs are kept in
+`rows.jsonl` (and the unpatched references in `reference-*.pt`), so rerunning into the same
+folder resumes an interrupted study; use a new folder after changing the model or the code.
 """
 
 from __future__ import annotations
@@ -30,13 +36,40 @@ from torch import Tensor
 
 from ..config import CATConfig
 from ..patching import apply_cat, remove_cat
+from ..taylorseer import TaylorSeer, apply_taylorseer, remove_taylorseer
 from .common import CommandError
 
-METHODS = ("cat", "random", "noise", "stale", "step")
+# Token policies: run at every keep ratio, all at the same MACs.
+TOKEN_METHODS: dict[str, dict] = {
+    "cat": {},
+    "cat+forecast": dict(token_order=1),
+    "paper": dict(selection="paper"),
+    "paper+forecast": dict(selection="paper", token_order=1),
+    "random": dict(selection="random"),
+    "noise": dict(selection="noise"),
+    "stale": dict(selection="stale"),
+}
+STEP_METHODS: dict[str, dict] = {
+    "step": dict(selection="step"),
+    "step+forecast": dict(selection="step", reuse_order=1),
+}
+COMBINED_METHODS: dict[str, dict] = {
+    "cat+reuse": dict(selection="cat+reuse"),
+    "cat+reuse+forecast": dict(selection="cat+reuse", reuse_order=1, token_order=1),
+}
+QUICK_METHODS = ("cat", "random", "noise", "stale", "step")
+METHODS = (*TOKEN_METHODS, *STEP_METHODS, *COMBINED_METHODS, "taylorseer", "taylorseer-lite")
+CATPATCH_METHODS = (*TOKEN_METHODS, *STEP_METHODS, *COMBINED_METHODS)
 STEPS = (28, 50)
 KEEP_RATIOS = (0.2, 0.3, 0.5)
+LOW_STEP_KEEP_RATIOS = (0.05, 0.1)  # step reuse below CAT's MACs, for the combined policy
+REUSE_MACS = (0.4, 0.5, 0.6)
+TAYLORSEER_INTERVALS = (2, 3, 4)
 WARMUP_SWEEP = (4, 6, 10, 12)
 CLUSTER_SWEEP = (5, 10, 40)
+MODEL = "SD3Transformer2DModel"  # whose MACs are counted
+
+Setting = CATConfig | TaylorSeer
 
 
 @dataclass
@@ -45,6 +78,7 @@ class Row:
 
     steps: int
     method: str
+    setting: str  # what sets the MACs when α does not: the combined target, the interval
     keep_ratio: float
     warmup_steps: int
     num_clusters: int
@@ -56,9 +90,14 @@ class Row:
     accuracy_colour_position: float  # detector: colour and position both right
     accuracy_all: float  # detector: all attributes right
     seconds: float
+    psnr_each: tuple[float, ...] = ()  # per image, for paired comparisons (rows.jsonl only)
+
+    def table(self) -> dict:
+        """The fields written to study.csv / study.json."""
+        return {k: v for k, v in asdict(self).items() if k != "psnr_each"}
 
 
-def _generate(pipe, prompts, steps: int, batch_size: int) -> tuple[Tensor, np.ndarray]:
+def _generate(pipe, prompts, steps: int, batch_size: int = 16) -> tuple[Tensor, np.ndarray]:
     """Final latents and decoded images (N, H, W, 3) in [0, 1] for the evaluation prompts."""
     from .. import toy
 
@@ -89,20 +128,30 @@ def fidelity(images: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray, np.
     return psnr.numpy(), ssim.numpy()
 
 
-def configurations(quick: bool = False) -> list[tuple[int, str, CATConfig]]:
-    """(steps, method, config) of every run of the study; `quick` keeps a small subset."""
-    runs = []
-    steps_list = STEPS[:1] if quick else STEPS
-    keeps = KEEP_RATIOS[1:2] if quick else KEEP_RATIOS
-    for steps in steps_list:
-        for keep in keeps:
-            for method in METHODS:
-                runs.append((steps, method, CATConfig(keep_ratio=keep, selection=method)))
-    if not quick:
-        for t0 in WARMUP_SWEEP:
-            runs.append((28, "cat", CATConfig(warmup_steps=t0)))
-        for clusters in CLUSTER_SWEEP:
-            runs.append((28, "cat", CATConfig(num_clusters=clusters)))
+def configurations(quick: bool = False) -> list[tuple[int, str, Setting]]:
+    """(steps, method, settings) of every run of the study; `quick` keeps a small subset
+    (28 steps, α 0.3, the token ablations and step reuse)."""
+    if quick:
+        methods = {**TOKEN_METHODS, **STEP_METHODS}
+        return [(28, m, CATConfig(keep_ratio=0.3, **methods[m])) for m in QUICK_METHODS]
+    runs: list[tuple[int, str, Setting]] = []
+    for steps in STEPS:
+        for keep in KEEP_RATIOS:
+            for method, fields in {**TOKEN_METHODS, **STEP_METHODS}.items():
+                runs.append((steps, method, CATConfig(keep_ratio=keep, **fields)))
+        for keep in LOW_STEP_KEEP_RATIOS:
+            runs.append((steps, "step", CATConfig(keep_ratio=keep, selection="step")))
+        for macs in REUSE_MACS:
+            for method, fields in COMBINED_METHODS.items():
+                runs.append((steps, method, CATConfig(reuse_macs=macs, **fields)))
+        for interval in TAYLORSEER_INTERVALS:
+            for lite in (False, True):
+                method = "taylorseer-lite" if lite else "taylorseer"
+                runs.append((steps, method, TaylorSeer(cache_interval=interval, lite=lite)))
+    for t0 in WARMUP_SWEEP:
+        runs.append((28, "cat", CATConfig(warmup_steps=t0)))
+    for clusters in CLUSTER_SWEEP:
+        runs.append((28, "cat", CATConfig(num_clusters=clusters)))
     return runs
 
 
@@ -126,7 +175,7 @@ def run_study(
     images: int = 64,
     quick: bool = False,
     batch_size: int = 16,
-    runs: list[tuple[int, str, CATConfig]] | None = None,
+    runs: list[tuple[int, str, Setting]] | None = None,
     log=print,
     model: str = "toy",
     progress: bool = False,
@@ -174,12 +223,13 @@ def run_study(
             acc = accuracy(references[steps][1])
             rows.append(
                 Row(
-                    steps, "unpatched", 1.0, steps, 0, 1.0, float("inf"), float("inf"), 1.0,
-                    0.0, acc["colour+position"], acc["all"], time.perf_counter() - start,
+                    steps, "unpatched", "", 1.0, steps, 0, 1.0, float("inf"), float("inf"),
+                    1.0, 0.0, acc["colour+position"], acc["all"], time.perf_counter() - start,
                 )
             )  # fmt: skip
             log(f"unpatched {steps} steps: done")
             bar.update(1)
+        unpatched_macs: dict[int, int] = {}
         for steps, method, config in runs:
             key = _key(steps, config)
             if key in done:
@@ -187,25 +237,32 @@ def run_study(
                 bar.update(1)
                 continue
             start = time.perf_counter()
-            apply_cat(pipe, config)
-            latents, imgs = _generate(pipe, prompts, steps, batch_size)
-            stats = cat_stats(pipe)
-            remove_cat(pipe)
+            if isinstance(config, TaylorSeer):
+                latents, imgs, macs = _run_taylorseer(
+                    pipe, prompts, steps, batch_size, config, unpatched_macs
+                )
+                keep, t0, clusters = 1.0, config.warmup_steps, 0
+            else:
+                apply_cat(pipe, config)
+                latents, imgs = _generate(pipe, prompts, steps, batch_size)
+                macs = cat_stats(pipe).macs_ratio
+                remove_cat(pipe)
+                keep, t0, clusters = config.keep_ratio, config.warmup_steps, config.num_clusters
             ref_latents, ref_images = references[steps]
             psnr, ssim = fidelity(imgs, ref_images)
             ref_norm = ref_latents.flatten(1).norm(dim=1)
             error = (latents - ref_latents).flatten(1).norm(dim=1) / ref_norm
             acc = accuracy(imgs)
             row = Row(
-                steps, method, config.keep_ratio, config.warmup_steps, config.num_clusters,
-                stats.macs_ratio, float(psnr.mean()), float(psnr.min()), float(ssim.mean()),
-                float(error.mean()), acc["colour+position"], acc["all"],
-                time.perf_counter() - start,
+                steps, method, _describe(config), keep, t0, clusters, macs, float(psnr.mean()),
+                float(psnr.min()), float(ssim.mean()), float(error.mean()),
+                acc["colour+position"], acc["all"], time.perf_counter() - start,
+                tuple(float(v) for v in psnr),
             )  # fmt: skip
             rows.append(row)
             with open(out / "rows.jsonl", "a") as f:
                 f.write(json.dumps({"key": key, "images": images, **asdict(row)}) + "\n")
-            log(f"{steps} steps {config!r}: PSNR {row.psnr:.2f} dB, MACs {row.macs_ratio:.3f}")
+            log(f"{steps} steps {method} {config!r}: PSNR {row.psnr:.2f} dB, MACs {macs:.3f}")
             bar.update(1)
     finally:
         bar.close()
@@ -213,7 +270,36 @@ def run_study(
     return rows
 
 
-def _key(steps: int, config: CATConfig) -> str:
+def _run_taylorseer(
+    pipe, prompts, steps: int, batch_size: int, settings: TaylorSeer, unpatched: dict[int, int]
+) -> tuple[Tensor, np.ndarray, float]:
+    """Latents, images and MACs ratio of diffusers' TaylorSeerCache (MACs measured on one
+    caption: the ratio does not depend on it)."""
+    from ..stats import measured_macs
+
+    def one() -> None:
+        _generate(pipe, prompts[:1], steps)
+
+    if steps not in unpatched:
+        unpatched[steps] = measured_macs(one, MODEL)
+    apply_taylorseer(pipe, settings)
+    try:
+        latents, imgs = _generate(pipe, prompts, steps, batch_size)
+        macs = measured_macs(one, MODEL) / unpatched[steps]
+    finally:
+        remove_taylorseer(pipe)
+    return latents, imgs, macs
+
+
+def _describe(config: Setting) -> str:
+    if isinstance(config, TaylorSeer):
+        return f"interval {config.cache_interval}"
+    if config.selection == "cat+reuse":
+        return f"MACs target {config.reuse_macs:g}"
+    return ""
+
+
+def _key(steps: int, config: Setting) -> str:
     return f"{steps} {config!r}"
 
 
@@ -242,20 +328,124 @@ def _reference(out: Path, images: int, steps: int, make) -> tuple[Tensor, np.nda
 
 
 def write_outputs(out: Path, rows: list[Row], images: int) -> None:
-    fields = list(asdict(rows[0]))
+    fields = list(rows[0].table())
     with open(out / "study.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
-        writer.writerows(asdict(r) for r in rows)
+        writer.writerows(r.table() for r in rows)
     (out / "study.md").write_text(markdown_table(rows, images))
-    (out / "study.json").write_text(json.dumps([asdict(r) for r in rows], indent=1))
+    (out / "study.json").write_text(json.dumps([r.table() for r in rows], indent=1))
+    (out / "targets.md").write_text(targets(rows))
     plot(rows, out / "study.png")
+
+
+def _paired(a: Row, b: Row) -> tuple[float, float]:
+    """Mean PSNR difference a − b over the same images and its standard error."""
+    d = np.asarray(a.psnr_each) - np.asarray(b.psnr_each)
+    finite = d[np.isfinite(d)]
+    if finite.size < 2:
+        return float(a.psnr - b.psnr), float("nan")
+    return float(finite.mean()), float(finite.std(ddof=1) / np.sqrt(finite.size))
+
+
+def _difference(a: Row, b: Row) -> str:
+    mean, se = _paired(a, b)
+    return f"{mean:+.2f} ± {se:.2f}"
+
+
+def _interpolate(rows: list[Row], macs: float) -> float | None:
+    """PSNR of a method's curve at `macs` (linear between its runs; None outside them)."""
+    points = sorted((r.macs_ratio, r.psnr) for r in rows)
+    for (x0, y0), (x1, y1) in zip(points, points[1:], strict=False):
+        if x0 <= macs <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (macs - x0) / (x1 - x0)
+    return None
+
+
+def targets(rows: list[Row]) -> str:
+    """The study's comparisons as markdown: each catpatch method against its peers at equal
+    MACs (issue #12's targets), with paired standard errors where the MACs are the same."""
+    default = "cat" if CATConfig().token_order == 0 else "cat+forecast"
+    if CATConfig().selection == "paper":
+        default = default.replace("cat", "paper")
+    main = [r for r in rows if not _in_sweep(r) and r.method != "unpatched"]
+    out = [f"Default token policy: `{default}`. Differences in dB PSNR ± standard error.\n"]
+
+    def find(steps, method, keep=None):
+        found = [r for r in main if r.steps == steps and r.method == method]
+        return next((r for r in found if keep is None or r.keep_ratio == keep), None)
+
+    out.append("| steps | α | MACs | default − random | − noise | − stale | forecast gain |")
+    out.append("|---|---|---|---|---|---|---|")
+    for steps in sorted({r.steps for r in main}):
+        for keep in KEEP_RATIOS:
+            base = find(steps, default, keep)
+            if base is None:
+                continue
+            cells = []
+            for peer in ("random", "noise", "stale"):
+                other = find(steps, peer, keep)
+                cells.append("-" if other is None else _difference(base, other))
+            zeroth = find(steps, default.replace("+forecast", ""), keep)
+            forecast = find(steps, default.split("+")[0] + "+forecast", keep)
+            gain = "-" if not (zeroth and forecast) else _difference(forecast, zeroth)
+            out.append(
+                f"| {steps} | {keep:g} | {base.macs_ratio:.3f} | "
+                + " | ".join(cells)
+                + f" | {gain} |"
+            )
+    out.append(
+        "\nCombined policy against step reuse (the better of `step` / `step+forecast`, "
+        "interpolated at the same MACs):\n"
+    )
+    out.append("| steps | method | MACs | PSNR | step reuse at these MACs | margin |")
+    out.append("|---|---|---|---|---|---|")
+    for r in (r for r in main if r.method in COMBINED_METHODS):
+        curves = [[s for s in main if s.steps == r.steps and s.method == m] for m in STEP_METHODS]
+        peers = [v for v in (_interpolate(c, r.macs_ratio) for c in curves) if v is not None]
+        peer = max(peers) if peers else None
+        margin = "-" if peer is None else f"{r.psnr - peer:+.2f}"
+        shown = "-" if peer is None else f"{peer:.2f}"
+        out.append(
+            f"| {r.steps} | {r.method} | {r.macs_ratio:.3f} | {r.psnr:.2f} | {shown} | {margin} |"
+        )
+    out.append("\nTaylorSeerCache against catpatch's best run at no more MACs (target: +1 dB):\n")
+    out.append("| steps | TaylorSeer | MACs | PSNR | catpatch best (method, MACs) | margin |")
+    out.append("|---|---|---|---|---|---|")
+    for r in (r for r in main if r.method.startswith("taylorseer")):
+        ours = [c for c in main if c.steps == r.steps and c.method in CATPATCH_METHODS]
+        cheaper = [c for c in ours if c.macs_ratio <= r.macs_ratio + 1e-9]
+        best = max(cheaper, key=lambda c: c.psnr, default=None)
+        if best is None:
+            out.append(
+                f"| {r.steps} | {r.method} {r.setting} | {r.macs_ratio:.3f} | "
+                f"{r.psnr:.2f} | none at these MACs | - |"
+            )
+            continue
+        out.append(
+            f"| {r.steps} | {r.method} {r.setting} | {r.macs_ratio:.3f} | {r.psnr:.2f} | "
+            f"{best.psnr:.2f} ({best.method} {best.setting or f'α {best.keep_ratio:g}'}, "
+            f"{best.macs_ratio:.3f}) | {best.psnr - r.psnr:+.2f} |"
+        )
+    out.append(
+        "\nCaption following (detector, colour and position right) below unpatched by "
+        "more than two binomial standard errors:\n"
+    )
+    for steps in sorted({r.steps for r in main}):
+        reference = next(r for r in rows if r.steps == steps and r.method == "unpatched")
+        p = reference.accuracy_colour_position
+        n = max((len(r.psnr_each) for r in main), default=1) or 1
+        noise = 2 * np.sqrt(max(p * (1 - p), 1 / n) / n)
+        low = [r for r in main if r.steps == steps and r.accuracy_colour_position < p - noise]
+        names = ", ".join(f"{r.method} {r.setting or f'α {r.keep_ratio:g}'}" for r in low)
+        out.append(f"- {steps} steps (unpatched {p:.3f}, 2 SE {noise:.3f}): {names or 'none'}")
+    return "\n".join(out) + "\n"
 
 
 def markdown_table(rows: list[Row], images: int) -> str:
     head = (
         f"| steps | method | α | t0 | C | MACs | PSNR dB (min) | SSIM | latent err | "
-        f"acc colour+pos | acc all |\n|{'---|' * 11}\n"
+        f"acc colour+pos | acc all | setting |\n|{'---|' * 12}\n"
     )
     lines = []
     for r in rows:
@@ -263,41 +453,58 @@ def markdown_table(rows: list[Row], images: int) -> str:
         lines.append(
             f"| {r.steps} | {r.method} | {r.keep_ratio:g} | {r.warmup_steps} | "
             f"{r.num_clusters or '-'} | {r.macs_ratio:.3f} | {psnr} | {r.ssim:.4f} | "
-            f"{r.latent_error:.4f} | {r.accuracy_colour_position:.3f} | {r.accuracy_all:.3f} |"
+            f"{r.latent_error:.4f} | {r.accuracy_colour_position:.3f} | {r.accuracy_all:.3f} | "
+            f"{r.setting} |"
         )
     return f"{images} images per configuration.\n\n" + head + "\n".join(lines) + "\n"
 
 
 def plot(rows: list[Row], path: Path) -> None:
-    """PSNR against MACs ratio, one line per method, one panel per step count."""
+    """PSNR against MACs ratio, one line per method, one panel per step count; the dashed
+    line is catpatch's frontier (the best PSNR at or below each MACs, over its methods)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     steps_list = sorted({r.steps for r in rows})
-    fig, axes = plt.subplots(1, len(steps_list), figsize=(5.5 * len(steps_list), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(steps_list), figsize=(7 * len(steps_list), 5), squeeze=False)
     for ax, steps in zip(axes[0], steps_list, strict=True):
+        shown = [r for r in rows if r.steps == steps and not _in_sweep(r)]
         for method in METHODS:
-            points = sorted(
-                (r.macs_ratio, r.psnr)
-                for r in rows
-                if r.steps == steps and r.method == method and _default_sweep(r)
-            )
+            points = sorted((r.macs_ratio, r.psnr) for r in shown if r.method == method)
             if points:
                 x, y = zip(*points, strict=True)
-                ax.plot(x, y, marker="o", label=method)
+                style = "s--" if method.startswith("taylorseer") else "o-"
+                ax.plot(x, y, style, label=method, markersize=4)
+        front = frontier([r for r in shown if r.method in CATPATCH_METHODS])
+        if front:
+            x, y = zip(*((r.macs_ratio, r.psnr) for r in front), strict=True)
+            ax.step(x, y, "k:", where="post", label="catpatch frontier", linewidth=1)
         ax.set_title(f"{steps} steps (t0 8, 20 clusters)")
         ax.set_xlabel("MACs / unpatched")
         ax.set_ylabel("PSNR vs unpatched (dB)")
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:  # a run without the default t0 / clusters has none
-            ax.legend()
+            ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def _default_sweep(row: Row) -> bool:
+def frontier(rows: list[Row]) -> list[Row]:
+    """The rows no other row beats with fewer or equal MACs and a higher PSNR, by MACs."""
+    best, front = float("-inf"), []
+    for row in sorted(rows, key=lambda r: (r.macs_ratio, -r.psnr)):
+        if row.psnr > best:
+            best = row.psnr
+            front.append(row)
+    return front
+
+
+def _in_sweep(row: Row) -> bool:
+    """A row of the t0 / cluster sweeps (CAT away from the default warm-up or clusters)."""
     defaults = CATConfig()
-    return row.warmup_steps == defaults.warmup_steps and (row.num_clusters == defaults.num_clusters)
+    return row.method == "cat" and (
+        row.warmup_steps != defaults.warmup_steps or row.num_clusters != defaults.num_clusters
+    )
