@@ -18,9 +18,8 @@ the MACs of such a run with torch's FLOP counter, which agrees with the cost mod
 
 from __future__ import annotations
 
-from typing import Any
-
 from dataclasses import dataclass
+from typing import Any
 
 import wrapt
 

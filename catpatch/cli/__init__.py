@@ -10,6 +10,7 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..toy import TEXT_TOKENS as TOY_TEXT_TOKENS
 from .common import (
     MODEL_HELP,
     CommandError,
@@ -57,8 +58,8 @@ def _bench_parser(sub) -> None:
         help="no classifier-free guidance: batch rows instead of 2 x batch",
     )  # fmt: skip
     p.add_argument(
-        "--text-tokens", type=positive_int, default=333,
-        help="text tokens T per row (SD3: 77 CLIP + 256 T5)",
+        "--text-tokens", type=positive_int, default=None,
+        help="text tokens T per row (default: 333, SD3's 77 CLIP + 256 T5; 32 with --model toy)",
     )  # fmt: skip
     add_cat_options(p)
     # "step" and "cat+reuse" skip whole steps: the bound of the table is for pruned steps
@@ -102,7 +103,7 @@ def _bench(args) -> int:
         steps=args.steps,
         batch=args.batch,
         cfg=args.cfg,
-        text_tokens=args.text_tokens,
+        text_tokens=args.text_tokens or (TOY_TEXT_TOKENS if args.model == "toy" else 333),
         keep_ratio=args.keep_ratio,
         warmup_steps=args.warmup_steps,
         num_clusters=args.num_clusters,

@@ -1,8 +1,9 @@
 """The toy model's architecture: a complete `StableDiffusion3Pipeline` at small size.
 
 The text encoders are seeded random and stay frozen; the VAE and transformer start here and are
-trained by `catpatch.toy.train`. The T5 encoder's relative position bias is zero, so every T5
-padding token gets the same embedding (training relies on it, see `train.compress_text`).
+trained by `catpatch.toy.train`. The T5 sequence is 16 tokens (`T5_LENGTH`, the pipeline call's
+`max_sequence_length`, see `catpatch.toy.CALL_KWARGS`), so the toy has 32 text tokens against
+256 image tokens: SD3-medium's ratio at 1024² (333 against 4096), where pruning pays.
 """
 
 from __future__ import annotations
@@ -12,11 +13,9 @@ from typing import Any
 import torch
 
 from ..models import tiny
-from .data import IMAGE_SIZE, WORDS
+from .data import CLIP_LENGTH, IMAGE_SIZE, MAX_SEQUENCE_LENGTH, WORDS
 
-CLIP_LENGTH = 16  # CLIP tokenizers' model_max_length: the longest caption is 15 tokens
-T5_LENGTH = 256  # the pipeline's default max_sequence_length
-T5_KEEP = 16  # T5 positions that can hold caption tokens; the rest are identical padding
+T5_LENGTH = MAX_SEQUENCE_LENGTH  # the longest caption is 15 T5 tokens with its end token
 LATENT_CHANNELS = 16
 VAE_BLOCKS = 2  # vae_scale_factor 2: 64 px images -> 32 x 32 latents -> 16 x 16 = 256 tokens
 VAE_CHANNELS = (32, 32)
@@ -48,7 +47,7 @@ def vocabulary() -> tuple[str, ...]:
 
 def text_components(seed: int = 0) -> dict[str, Any]:
     """The three tokenizers and three seeded random, frozen text encoders, with the T5
-    relative position bias zeroed (identical padding embeddings, see `train.compress_text`)."""
+    relative position bias zeroed (as the toy was first built; it is kept for the seeds)."""
     text = tiny.text_components(
         vocabulary(), seed, clip_length=CLIP_LENGTH, clip_projection=CLIP_PROJ,
         t5_dim=TEXT_DIM, t5_ff=128, t5_kv=32,

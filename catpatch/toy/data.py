@@ -12,6 +12,10 @@ from typing import NamedTuple
 import numpy as np
 
 IMAGE_SIZE = 64
+# T5 tokens per caption (the pipeline call's `max_sequence_length`): every caption fits.
+MAX_SEQUENCE_LENGTH = 16
+CLIP_LENGTH = 16  # the CLIP tokenizers' model_max_length: the longest caption is 15 tokens
+TEXT_TOKENS = CLIP_LENGTH + MAX_SEQUENCE_LENGTH  # T of the toy's transformer calls
 
 SIZES = ("small", "medium", "large")
 COLOURS = ("red", "green", "blue", "yellow", "purple", "white")

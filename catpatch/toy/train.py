@@ -4,12 +4,8 @@ Stages, all seeded: (1) the VAE on random images; (2) a fixed data set encoded t
 whose statistics set the VAE's `shift_factor` / `scaling_factor`; (3) the transformer with the
 rectified-flow objective of SD3 on those latents and the frozen text encoders' embeddings of the
 captions; (4) the shape detector used by `check`. The pipeline is saved with `save_pretrained`
-in float16, the detector beside it.
-
-The pipeline pads every T5 prompt to 256 tokens, and with no position bias in the toy T5 all
-padding tokens are identical, so training keeps one of them and adds the log of their count to
-its attention logits (`compress_text`): exactly the attention of the full sequence, at an
-eighth of the text tokens.
+in float16, the detector beside it. Captions are encoded as the pipeline encodes them at the
+toy's `max_sequence_length` (16 T5 tokens), so training sees the text sequence sampling sees.
 """
 
 from __future__ import annotations
@@ -113,65 +109,19 @@ def label_key(labels: np.ndarray) -> np.ndarray:
     return key
 
 
-def compress_text(prompt_embeds: Tensor) -> tuple[Tensor, float]:
-    """Drop the identical T5 padding tokens but one; return it and the log of their count.
-
-    `prompt_embeds` is the pipeline's (B, CLIP_LENGTH + T5_LENGTH, D) text sequence.
-    """
-    cut = build.CLIP_LENGTH + build.T5_KEEP
-    pads = prompt_embeds[:, cut:]
-    if not torch.allclose(pads, pads[:, :1].expand_as(pads), atol=1e-5):
-        raise ValueError("T5 padding tokens differ: the T5 encoder must have no position bias")
-    return prompt_embeds[:, : cut + 1].contiguous(), math.log(pads.shape[1])
-
-
 @torch.no_grad()
-def encode_captions(pipe, captions: list[str], chunk: int = 512) -> tuple[Tensor, Tensor, float]:
-    """Compressed prompt embeddings (N, L, D), pooled embeddings (N, P) and the pad log-count."""
+def encode_captions(pipe, captions: list[str], chunk: int = 512) -> tuple[Tensor, Tensor]:
+    """Prompt embeddings (N, CLIP_LENGTH + T5_LENGTH, D) and pooled embeddings (N, P)."""
     embeds, pooled = [], []
     for i in range(0, len(captions), chunk):
         part = captions[i : i + chunk]
-        pe, _, pp, _ = pipe.encode_prompt(part, part, part, do_classifier_free_guidance=False)
-        pe, log_count = compress_text(pe)
+        pe, _, pp, _ = pipe.encode_prompt(
+            part, part, part, do_classifier_free_guidance=False,
+            max_sequence_length=build.T5_LENGTH,
+        )  # fmt: skip
         embeds.append(pe)
         pooled.append(pp)
-    return torch.cat(embeds), torch.cat(pooled), log_count
-
-
-class PaddedTextAttnProcessor:
-    """`JointAttnProcessor2_0` with an additive key bias (set `bias` before each forward)."""
-
-    def __init__(self) -> None:
-        self.bias: Tensor | None = None
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, *args, **kwargs):
-        b, n = hidden_states.shape[0], hidden_states.shape[1]
-
-        def heads(x: Tensor) -> Tensor:
-            return x.view(b, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)
-
-        q, k, v = (heads(f(hidden_states)) for f in (attn.to_q, attn.to_k, attn.to_v))
-        if attn.norm_q is not None:
-            q, k = attn.norm_q(q), attn.norm_k(k)
-        added = (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)
-        cq, ck, cv = (heads(f(encoder_hidden_states)) for f in added)
-        if attn.norm_added_q is not None:
-            cq, ck = attn.norm_added_q(cq), attn.norm_added_k(ck)
-        q, k, v = torch.cat([q, cq], 2), torch.cat([k, ck], 2), torch.cat([v, cv], 2)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=self.bias)
-        out = out.transpose(1, 2).reshape(b, -1, attn.heads * q.shape[-1])
-        img, txt = out[:, :n], out[:, n:]
-        img = attn.to_out[1](attn.to_out[0](img))
-        if attn.context_pre_only:
-            return img, txt
-        return img, attn.to_add_out(txt)
-
-
-def key_bias(batch: int, image_tokens: int, text_tokens: int, log_count: float) -> Tensor:
-    """The (B, 1, 1, keys) bias: `log_count` on the last text token (the kept padding token)."""
-    bias = torch.zeros(batch, 1, 1, image_tokens + text_tokens)
-    bias[..., -1] = log_count
-    return bias
+    return torch.cat(embeds), torch.cat(pooled)
 
 
 # ---- transformer -----------------------------------------------------------------------------
@@ -185,16 +135,14 @@ def sample_sigmas(n: int, gen: torch.Generator) -> Tensor:
 def train_transformer(
     latents: Tensor,
     keys: np.ndarray,
-    text: tuple[Tensor, Tensor, float],
+    text: tuple[Tensor, Tensor],
     empty: tuple[Tensor, Tensor],
     cfg: TrainConfig,
     log: Callable[[str], None],
 ):
     """Rectified-flow training of the transformer; returns the EMA model."""
-    embeds, pooled, log_count = text
+    embeds, pooled = text
     model = build.transformer_model(cfg.seed)
-    proc = PaddedTextAttnProcessor()
-    model.set_attn_processor(proc)
     ema = copy.deepcopy(model).requires_grad_(False)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
@@ -207,8 +155,6 @@ def train_transformer(
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     gen = torch.Generator().manual_seed(cfg.seed + 300)
-    tokens = (latents.shape[-1] // model.config.patch_size) ** 2
-    proc.bias = key_bias(cfg.batch, tokens, embeds.shape[1], log_count)
     running = 0.0
     for step in range(cfg.steps):
         idx = torch.randint(len(latents), (cfg.batch,), generator=gen)
@@ -237,9 +183,6 @@ def train_transformer(
         if (step + 1) % cfg.log_every == 0:
             log(f"transformer step {step + 1}/{cfg.steps} loss {running / cfg.log_every:.4f}")
             running = 0.0
-    from diffusers.models.attention_processor import JointAttnProcessor2_0
-
-    ema.set_attn_processor(JointAttnProcessor2_0())
     return ema.eval()
 
 
@@ -266,16 +209,16 @@ def train(out: str | Path, cfg: TrainConfig | None = None):
 
     pipe = build.assemble(build.transformer_model(cfg.seed), vae, text)
     combos = all_labels()
-    embeds, pooled, log_count = encode_captions(pipe, [data.caption(c) for c in combos])
+    embeds, pooled = encode_captions(pipe, [data.caption(c) for c in combos])
     table = np.full(math.prod(len(v) for v in data.ATTRIBUTES.values()), -1)
     table[label_key(np.array(combos))] = np.arange(len(combos))
-    empty_embeds, empty_pooled, _ = encode_captions(pipe, [""])
+    empty_embeds, empty_pooled = encode_captions(pipe, [""])
     log(f"encoded {len(combos)} captions to {tuple(embeds.shape[1:])} text tokens")
 
     transformer = train_transformer(
         latents,
         table[label_key(labels)],
-        (embeds, pooled, log_count),
+        (embeds, pooled),
         (empty_embeds[0], empty_pooled[0]),
         cfg,
         log,

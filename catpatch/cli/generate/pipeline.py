@@ -120,6 +120,10 @@ def _prepare(pipe, settings: GenerateSettings, height: int, width: int):
     """LoRA, then CAT or torch.compile; returns (pipeline, extra call kwargs)."""
     check_size(pipe, height, width, settings.num_clusters if settings.cat else None)
     extra: dict[str, Any] = {}
+    if settings.model == "toy":
+        from ...toy import MAX_SEQUENCE_LENGTH
+
+        extra["max_sequence_length"] = MAX_SEQUENCE_LENGTH  # the T5 length the toy learned
     if settings.lora:
         try:
             pipe.load_lora_weights(settings.lora)
