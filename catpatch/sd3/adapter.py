@@ -67,6 +67,7 @@ class SD3Adapter:
         self.state = state
         self.patches = PatchSet()
         self.controlnet: list[Tensor] | None = None
+        self._temb: tuple[Tensor, Tensor] | None = None  # this call's (temb, silu(temb))
         self._warned_outside = False
 
     # -- install / remove
@@ -154,6 +155,7 @@ class SD3Adapter:
             sample = output[0] if isinstance(output, tuple) else output.sample
             state.steps.observe(sample, schedule.step)
         self.controlnet = None
+        self._temb = None
         state.caches.residual = None
         state.finish_call(mode)
         return None
@@ -248,6 +250,7 @@ class SD3Adapter:
                 rows=schedule.driver_slice,
                 keep_all=caches.keep,
                 output_caches=not state.config.lean,
+                temb_act=self._temb_act(temb),
             )
         block = self.transformer.transformer_blocks[i]
         if self._full_fn is not None and getattr(original, "__self__", None) is block:
@@ -258,6 +261,13 @@ class SD3Adapter:
             temb=temb,
             joint_attention_kwargs=joint_attention_kwargs,
         )
+
+    def _temb_act(self, temb: Tensor) -> Tensor:
+        """silu(temb), which every block's modulation reads: one kernel per call, not one per
+        norm."""
+        if self._temb is None or self._temb[0] is not temb:
+            self._temb = (temb, torch.nn.functional.silu(temb))
+        return self._temb[1]
 
     def _before_norm_out(self, module, args):
         state = self.state

@@ -117,6 +117,48 @@ def _feed_forward(block, ff, x: Tensor) -> Tensor:
     return ff(x)
 
 
+def _plain(module, *kinds: str) -> bool:
+    """Whether `module` is one of diffusers' `kinds` and runs its class's own forward with a
+    plain silu (no instance override, no hooks), so that it can be computed here."""
+    if type(module).__name__ not in kinds or not isinstance(module.silu, torch.nn.SiLU):
+        return False
+    return not ("forward" in vars(module) or module._forward_hooks or module._forward_pre_hooks)
+
+
+def _modulate(norm, x: Tensor, temb: Tensor, temb_act: Tensor) -> tuple[Tensor, ...]:
+    """`norm(x, emb=temb)` of diffusers' `AdaLayerNormZero` (5 outputs) or
+    `SD35AdaLayerNormZeroX` (7), with `scale_mlp` replaced by 1 + scale_mlp.
+
+    The same float ops in the same order as diffusers, with two kernels fewer per norm:
+    silu(temb) (`temb_act`) is computed once for all blocks, and every 1 + scale of the norm
+    comes from one `1 + emb` (elementwise, so each value is the same). Any other norm runs
+    its own forward.
+    """
+    kind = type(norm).__name__
+    plain = _plain(norm, "AdaLayerNormZero", "SD35AdaLayerNormZeroX")
+    if plain and getattr(norm, "emb", None) is None:
+        emb = norm.linear(temb_act)
+        one_plus = (1 + emb).chunk(emb.shape[1] // x.shape[-1], dim=1)
+        parts = emb.chunk(emb.shape[1] // x.shape[-1], dim=1)
+        normed = norm.norm(x)
+        out = normed * one_plus[1][:, None] + parts[0][:, None]
+        if kind == "AdaLayerNormZero":
+            return out, parts[2], parts[3], one_plus[4], parts[5]
+        normed2 = normed * one_plus[7][:, None] + parts[6][:, None]
+        return out, parts[2], parts[3], one_plus[4], parts[5], normed2, parts[8]
+    out = norm(x, emb=temb)
+    return (*out[:3], 1 + out[3], *out[4:])
+
+
+def _modulate_continuous(norm, x: Tensor, temb: Tensor, temb_act: Tensor) -> Tensor:
+    """`norm(x, temb)` of diffusers' `AdaLayerNormContinuous`, reading silu(temb) `temb_act`."""
+    if _plain(norm, "AdaLayerNormContinuous"):
+        emb = norm.linear(temb_act.to(x.dtype))
+        scale, shift = torch.chunk(emb, 2, dim=1)
+        return norm.norm(x) * (1 + scale)[:, None, :] + shift[:, None, :]
+    return norm(x, temb)
+
+
 def cat_block_forward(
     block,
     cache: BlockCache,
@@ -128,6 +170,7 @@ def cat_block_forward(
     rows: slice = ALL_ROWS,
     keep_all=keep,
     output_caches: bool = True,
+    temb_act: Tensor | None = None,
 ) -> tuple[Tensor | None, Tensor]:
     """`JointTransformerBlock.forward` for the computed tokens, reading/writing `cache`.
 
@@ -138,22 +181,25 @@ def cat_block_forward(
     `residual` stream (the driver rows of all L tokens; None when lean), the gated cached
     outputs of every token are added to it: from it the unselected tokens' outputs are
     estimated.
-    `keep_all` turns a recording step's tensors into caches (see `caches.keep`).
+    `keep_all` turns a recording step's tensors into caches (see `caches.keep`); `temb_act`
+    is silu(`temb`), which every block's modulation reads (computed here when not given: the
+    adapter computes it once per call).
     """
     if step is not None:
         rows, output_caches = step.rows, residual is not None
     store = output_caches  # this step keeps attention / FFN output caches
-    if block.use_dual_attention:
-        normed, gate_msa, shift_mlp, scale_mlp, gate_mlp, normed2, gate_msa2 = block.norm1(
-            hidden_states, emb=temb
+    if temb_act is None:
+        temb_act = F.silu(temb)
+    normed, gate_msa, shift_mlp, scale_mlp1, gate_mlp, *dual = _modulate(
+        block.norm1, hidden_states, temb, temb_act
+    )
+    if block.context_pre_only:
+        normed_context = _modulate_continuous(
+            block.norm1_context, encoder_hidden_states, temb, temb_act
         )
     else:
-        normed, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.norm1(hidden_states, emb=temb)
-    if block.context_pre_only:
-        normed_context = block.norm1_context(encoder_hidden_states, temb)
-    else:
-        normed_context, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = block.norm1_context(
-            encoder_hidden_states, emb=temb
+        normed_context, c_gate_msa, c_shift_mlp, c_scale_mlp1, c_gate_mlp = _modulate(
+            block.norm1_context, encoder_hidden_states, temb, temb_act
         )
 
     attn_output, context_attn_output = attention(
@@ -162,12 +208,13 @@ def cat_block_forward(
     attn_all = _store(cache, "attn", attn_output, step, rows, keep_all) if store else None
     hidden_states = hidden_states + gate_msa.unsqueeze(1) * attn_output
     if block.use_dual_attention:
+        normed2, gate_msa2 = dual
         attn_output2, _ = attention(block.attn2, normed2, None, cache, "2", step, keep_all)
         attn2_all = _store(cache, "attn2", attn_output2, step, rows, keep_all) if store else None
         hidden_states = hidden_states + gate_msa2.unsqueeze(1) * attn_output2
 
     normed = block.norm2(hidden_states)
-    normed = normed * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
+    normed = normed * scale_mlp1[:, None] + shift_mlp[:, None]
     ff_output = _feed_forward(block, block.ff, normed)
     ff_all = _store(cache, "ff", ff_output, step, rows, keep_all) if store else None
     hidden_states = hidden_states + gate_mlp.unsqueeze(1) * ff_output
@@ -182,7 +229,7 @@ def cat_block_forward(
         return None, hidden_states
     encoder_hidden_states = encoder_hidden_states + c_gate_msa.unsqueeze(1) * context_attn_output
     normed_context = block.norm2_context(encoder_hidden_states)
-    normed_context = normed_context * (1 + c_scale_mlp[:, None]) + c_shift_mlp[:, None]
+    normed_context = normed_context * c_scale_mlp1[:, None] + c_shift_mlp[:, None]
     context_ff = _feed_forward(block, block.ff_context, normed_context)
     encoder_hidden_states = encoder_hidden_states + c_gate_mlp.unsqueeze(1) * context_ff
     return encoder_hidden_states, hidden_states
