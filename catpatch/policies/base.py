@@ -104,16 +104,19 @@ class DriftPolicy(TokenPolicy):
     def allocate(self, groups: int, geometry: Geometry, budget: int, features: int) -> None:
         super().allocate(groups, geometry, budget, features)
         self.reference = static_tensor(
-            (groups, geometry.tokens, features), geometry.dtype, geometry.device
+            (groups, geometry.tokens, features), torch.float32, geometry.device
         )
 
     def observe_reference(self, output: Tensor) -> None:
-        self.reference = self.keep(self.reference, output)
+        # kept in float32, the type the drift is formed in: converted once, not every step
+        self.reference = self.keep(self.reference, output.float())
 
     def drift(self, output: Tensor) -> tuple[Tensor, Tensor]:
         """(output - reference in float32 (G, L, F), Δ (G, L)); formed once per step, since
-        the cluster scores read the difference too."""
-        diff = output.float() - self.reference.float()
+        the cluster scores read the difference too. A 16-bit output is promoted to float32
+        inside the subtraction: the values of output.float() - reference, one kernel."""
+        low = output.dtype in (torch.float16, torch.bfloat16, torch.float32)
+        diff = (output if low else output.float()) - self.reference
         return diff, ranking.drift(diff)
 
     def free(self) -> None:
