@@ -108,13 +108,19 @@ class DriftPolicy(TokenPolicy):
         )
 
     def observe_reference(self, output: Tensor) -> None:
-        # kept in float32, the type the drift is formed in: converted once, not every step
-        self.reference = self.keep(self.reference, output.float())
+        reference = self.reference
+        if self.persistent and reference is not None and reference.shape == output.shape:
+            reference.copy_(output)  # the float32 buffer of `allocate`: converted in the copy
+        else:
+            self.reference = self.keep(reference, output)
 
     def drift(self, output: Tensor) -> tuple[Tensor, Tensor]:
         """(output - reference in float32 (G, L, F), Δ (G, L)); formed once per step, since
-        the cluster scores read the difference too. A 16-bit output is promoted to float32
-        inside the subtraction: the values of output.float() - reference, one kernel."""
+        the cluster scores read the difference too. The reference is kept in float32 from
+        the first drift on, and a 16-bit output is promoted inside the subtraction: the
+        values of output.float() - reference.float(), in one kernel."""
+        if self.reference.dtype != torch.float32:
+            self.reference = self.reference.float()
         low = output.dtype in (torch.float16, torch.bfloat16, torch.float32)
         diff = (output if low else output.float()) - self.reference
         return diff, ranking.drift(diff)

@@ -193,7 +193,7 @@ class SD3Adapter:
         outputs = (schedule.groups, geo.tokens, dim)  # the driver rows only
         shapes = []
         for block in self.transformer.transformer_blocks:
-            entry = {"key": joint, "value": joint}
+            entry = {"kv": (2, *joint)}
             if not lean:
                 entry.update(attn=outputs, ff=outputs)
             if block.use_dual_attention:

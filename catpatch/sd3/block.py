@@ -43,6 +43,77 @@ def _projections(attn, x: Tensor, context: bool) -> tuple[Tensor, Tensor, Tensor
     return attn.to_q(x), attn.to_k(x), attn.to_v(x)
 
 
+def _linear_into(linear, x: Tensor, out: Tensor) -> bool:
+    """Compute `linear(x)` into `out` (a contiguous (R·N, D_out) slice) with the very op that
+    `F.linear` runs for a contiguous (R, N, D) input: `addmm(bias, x.view(-1, D), W.t())`,
+    here with `out=`, so the values are the same. False, and nothing computed, when `linear`
+    is not a plain `nn.Linear` with a bias (LoRA layers, hooks, ...) or autograd needs the
+    result: the caller then calls the module."""
+    weight, bias = getattr(linear, "weight", None), getattr(linear, "bias", None)
+    plain = (
+        type(linear) is torch.nn.Linear
+        and bias is not None
+        and not ("forward" in vars(linear) or linear._forward_hooks or linear._forward_pre_hooks)
+        and x.is_contiguous()
+        and x.dtype == weight.dtype == bias.dtype == out.dtype
+    )
+    if not plain or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+        return False
+    torch.addmm(bias, x.view(-1, x.shape[-1]), weight.t(), out=out)
+    return True
+
+
+def _joint_kv_into_cache(
+    attn, x: Tensor, context: Tensor, kv: Tensor, step: StepIndex
+) -> tuple[Tensor, Tensor]:
+    """Eager pruned step: the queries of the image tokens `x` and text tokens `context`, and
+    their K/V written into the cache `kv` (2, R, L+T, D) at `step.kv`; -> (q, text q).
+
+    K/V are computed straight into one (2, R·S + R·T, D) buffer in `step.kv`'s order (K image,
+    K text, V image, V text; see `_linear_into`), which one `index_copy_` then writes: one
+    write instead of four, and no concatenated temporary. A part that cannot be computed in
+    place (qk-norm on K, a LoRA layer, fused projections) is computed as usual and written
+    apart.
+    """
+    heads, (rows, computed), text = attn.heads, x.shape[:2], context.shape[1]
+    if getattr(attn, "fused_projections", False):
+        q, k, v = _projections(attn, x, context=False)
+        cq, ck, cv = _projections(attn, context, context=True)
+        ready = ((k, ck), (v, cv))
+    else:
+        q, cq, ready = attn.to_q(x), attn.add_q_proj(context), None
+    q, cq = _normed(attn.norm_q, q, heads), _normed(attn.norm_added_q, cq, heads)
+    split = rows * computed
+    stage = q.new_empty(2, split + rows * text, q.shape[-1])
+    parts = step.kv_parts()
+    pieces = []  # (value, its rows in kv, computed into `stage`)
+    for half, linears, norms in (
+        (0, (attn.to_k, attn.add_k_proj), (attn.norm_k, attn.norm_added_k)),
+        (1, (attn.to_v, attn.add_v_proj), (None, None)),
+    ):
+        for part, source in enumerate((x, context)):
+            slot = stage[half, :split] if part == 0 else stage[half, split:]
+            staged = ready is None and norms[part] is None
+            staged = staged and _linear_into(linears[part], source, slot)
+            if staged:
+                value = slot
+            else:
+                value = ready[half][part] if ready is not None else linears[part](source)
+                value = _normed(norms[part], value, heads)
+            pieces.append((value, parts[2 * half + part], staged))
+    if all(staged for *_, staged in pieces):
+        write_rows(kv, step.kv, stage)
+        return q, cq
+    for half in (0, 1):
+        (a, rows_a, in_a), (b, rows_b, in_b) = pieces[2 * half : 2 * half + 2]
+        if in_a and in_b:
+            write_rows(kv, step.kv.view(2, -1)[half], stage[half])
+        else:
+            write_rows(kv, rows_a, a)
+            write_rows(kv, rows_b, b)
+    return q, cq
+
+
 def attention(
     attn,
     x: Tensor,
@@ -65,32 +136,34 @@ def attention(
     it after that buffer was reused).
     """
     heads = attn.heads
-    q, k, v = _projections(attn, x, context=False)
-    q, k = _normed(attn.norm_q, q, heads), _normed(attn.norm_k, k, heads)
-    computed = q.shape[1]
-    if context is not None:
-        cq, ck, cv = _projections(attn, context, context=True)
-        cq, ck = _normed(attn.norm_added_q, cq, heads), _normed(attn.norm_added_k, ck, heads)
+    computed = x.shape[1]
+    joint = context is not None
+    if joint and step is not None and not torch.compiler.is_compiling():
+        q, cq = _joint_kv_into_cache(attn, x, context, cache.kv, step)
         q = torch.cat([q, cq], dim=1)
-    keys, values = getattr(cache, "key" + slot), getattr(cache, "value" + slot)
-    if step is None:
-        if context is not None:
-            k, v = torch.cat([k, ck], dim=1), torch.cat([v, cv], dim=1)
-        keys, values = keep_all(keys, k), keep_all(values, v)
-        setattr(cache, "key" + slot, keys)
-        setattr(cache, "value" + slot, values)
+        keys, values = cache.kv
     else:
-        if context is None:  # image-only attention: an (R, L, D) cache
-            write_rows(keys, step.image, k)
-            write_rows(values, step.image, v)
-        elif torch.compiler.is_compiling():
-            # one write per cache: a second one makes inductor copy the whole cache
-            write_rows(keys, step.joint.view(-1), torch.cat([k, ck], dim=1))
-            write_rows(values, step.joint.view(-1), torch.cat([v, cv], dim=1))
-        else:  # eager: two writes each, no concatenated temporary
-            for cache_, image_, text_ in ((keys, k, ck), (values, v, cv)):
-                write_rows(cache_, step.joint_image, image_)
-                write_rows(cache_, step.joint_text, text_)
+        q, k, v = _projections(attn, x, context=False)
+        q, k = _normed(attn.norm_q, q, heads), _normed(attn.norm_k, k, heads)
+        if joint:
+            cq, ck, cv = _projections(attn, context, context=True)
+            cq, ck = _normed(attn.norm_added_q, cq, heads), _normed(attn.norm_added_k, ck, heads)
+            q = torch.cat([q, cq], dim=1)
+        if step is None and joint:
+            k, v = torch.cat([k, ck], dim=1), torch.cat([v, cv], dim=1)
+            cache.kv = keep_all(cache.kv, torch.stack([k, v]))
+            keys, values = cache.kv
+        elif step is None:
+            cache.key2, cache.value2 = keep_all(cache.key2, k), keep_all(cache.value2, v)
+            keys, values = cache.key2, cache.value2
+        elif joint:  # compiled: one write (a second one makes inductor copy the whole cache)
+            stacked = torch.cat([t.reshape(-1, t.shape[-1]) for t in (k, ck, v, cv)])
+            write_rows(cache.kv, step.kv, stacked)
+            keys, values = cache.kv
+        else:  # image-only attention: an (R, L, D) cache each
+            write_rows(cache.key2, step.image, k)
+            write_rows(cache.value2, step.image, v)
+            keys, values = cache.key2, cache.value2
     q, keys, values = (_split_heads(t, heads).transpose(1, 2) for t in (q, keys, values))
     out = F.scaled_dot_product_attention(q, keys, values, dropout_p=0.0)
     out = out.transpose(1, 2).flatten(2).to(q.dtype)
