@@ -114,6 +114,22 @@ def _joint_kv_into_cache(
     return q, cq
 
 
+def _record_kv(buffer: Tensor | None, keys, values, keep_all) -> Tensor:
+    """The recording step's joint K/V cache (2, R, L+T, D) from its (image, text) parts: in
+    eager code concatenated straight into its two halves (no stacked temporary)."""
+    k, ck = keys
+    shape = (2, k.shape[0], k.shape[1] + ck.shape[1], k.shape[2])
+    if torch.compiler.is_compiling():
+        return keep_all(buffer, torch.stack([torch.cat(keys, dim=1), torch.cat(values, dim=1)]))
+    reusable = buffer is not None and (buffer.shape, buffer.dtype, buffer.device) == (
+        shape, k.dtype, k.device
+    )  # fmt: skip
+    kv = buffer if reusable else k.new_empty(shape)
+    torch.cat(keys, dim=1, out=kv[0])
+    torch.cat(values, dim=1, out=kv[1])
+    return kv if reusable else keep_all(None, kv)
+
+
 def attention(
     attn,
     x: Tensor,
@@ -150,8 +166,7 @@ def attention(
             cq, ck = _normed(attn.norm_added_q, cq, heads), _normed(attn.norm_added_k, ck, heads)
             q = torch.cat([q, cq], dim=1)
         if step is None and joint:
-            k, v = torch.cat([k, ck], dim=1), torch.cat([v, cv], dim=1)
-            cache.kv = keep_all(cache.kv, torch.stack([k, v]))
+            cache.kv = _record_kv(cache.kv, (k, ck), (v, cv), keep_all)
             keys, values = cache.kv
         elif step is None:
             cache.key2, cache.value2 = keep_all(cache.key2, k), keep_all(cache.value2, v)
