@@ -18,18 +18,27 @@ from torch import Tensor
 class BlockCache:
     """What one transformer block keeps between steps (all tokens, per batch row).
 
-    key/value: K/V of the joint attention after qk-norm, image tokens then text tokens
-    (R, L+T, D); attn/ff: the block's image attention and FFN outputs before gating (R, L, D);
-    *2: the same for the second, image-only attention of SD3.5 dual-attention blocks (no text).
+    kv: K and V of the joint attention after qk-norm, image tokens then text tokens, stacked
+    (2, R, L+T, D) so that a pruned step writes both with one `index_copy_` (`key` and
+    `value` are its two halves); attn/ff: the block's image attention and FFN outputs before
+    gating (R, L, D); key2/value2/attn2: the same for the second, image-only attention of
+    SD3.5 dual-attention blocks (no text).
     """
 
-    key: Tensor | None = None
-    value: Tensor | None = None
+    kv: Tensor | None = None
     attn: Tensor | None = None
     ff: Tensor | None = None
     key2: Tensor | None = None
     value2: Tensor | None = None
     attn2: Tensor | None = None
+
+    @property
+    def key(self) -> Tensor | None:
+        return None if self.kv is None else self.kv[0]
+
+    @property
+    def value(self) -> Tensor | None:
+        return None if self.kv is None else self.kv[1]
 
     def tensors(self) -> list[Tensor]:
         return [t for t in vars(self).values() if t is not None]
@@ -86,28 +95,49 @@ class StepIndex:
     """Where one pruned step's computed tokens go in every block: built once per step.
 
     index: (R, S) computed tokens per batch row; image: (R·S,) their rows in a flattened
-    (R·L, ·) tensor; joint: (R, S+T) rows of the computed image tokens, then of all text
-    tokens, in a flattened (R·(L+T), D) joint K/V cache (compiled code writes both with one
-    `index_copy_`: a second write into the same buffer makes inductor copy the buffer);
-    joint_image / joint_text: the two parts apart (eager code writes them separately, with no
-    concatenated temporary); out: (G·S,) rows in the flattened (G·L, D) output caches, which
-    hold only the driver rows `rows` (the conditional half of a CFG pair that shares its
-    selection).
+    (R·L, ·) tensor; out: (G·S,) rows in the flattened (G·L, D) output caches, which hold only
+    the driver rows `rows` (the conditional half of a CFG pair that shares its selection);
+    kv: (2·(R·S + R·T),) rows in the flattened (2·R·(L+T), D) joint K/V cache
+    (`BlockCache.kv`): K of the computed image tokens, K of all text tokens, then the same for
+    V. A block stacks its K/V projections in this order, so one `index_copy_` writes them all
+    (`kv_parts` gives the four parts apart).
+
+    All four are views of one (4, R·S + R·T) buffer that `update` rewrites with one kernel:
+    row r = h·G + g of a selection shared by H = R/G rows (a CFG pair) holds token
+    chosen[g, j] at image row r·L + chosen[g, j] and joint row r·(L+T) + chosen[g, j]; `out`
+    is `image`'s first G·S entries (rows h = 0: the same tokens, offsets g·L).
     """
 
-    index: Tensor
-    image: Tensor
-    joint: Tensor
-    joint_image: Tensor
-    joint_text: Tensor
-    out: Tensor
+    buffer: Tensor
+    offsets: Tensor  # (4, H, G, 1): row offsets of index, image, K and V rows
     rows: slice
-    offsets: tuple[Tensor, ...] = ()  # row offsets of `image`, `joint`, `out`
+    budget: int  # S
+    image_rows: int  # R·S
+
+    @property
+    def index(self) -> Tensor:
+        return self.buffer[0, : self.image_rows].view(-1, self.budget)
+
+    @property
+    def image(self) -> Tensor:
+        return self.buffer[1, : self.image_rows]
+
+    @property
+    def out(self) -> Tensor:
+        return self.buffer[1, : self.offsets.shape[2] * self.budget]
+
+    @property
+    def kv(self) -> Tensor:
+        return self.buffer[2:].view(-1)
+
+    def kv_parts(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The rows of `kv` apart: K image, K text, V image, V text."""
+        split = self.image_rows
+        k, v = self.buffer[2], self.buffer[3]
+        return k[:split], k[split:], v[:split], v[split:]
 
     def tensors(self) -> list[Tensor]:
-        named = (self.index, self.image, self.joint, self.joint_image, self.joint_text, self.out)
-        unique = {id(t): t for t in named}
-        return list(unique.values())
+        return [self.buffer]
 
     @classmethod
     def of(
@@ -121,35 +151,23 @@ class StepIndex:
         """The step index of (R, S) `index` for L = `tokens` image and T = `text_tokens` text
         tokens. `chosen` (G, S): the driver rows' own selection when only the rows `rows` keep
         output caches (shared CFG); None when every row keeps its own."""
-        r = torch.arange(index.shape[0], device=index.device)[:, None]
-        offsets = (r * tokens, r * (tokens + text_tokens))
-        text = offsets[1] + tokens + torch.arange(text_tokens, device=index.device)
-        joint_image = index + offsets[1]
-        joint = torch.cat([joint_image, text], dim=1)
-        image = (index + offsets[0]).view(-1)
-        if chosen is not None:
-            offsets += (r[: chosen.shape[0]] * tokens,)
-            out = (chosen + offsets[2]).view(-1)
-        else:
-            out = image
-        return cls(
-            index.clone(), image, joint, joint_image.view(-1), text.view(-1), out, rows, offsets
-        )  # fmt: skip
+        chosen = index if chosen is None else chosen
+        (num_rows, budget), groups = index.shape, chosen.shape[0]
+        device, joint = index.device, tokens + text_tokens
+        r = torch.arange(num_rows, device=device).view(num_rows // groups, groups, 1)
+        offsets = torch.stack([0 * r, r * tokens, r * joint, r * joint + num_rows * joint])
+        buffer = torch.empty(4, num_rows * (budget + text_tokens), dtype=torch.long, device=device)
+        text = (r.view(-1, 1) * joint + tokens + torch.arange(text_tokens, device=device)).view(-1)
+        buffer[2:, num_rows * budget :] = torch.stack([text, text + num_rows * joint])
+        step = cls(buffer, offsets, rows, budget, num_rows * budget)
+        step.update(chosen)
+        return step
 
     def update(self, chosen: Tensor) -> None:
         """In place, for a new selection `chosen` (G, S) (shared by a CFG pair when G < R):
-        a few small kernels, addresses unchanged."""
-        index, image_offset, joint_offset = self.index, self.offsets[0], self.offsets[1]
-        rows, budget = index.shape
-        if chosen.shape[0] == rows:
-            index.copy_(chosen)
-        else:  # a CFG pair shares its conditional row's selection
-            index.view(2, -1, budget).copy_(chosen.unsqueeze(0))
-        torch.add(index, image_offset, out=self.image.view(rows, budget))
-        torch.add(index, joint_offset, out=self.joint_image.view(rows, budget))
-        self.joint[:, :budget] = self.joint_image.view(rows, budget)
-        if self.out is not self.image:
-            torch.add(chosen, self.offsets[2], out=self.out.view(chosen.shape))
+        one kernel, addresses unchanged."""
+        shape = (*self.offsets.shape[:3], self.budget)
+        torch.add(chosen, self.offsets, out=self.buffer[:, : self.image_rows].view(shape))
 
 
 class Caches:

@@ -81,18 +81,24 @@ def test_pruned_step_traffic_and_flops_at_sd3_medium_1024(sd3_medium):
     exact, lean = sd3_medium[False], sd3_medium[True]
     for c in (exact, lean):
         assert c.full.flops > 0 and 0.34 < c.pruned.flops / c.full.flops < 0.36  # (S+T)/(L+T)
-        assert c.selection.kernels < 80 and c.selection.bytes < 0.001 * c.pruned.bytes
+        # was 70 kernels: one sort ranks drift and recency, a walk table per cluster rank
+        assert c.selection.kernels <= 37 and c.selection.bytes < 0.001 * c.pruned.bytes
+    # kernels of a pruned step, its selection included, against a full one: were 1444 / 1344
+    # against 1242 (silu(temb) once, one 1 + emb per norm, one K/V write per block)
+    assert exact.pruned.kernels <= exact.full.kernels
+    assert lean.pruned.kernels <= lean.full.kernels - 100
     # non-GEMM bytes of a pruned step against a full one: was 0.50
-    assert lean.pruned.other_bytes <= 0.40 * lean.full.other_bytes
+    assert lean.pruned.other_bytes <= 0.35 * lean.full.other_bytes
     assert exact.pruned.other_bytes <= 0.43 * exact.full.other_bytes
     # no scatter_ or slice copy into a cache: every cache write is one index_copy_
     for c in (exact, lean):
         assert c.pruned.ops["scatter_"] == c.selection.ops["scatter_"]
-        assert c.pruned.ops["copy_"] <= 3  # the step index and the next selection, no cache
+        assert c.pruned.ops["copy_"] <= 1  # the next selection; the step index is one add
     blocks = 24
-    # eager: image and text K/V apart (no concatenated temporary), then the last output
-    assert lean.pruned.ops["index_copy_"] == 4 * blocks + 1
-    assert exact.pruned.ops["index_copy_"] == 6 * blocks + 2  # + attention / FFN caches, stream
+    # eager: one K/V write per block (projected straight into one stacked buffer), then the
+    # last output
+    assert lean.pruned.ops["index_copy_"] == blocks + 1
+    assert exact.pruned.ops["index_copy_"] == 3 * blocks + 2  # + attention / FFN caches, stream
 
 
 # ---- memory order in eager pruned steps ---------------------------------------------------------
@@ -161,8 +167,9 @@ def test_inductor_updates_the_caches_in_place():
         _, codes = run_and_get_code(compiled, block, cache, x, ctx, temb, step, residual)
     assert [t.data_ptr() for t in cache.tensors()] == before
     code = "\n".join(codes)
-    # no buffer of a cache's size (K/V: rows x (L+T) x D; outputs: rows x L x D) is allocated
-    sizes = {rows * (tokens + text) * dim, rows * tokens * dim}
+    # no buffer of a cache's size (K/V: 2 x rows x (L+T) x D, or one half; outputs: rows x L x
+    # D) is allocated
+    sizes = {2 * rows * (tokens + text) * dim, rows * (tokens + text) * dim, rows * tokens * dim}
     allocated = re.findall(r"empty_strided\w*\(\(([\d, ]+)\)", code)
     numels = [eval("*".join(s.replace(" ", "").strip(",").split(","))) for s in allocated]
     assert not sizes & set(numels), f"a cache-sized temporary: {allocated}"

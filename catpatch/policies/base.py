@@ -104,16 +104,25 @@ class DriftPolicy(TokenPolicy):
     def allocate(self, groups: int, geometry: Geometry, budget: int, features: int) -> None:
         super().allocate(groups, geometry, budget, features)
         self.reference = static_tensor(
-            (groups, geometry.tokens, features), geometry.dtype, geometry.device
+            (groups, geometry.tokens, features), torch.float32, geometry.device
         )
 
     def observe_reference(self, output: Tensor) -> None:
-        self.reference = self.keep(self.reference, output)
+        reference = self.reference
+        if self.persistent and reference is not None and reference.shape == output.shape:
+            reference.copy_(output)  # the float32 buffer of `allocate`: converted in the copy
+        else:
+            self.reference = self.keep(reference, output)
 
     def drift(self, output: Tensor) -> tuple[Tensor, Tensor]:
         """(output - reference in float32 (G, L, F), Δ (G, L)); formed once per step, since
-        the cluster scores read the difference too."""
-        diff = output.float() - self.reference.float()
+        the cluster scores read the difference too. The reference is kept in float32 from
+        the first drift on, and a 16-bit output is promoted inside the subtraction: the
+        values of output.float() - reference.float(), in one kernel."""
+        if self.reference.dtype != torch.float32:
+            self.reference = self.reference.float()
+        low = output.dtype in (torch.float16, torch.bfloat16, torch.float32)
+        diff = (output if low else output.float()) - self.reference
         return diff, ranking.drift(diff)
 
     def free(self) -> None:

@@ -71,30 +71,50 @@ def cat_selection(
     2. Staleness: the least recently computed tokens over the whole image (ties: larger drift
        first), until exactly `budget` distinct tokens are selected.
     """
+    table = walk_table(quotas, recency_quota, labels.shape[1])
+    return select_by_walk(delta, cluster_score, labels, recency, budget, cluster_budget, table)
+
+
+def walk_table(quotas: Tensor, recency_quota: int, num_tokens: int) -> Tensor:
+    """Per cluster rank (C columns), what `select_by_walk` looks up for each token: its drift
+    quota, its recency quota (k/2; 0 for the best cluster), and the walk keys its drift and
+    recency picks start from (rank·2L and rank·2L + L). (C,) quotas -> (4, C)."""
+    rank = torch.arange(quotas.shape[0], device=quotas.device)
+    base = rank * (2 * num_tokens)
+    recency = torch.where(rank > 0, recency_quota, 0)
+    return torch.stack([quotas.to(rank.dtype), recency, base, base + num_tokens])
+
+
+def select_by_walk(
+    delta: Tensor,
+    cluster_score: Tensor,
+    labels: Tensor,
+    recency: Tensor,
+    budget: int,
+    cluster_budget: int,
+    table: Tensor,
+) -> Tensor:
+    """`cat_selection` with its per-cluster-rank `table` (`walk_table`) built beforehand.
+
+    The walk as one integer key per token: cluster rank, then drift picks, then recency
+    picks; drift and recency ranks are computed together, as two keys of one sort.
+    """
     num_tokens = labels.shape[1]
-    num_clusters = cluster_score.shape[1]
+    never = 2 * num_tokens * (cluster_score.shape[1] + 1)
     token_cluster_rank = ranking.ranks(cluster_score, descending=True).gather(1, labels)
-    token_quota = quotas[token_cluster_rank]
-    drift_rank = ranking.rank_within_clusters(delta, labels, num_clusters, descending=True)
-    stale_rank = ranking.rank_within_clusters(recency, labels, num_clusters, descending=False)
+    per_token = table[:, token_cluster_rank]  # (4, G, L): quotas, then walk bases
+    # drift descending and recency ascending (as -recency descending: recency is never NaN)
+    order = torch.sort(torch.stack([delta, recency.neg()]), dim=-1, descending=True, stable=True)
+    order = order.indices
+    ranks = ranking.ranks_in_clusters(order, labels)  # (2, G, L): drift rank, stale rank
+    walk = torch.where(ranks < per_token[:2], ranks + per_token[2:], never).amin(0)
 
-    # Walk order as one integer key: cluster rank, then drift picks, then recency picks.
-    never = 2 * num_tokens * (num_clusters + 1)
-    walk_base = token_cluster_rank * (2 * num_tokens)
-    by_drift = torch.where(drift_rank < token_quota, walk_base + drift_rank, never)
-    by_recency = torch.where(
-        (stale_rank < recency_quota) & (token_cluster_rank > 0),
-        walk_base + num_tokens + stale_rank,
-        never,
-    )
-    walk = torch.minimum(by_drift, by_recency)
-
-    stalest = ranking.lexi_ranks(recency, delta)
+    stalest = ranking.lexi_ranks(recency, delta, by_secondary=order[0])
     if cluster_budget > 0:
-        # Keys are distinct, so the cluster_budget-th smallest is an exact cut.
+        # Keys are distinct, so the cluster_budget-th smallest is an exact cut; a cut at
+        # `never` (fewer walk picks than cluster_budget) takes only the walk picks.
         cut = torch.kthvalue(walk, min(cluster_budget, num_tokens), dim=1, keepdim=True).values
-        picked = (walk <= cut) & (walk < never)
-        key = torch.where(picked, -1, stalest)
+        key = torch.where(walk <= cut.clamp_(max=never - 1), -1, stalest)
     else:
         key = stalest
     return ranking.take_smallest(key, budget)
@@ -122,10 +142,13 @@ class CatPolicy(DriftPolicy, RecencyPolicy):
         self.grid = self._grid(geometry)
         quotas, self.recency_quota = cluster_quotas(cfg.num_clusters, budget, cfg.cluster_quota)
         self.quotas = self.keep(self.quotas, torch.tensor(quotas, device=geometry.device))
+        table = walk_table(self.quotas, self.recency_quota, geometry.tokens)
+        self.walk_table = self.keep(self.walk_table, table)
 
     def allocate(self, groups: int, geometry, budget: int, features: int) -> None:
         super().allocate(groups, geometry, budget, features)
         self.labels = static_tensor((groups, geometry.tokens), torch.long, geometry.device)
+        self.cluster_index = static_tensor((groups * geometry.tokens,), torch.long, geometry.device)
 
     def first(self, output: Tensor) -> Tensor:
         cfg, grid = self.config, self.grid
@@ -133,6 +156,8 @@ class CatPolicy(DriftPolicy, RecencyPolicy):
         features = clustering.cluster_features(output, grid.position, cfg.cluster_feature_scale)
         labels = clustering.kmeans(features, grid.init, cfg.kmeans_iters)
         self.labels = self.keep(self.labels, labels)
+        index = clustering.flat_cluster_index(self.labels, cfg.num_clusters)
+        self.cluster_index = self.keep(self.cluster_index, index)
         diff, delta = self.drift(output)
         score = clustering.cluster_scores(diff, self.labels, cfg.num_clusters)
         adjacency = clustering.cluster_adjacency(self.labels, grid.edges, cfg.num_clusters)
@@ -143,20 +168,23 @@ class CatPolicy(DriftPolicy, RecencyPolicy):
     def next(self, output: Tensor, computed: Tensor) -> Tensor:
         self.update_recency(computed)
         diff, delta = self.drift(output)
-        score = clustering.cluster_scores(diff, self.labels, self.config.num_clusters)
+        score = clustering.cluster_scores(
+            diff, self.labels, self.config.num_clusters, self.cluster_index
+        )
         return self.rule(delta, score, int(self.config.cluster_fraction * self.budget))
 
     def rule(self, delta: Tensor, score: Tensor, cluster_budget: int) -> Tensor:
         """The per-step selection from Δ (G, L) and the cluster scores (G, C)."""
-        return cat_selection(
-            delta, score, self.labels, self.recency, self.budget, cluster_budget, self.quotas,
-            self.recency_quota,
-        )  # fmt: skip
+        return select_by_walk(
+            delta, score, self.labels, self.recency, self.budget, cluster_budget, self.walk_table
+        )
 
     def free(self) -> None:
         super().free()
         self.labels: Tensor | None = None  # (G, L) cluster of each token
+        self.cluster_index: Tensor | None = None  # (G·L,) its flat index (g·C + label)
         self.quotas: Tensor | None = None  # (C,) drift quota by cluster rank
+        self.walk_table: Tensor | None = None  # (4, C) see `walk_table`
         self.recency_quota = 0
 
     def _grid(self, geometry) -> clustering.GridGeometry:

@@ -107,23 +107,34 @@ def cluster_features(
     return scale * output.float() + code
 
 
-def cluster_maxima(diff: Tensor, labels: Tensor, num_clusters: int) -> Tensor:
+def flat_cluster_index(labels: Tensor, num_clusters: int) -> Tensor:
+    """The cluster of each token as a node of all groups' clusters: g·C + label. (G·L,)"""
+    return _flat_cluster_index(labels, num_clusters)
+
+
+def cluster_maxima(
+    diff: Tensor, labels: Tensor, num_clusters: int, index: Tensor | None = None
+) -> Tensor:
     """Channel-wise max of `diff` over each cluster's tokens (graph max-pooling of token
-    features into cluster nodes). (G, L, F) -> (G, C, F); an empty cluster gives 0."""
+    features into cluster nodes). (G, L, F) -> (G, C, F); an empty cluster gives 0.
+    `index`: `flat_cluster_index(labels)`, when the caller keeps it."""
     groups, _, dim = diff.shape
-    index = _flat_cluster_index(labels, num_clusters)
+    if index is None:
+        index = _flat_cluster_index(labels, num_clusters)
     pooled, _ = max_pool_x(
         index, diff.reshape(-1, dim).float(), None, batch_size=1, size=groups * num_clusters
     )
     return pooled.view(groups, num_clusters, dim)
 
 
-def cluster_scores(diff: Tensor, labels: Tensor, num_clusters: int) -> Tensor:
+def cluster_scores(
+    diff: Tensor, labels: Tensor, num_clusters: int, index: Tensor | None = None
+) -> Tensor:
     """Score per cluster: norm of the channel-wise max of `diff` over the cluster's tokens.
 
-    (G, L, F) -> (G, C); an empty cluster scores 0.
+    (G, L, F) -> (G, C); an empty cluster scores 0. `index` as in `cluster_maxima`.
     """
-    return cluster_maxima(diff, labels, num_clusters).norm(dim=-1)
+    return cluster_maxima(diff, labels, num_clusters, index).norm(dim=-1)
 
 
 def cluster_adjacency(

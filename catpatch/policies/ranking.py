@@ -20,9 +20,9 @@ def drift(diff: Tensor) -> Tensor:
 
 
 def update_recency(recency: Tensor, index: Tensor, decay: float) -> Tensor:
-    """In place: f <- decay·f, then f[T_s] += 1 (the tokens in `index` were just recomputed)."""
-    ones = torch.ones(1, 1, dtype=recency.dtype, device=recency.device).expand_as(index)
-    return recency.mul_(decay).scatter_add_(1, index, ones)
+    """In place: f <- decay·f, then f[T_s] += 1 (the tokens in `index` were just recomputed;
+    a selection holds no duplicates, so each gets exactly one 1 added)."""
+    return recency.mul_(decay).scatter_(1, index, 1.0, reduce="add")
 
 
 def ranks(key: Tensor, descending: bool) -> Tensor:
@@ -36,9 +36,11 @@ def _inverse(perm: Tensor) -> Tensor:
     return torch.empty_like(perm).scatter_(-1, perm, positions)
 
 
-def lexi_ranks(primary: Tensor, secondary: Tensor) -> Tensor:
-    """Ranks by `primary` ascending, ties broken by `secondary` descending, then index."""
-    by_secondary = torch.sort(secondary, dim=-1, descending=True, stable=True).indices
+def lexi_ranks(primary: Tensor, secondary: Tensor, by_secondary: Tensor | None = None) -> Tensor:
+    """Ranks by `primary` ascending, ties broken by `secondary` descending, then index.
+    `by_secondary`: the stable descending order of `secondary`, when the caller has it."""
+    if by_secondary is None:
+        by_secondary = torch.sort(secondary, dim=-1, descending=True, stable=True).indices
     by_primary = torch.sort(primary.gather(-1, by_secondary), dim=-1, stable=True).indices
     return _inverse(by_secondary.gather(-1, by_primary))
 
@@ -54,17 +56,28 @@ def rank_within_clusters(
 ) -> Tensor:
     """Rank of each token among the tokens of its own cluster, ordered by `key`.
 
-    Two stable sorts group the tokens by cluster while keeping the key order inside each
-    cluster; a token's rank is its position minus its cluster's start. (G, L) -> (G, L).
+    `key` (..., L) may hold several keys per group (leading dims before labels' (G, L)); each
+    is ranked on its own. (..., L) -> (..., L). `num_clusters` is not needed (kept for callers).
     """
-    order = torch.sort(key, dim=1, descending=descending, stable=True).indices
-    regroup = torch.sort(labels.gather(1, order), dim=1, stable=True).indices
-    grouped = order.gather(1, regroup)
-    sizes = cluster_sizes(labels, num_clusters)
-    starts = sizes.cumsum(1) - sizes
-    positions = torch.arange(key.shape[1], device=key.device).expand_as(grouped)
-    rank_in_grouped = positions - starts.gather(1, labels.gather(1, grouped))
-    return torch.empty_like(rank_in_grouped).scatter_(1, grouped, rank_in_grouped)
+    order = torch.sort(key, dim=-1, descending=descending, stable=True).indices
+    return ranks_in_clusters(order, labels)
+
+
+def ranks_in_clusters(order: Tensor, labels: Tensor) -> Tensor:
+    """Each token's rank among the tokens of its own cluster in `order` (..., L), the tokens
+    sorted by some key (labels (G, L) broadcast over the leading dims).
+
+    A stable sort by cluster keeps the key order inside each cluster; a token's rank is its
+    position there minus its cluster's first position (a `searchsorted` of the sorted labels
+    in themselves). Integer ops only.
+    """
+    grouped_labels, regroup = torch.sort(
+        labels.expand_as(order).gather(-1, order), dim=-1, stable=True
+    )
+    grouped = order.gather(-1, regroup)
+    starts = torch.searchsorted(grouped_labels, grouped_labels)
+    positions = torch.arange(order.shape[-1], device=order.device)
+    return torch.empty_like(grouped).scatter_(-1, grouped, positions - starts)
 
 
 def take_smallest(key: Tensor, budget: int) -> Tensor:

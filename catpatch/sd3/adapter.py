@@ -68,6 +68,7 @@ class SD3Adapter:
         self.patches = PatchSet()
         self.controlnet: list[Tensor] | None = None
         self.timestep: Tensor | None = None  # of the current call, for the token forecast
+        self._temb: tuple[Tensor, Tensor] | None = None  # this call's (temb, silu(temb))
         self._warned_outside = False
 
     # -- install / remove
@@ -155,7 +156,7 @@ class SD3Adapter:
         if mode not in (Mode.PASS, Mode.REUSE) and state.steps.skips:
             sample = output[0] if isinstance(output, tuple) else output.sample
             state.steps.observe(sample, schedule.step)
-        self.controlnet = self.timestep = None
+        self.controlnet = self.timestep = self._temb = None
         state.caches.residual = None
         state.finish_call(mode)
         return None
@@ -193,7 +194,7 @@ class SD3Adapter:
         outputs = (schedule.groups, geo.tokens, dim)  # the driver rows only
         shapes = []
         for block in self.transformer.transformer_blocks:
-            entry = {"key": joint, "value": joint}
+            entry = {"kv": (2, *joint)}
             if not lean:
                 entry.update(attn=outputs, ff=outputs)
             if block.use_dual_attention:
@@ -250,6 +251,7 @@ class SD3Adapter:
                 rows=schedule.driver_slice,
                 keep_all=caches.keep,
                 output_caches=not state.config.lean,
+                temb_act=self._temb_act(temb),
             )
         block = self.transformer.transformer_blocks[i]
         if self._full_fn is not None and getattr(original, "__self__", None) is block:
@@ -260,6 +262,13 @@ class SD3Adapter:
             temb=temb,
             joint_attention_kwargs=joint_attention_kwargs,
         )
+
+    def _temb_act(self, temb: Tensor) -> Tensor:
+        """silu(temb), which every block's modulation reads: one kernel per call, not one per
+        norm."""
+        if self._temb is None or self._temb[0] is not temb:
+            self._temb = (temb, torch.nn.functional.silu(temb))
+        return self._temb[1]
 
     def _before_norm_out(self, module, args):
         state = self.state

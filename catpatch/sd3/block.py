@@ -43,6 +43,93 @@ def _projections(attn, x: Tensor, context: bool) -> tuple[Tensor, Tensor, Tensor
     return attn.to_q(x), attn.to_k(x), attn.to_v(x)
 
 
+def _linear_into(linear, x: Tensor, out: Tensor) -> bool:
+    """Compute `linear(x)` into `out` (a contiguous (R·N, D_out) slice) with the very op that
+    `F.linear` runs for a contiguous (R, N, D) input: `addmm(bias, x.view(-1, D), W.t())`,
+    here with `out=`, so the values are the same. False, and nothing computed, when `linear`
+    is not a plain `nn.Linear` with a bias (LoRA layers, hooks, ...) or autograd needs the
+    result: the caller then calls the module."""
+    weight, bias = getattr(linear, "weight", None), getattr(linear, "bias", None)
+    plain = (
+        type(linear) is torch.nn.Linear
+        and bias is not None
+        and not ("forward" in vars(linear) or linear._forward_hooks or linear._forward_pre_hooks)
+        and x.is_contiguous()
+        and x.dtype == weight.dtype == bias.dtype == out.dtype
+    )
+    if not plain or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+        return False
+    torch.addmm(bias, x.view(-1, x.shape[-1]), weight.t(), out=out)
+    return True
+
+
+def _joint_kv_into_cache(
+    attn, x: Tensor, context: Tensor, kv: Tensor, step: StepIndex
+) -> tuple[Tensor, Tensor]:
+    """Eager pruned step: the queries of the image tokens `x` and text tokens `context`, and
+    their K/V written into the cache `kv` (2, R, L+T, D) at `step.kv`; -> (q, text q).
+
+    K/V are computed straight into one (2, R·S + R·T, D) buffer in `step.kv`'s order (K image,
+    K text, V image, V text; see `_linear_into`), which one `index_copy_` then writes: one
+    write instead of four, and no concatenated temporary. A part that cannot be computed in
+    place (qk-norm on K, a LoRA layer, fused projections) is computed as usual and written
+    apart.
+    """
+    heads, (rows, computed), text = attn.heads, x.shape[:2], context.shape[1]
+    if getattr(attn, "fused_projections", False):
+        q, k, v = _projections(attn, x, context=False)
+        cq, ck, cv = _projections(attn, context, context=True)
+        ready = ((k, ck), (v, cv))
+    else:
+        q, cq, ready = attn.to_q(x), attn.add_q_proj(context), None
+    q, cq = _normed(attn.norm_q, q, heads), _normed(attn.norm_added_q, cq, heads)
+    split = rows * computed
+    stage = q.new_empty(2, split + rows * text, q.shape[-1])
+    parts = step.kv_parts()
+    pieces = []  # (value, its rows in kv, computed into `stage`)
+    for half, linears, norms in (
+        (0, (attn.to_k, attn.add_k_proj), (attn.norm_k, attn.norm_added_k)),
+        (1, (attn.to_v, attn.add_v_proj), (None, None)),
+    ):
+        for part, source in enumerate((x, context)):
+            slot = stage[half, :split] if part == 0 else stage[half, split:]
+            staged = ready is None and norms[part] is None
+            staged = staged and _linear_into(linears[part], source, slot)
+            if staged:
+                value = slot
+            else:
+                value = ready[half][part] if ready is not None else linears[part](source)
+                value = _normed(norms[part], value, heads)
+            pieces.append((value, parts[2 * half + part], staged))
+    if all(staged for *_, staged in pieces):
+        write_rows(kv, step.kv, stage)
+        return q, cq
+    for half in (0, 1):
+        (a, rows_a, in_a), (b, rows_b, in_b) = pieces[2 * half : 2 * half + 2]
+        if in_a and in_b:
+            write_rows(kv, step.kv.view(2, -1)[half], stage[half])
+        else:
+            write_rows(kv, rows_a, a)
+            write_rows(kv, rows_b, b)
+    return q, cq
+
+
+def _record_kv(buffer: Tensor | None, keys, values, keep_all) -> Tensor:
+    """The recording step's joint K/V cache (2, R, L+T, D) from its (image, text) parts: in
+    eager code concatenated straight into its two halves (no stacked temporary)."""
+    k, ck = keys
+    shape = (2, k.shape[0], k.shape[1] + ck.shape[1], k.shape[2])
+    if torch.compiler.is_compiling():
+        return keep_all(buffer, torch.stack([torch.cat(keys, dim=1), torch.cat(values, dim=1)]))
+    reusable = buffer is not None and (buffer.shape, buffer.dtype, buffer.device) == (
+        shape, k.dtype, k.device
+    )  # fmt: skip
+    kv = buffer if reusable else k.new_empty(shape)
+    torch.cat(keys, dim=1, out=kv[0])
+    torch.cat(values, dim=1, out=kv[1])
+    return kv if reusable else keep_all(None, kv)
+
+
 def attention(
     attn,
     x: Tensor,
@@ -65,32 +152,33 @@ def attention(
     it after that buffer was reused).
     """
     heads = attn.heads
-    q, k, v = _projections(attn, x, context=False)
-    q, k = _normed(attn.norm_q, q, heads), _normed(attn.norm_k, k, heads)
-    computed = q.shape[1]
-    if context is not None:
-        cq, ck, cv = _projections(attn, context, context=True)
-        cq, ck = _normed(attn.norm_added_q, cq, heads), _normed(attn.norm_added_k, ck, heads)
+    computed = x.shape[1]
+    joint = context is not None
+    if joint and step is not None and not torch.compiler.is_compiling():
+        q, cq = _joint_kv_into_cache(attn, x, context, cache.kv, step)
         q = torch.cat([q, cq], dim=1)
-    keys, values = getattr(cache, "key" + slot), getattr(cache, "value" + slot)
-    if step is None:
-        if context is not None:
-            k, v = torch.cat([k, ck], dim=1), torch.cat([v, cv], dim=1)
-        keys, values = keep_all(keys, k), keep_all(values, v)
-        setattr(cache, "key" + slot, keys)
-        setattr(cache, "value" + slot, values)
+        keys, values = cache.kv
     else:
-        if context is None:  # image-only attention: an (R, L, D) cache
-            write_rows(keys, step.image, k)
-            write_rows(values, step.image, v)
-        elif torch.compiler.is_compiling():
-            # one write per cache: a second one makes inductor copy the whole cache
-            write_rows(keys, step.joint.view(-1), torch.cat([k, ck], dim=1))
-            write_rows(values, step.joint.view(-1), torch.cat([v, cv], dim=1))
-        else:  # eager: two writes each, no concatenated temporary
-            for cache_, image_, text_ in ((keys, k, ck), (values, v, cv)):
-                write_rows(cache_, step.joint_image, image_)
-                write_rows(cache_, step.joint_text, text_)
+        q, k, v = _projections(attn, x, context=False)
+        q, k = _normed(attn.norm_q, q, heads), _normed(attn.norm_k, k, heads)
+        if joint:
+            cq, ck, cv = _projections(attn, context, context=True)
+            cq, ck = _normed(attn.norm_added_q, cq, heads), _normed(attn.norm_added_k, ck, heads)
+            q = torch.cat([q, cq], dim=1)
+        if step is None and joint:
+            cache.kv = _record_kv(cache.kv, (k, ck), (v, cv), keep_all)
+            keys, values = cache.kv
+        elif step is None:
+            cache.key2, cache.value2 = keep_all(cache.key2, k), keep_all(cache.value2, v)
+            keys, values = cache.key2, cache.value2
+        elif joint:  # compiled: one write (a second one makes inductor copy the whole cache)
+            stacked = torch.cat([t.reshape(-1, t.shape[-1]) for t in (k, ck, v, cv)])
+            write_rows(cache.kv, step.kv, stacked)
+            keys, values = cache.kv
+        else:  # image-only attention: an (R, L, D) cache each
+            write_rows(cache.key2, step.image, k)
+            write_rows(cache.value2, step.image, v)
+            keys, values = cache.key2, cache.value2
     q, keys, values = (_split_heads(t, heads).transpose(1, 2) for t in (q, keys, values))
     out = F.scaled_dot_product_attention(q, keys, values, dropout_p=0.0)
     out = out.transpose(1, 2).flatten(2).to(q.dtype)
@@ -117,6 +205,48 @@ def _feed_forward(block, ff, x: Tensor) -> Tensor:
     return ff(x)
 
 
+def _plain(module, *kinds: str) -> bool:
+    """Whether `module` is one of diffusers' `kinds` and runs its class's own forward with a
+    plain silu (no instance override, no hooks), so that it can be computed here."""
+    if type(module).__name__ not in kinds or not isinstance(module.silu, torch.nn.SiLU):
+        return False
+    return not ("forward" in vars(module) or module._forward_hooks or module._forward_pre_hooks)
+
+
+def _modulate(norm, x: Tensor, temb: Tensor, temb_act: Tensor) -> tuple[Tensor, ...]:
+    """`norm(x, emb=temb)` of diffusers' `AdaLayerNormZero` (5 outputs) or
+    `SD35AdaLayerNormZeroX` (7), with `scale_mlp` replaced by 1 + scale_mlp.
+
+    The same float ops in the same order as diffusers, with two kernels fewer per norm:
+    silu(temb) (`temb_act`) is computed once for all blocks, and every 1 + scale of the norm
+    comes from one `1 + emb` (elementwise, so each value is the same). Any other norm runs
+    its own forward.
+    """
+    kind = type(norm).__name__
+    plain = _plain(norm, "AdaLayerNormZero", "SD35AdaLayerNormZeroX")
+    if plain and getattr(norm, "emb", None) is None:
+        emb = norm.linear(temb_act)
+        one_plus = (1 + emb).chunk(emb.shape[1] // x.shape[-1], dim=1)
+        parts = emb.chunk(emb.shape[1] // x.shape[-1], dim=1)
+        normed = norm.norm(x)
+        out = normed * one_plus[1][:, None] + parts[0][:, None]
+        if kind == "AdaLayerNormZero":
+            return out, parts[2], parts[3], one_plus[4], parts[5]
+        normed2 = normed * one_plus[7][:, None] + parts[6][:, None]
+        return out, parts[2], parts[3], one_plus[4], parts[5], normed2, parts[8]
+    out = norm(x, emb=temb)
+    return (*out[:3], 1 + out[3], *out[4:])
+
+
+def _modulate_continuous(norm, x: Tensor, temb: Tensor, temb_act: Tensor) -> Tensor:
+    """`norm(x, temb)` of diffusers' `AdaLayerNormContinuous`, reading silu(temb) `temb_act`."""
+    if _plain(norm, "AdaLayerNormContinuous"):
+        emb = norm.linear(temb_act.to(x.dtype))
+        scale, shift = torch.chunk(emb, 2, dim=1)
+        return norm.norm(x) * (1 + scale)[:, None, :] + shift[:, None, :]
+    return norm(x, temb)
+
+
 def cat_block_forward(
     block,
     cache: BlockCache,
@@ -128,6 +258,7 @@ def cat_block_forward(
     rows: slice = ALL_ROWS,
     keep_all=keep,
     output_caches: bool = True,
+    temb_act: Tensor | None = None,
 ) -> tuple[Tensor | None, Tensor]:
     """`JointTransformerBlock.forward` for the computed tokens, reading/writing `cache`.
 
@@ -138,22 +269,25 @@ def cat_block_forward(
     `residual` stream (the driver rows of all L tokens; None when lean), the gated cached
     outputs of every token are added to it: from it the unselected tokens' outputs are
     estimated.
-    `keep_all` turns a recording step's tensors into caches (see `caches.keep`).
+    `keep_all` turns a recording step's tensors into caches (see `caches.keep`); `temb_act`
+    is silu(`temb`), which every block's modulation reads (computed here when not given: the
+    adapter computes it once per call).
     """
     if step is not None:
         rows, output_caches = step.rows, residual is not None
     store = output_caches  # this step keeps attention / FFN output caches
-    if block.use_dual_attention:
-        normed, gate_msa, shift_mlp, scale_mlp, gate_mlp, normed2, gate_msa2 = block.norm1(
-            hidden_states, emb=temb
+    if temb_act is None:
+        temb_act = F.silu(temb)
+    normed, gate_msa, shift_mlp, scale_mlp1, gate_mlp, *dual = _modulate(
+        block.norm1, hidden_states, temb, temb_act
+    )
+    if block.context_pre_only:
+        normed_context = _modulate_continuous(
+            block.norm1_context, encoder_hidden_states, temb, temb_act
         )
     else:
-        normed, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.norm1(hidden_states, emb=temb)
-    if block.context_pre_only:
-        normed_context = block.norm1_context(encoder_hidden_states, temb)
-    else:
-        normed_context, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = block.norm1_context(
-            encoder_hidden_states, emb=temb
+        normed_context, c_gate_msa, c_shift_mlp, c_scale_mlp1, c_gate_mlp = _modulate(
+            block.norm1_context, encoder_hidden_states, temb, temb_act
         )
 
     attn_output, context_attn_output = attention(
@@ -162,12 +296,13 @@ def cat_block_forward(
     attn_all = _store(cache, "attn", attn_output, step, rows, keep_all) if store else None
     hidden_states = hidden_states + gate_msa.unsqueeze(1) * attn_output
     if block.use_dual_attention:
+        normed2, gate_msa2 = dual
         attn_output2, _ = attention(block.attn2, normed2, None, cache, "2", step, keep_all)
         attn2_all = _store(cache, "attn2", attn_output2, step, rows, keep_all) if store else None
         hidden_states = hidden_states + gate_msa2.unsqueeze(1) * attn_output2
 
     normed = block.norm2(hidden_states)
-    normed = normed * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
+    normed = normed * scale_mlp1[:, None] + shift_mlp[:, None]
     ff_output = _feed_forward(block, block.ff, normed)
     ff_all = _store(cache, "ff", ff_output, step, rows, keep_all) if store else None
     hidden_states = hidden_states + gate_mlp.unsqueeze(1) * ff_output
@@ -182,7 +317,7 @@ def cat_block_forward(
         return None, hidden_states
     encoder_hidden_states = encoder_hidden_states + c_gate_msa.unsqueeze(1) * context_attn_output
     normed_context = block.norm2_context(encoder_hidden_states)
-    normed_context = normed_context * (1 + c_scale_mlp[:, None]) + c_shift_mlp[:, None]
+    normed_context = normed_context * c_scale_mlp1[:, None] + c_shift_mlp[:, None]
     context_ff = _feed_forward(block, block.ff_context, normed_context)
     encoder_hidden_states = encoder_hidden_states + c_gate_mlp.unsqueeze(1) * context_ff
     return encoder_hidden_states, hidden_states
