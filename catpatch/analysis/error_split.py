@@ -228,13 +228,13 @@ class ErrorSplit:
             write_rows(merged, step.image, gather_tokens(result, step.index))
             self.state.caches.previous.copy_(merged)
             result = merged
-        diff = (result - true).float()
-        selected = float(gather_tokens(diff, step.index).square().sum())
+        per_token = (result - true).float().square().sum(-1)  # (R, L)
+        computed = torch.zeros_like(per_token, dtype=torch.bool).scatter_(1, step.index, True)
         self.log.steps.append(
             StepError(
                 self.state.schedule.step,
-                selected,
-                max(float(diff.square().sum()) - selected, 0.0),
+                float(per_token[computed].sum()),
+                float(per_token[~computed].sum()),
                 float(true.float().square().sum()),
                 *self._drift,
             )
