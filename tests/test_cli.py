@@ -256,6 +256,7 @@ def test_study_takes_model_toy(tmp_path, monkeypatch):
         ("lean_study.py", ["--images", "2", "--steps", "10", "--keep-ratios", "0.3"]),
         ("reuse_study.py", ["--images", "2", "--steps", "10"]),
         ("paper_study.py", ["--images", "2", "--steps", "10", "--keep-ratios", "0.3"]),
+        ("error_split.py", ["--images", "2", "--steps", "10"]),
     ],
 )  # fmt: skip
 def test_examples_run(script, argv, tmp_path, monkeypatch, capsys):
@@ -273,6 +274,12 @@ def test_examples_run(script, argv, tmp_path, monkeypatch, capsys):
         name = {"paper_study.py": "paper-vs-cat.jsonl"}.get(script, script.replace("_", "-"))
         rows = (tmp_path / "out" / name.replace(".py", ".jsonl")).read_text()
         assert all(json.loads(r)["images"] == 2 for r in rows.splitlines())
+    elif script == "error_split.py":
+        lines = (tmp_path / "out/error-split.jsonl").read_text().splitlines()
+        rows = [json.loads(r) for r in lines]
+        assert [r["remaining"] for r in rows][:2] == ["abc", "bc"] and len(rows) == 8
+        assert rows[-1]["latent_error"] < 1e-5, "both fresh: the unpatched run"
+        assert (tmp_path / "out/error-split.md").read_text().count("\n| ") == 9
     else:
         rows = [json.loads(x) for x in (tmp_path / "out/gpu/results.jsonl").read_text().split("\n")
                 if x]  # fmt: skip
