@@ -49,7 +49,7 @@ from ..hooks import PatchSet
 from ..patching import Patch, apply_cat, get_patch, remove_cat
 from ..schedule import Mode
 
-KV_FIELDS = ("key", "value", "key2", "value2")  # the `BlockCache` fields attention reads
+KV_FIELDS = ("kv", "key2", "value2")  # the `BlockCache` fields attention reads
 
 
 @dataclass(frozen=True)
@@ -192,6 +192,8 @@ class ErrorSplit:
         so) and return the true token-level output y* (R, L, F)."""
         schedule, blocks = self.state.schedule, self.state.caches.blocks
         saved = [dict(vars(cache)) for cache in blocks]
+        for cache in blocks:  # the recording code fills a cache it finds in place: hide them
+            vars(cache).update(dict.fromkeys(vars(cache)))
         schedule.mode, self._oracle_pass_running = Mode.RECORD, True
         try:
             with torch.no_grad():
@@ -215,14 +217,14 @@ class ErrorSplit:
         return self._original_keep(buffer, value)
 
     # -- the output side
-    def _observe(self, mode: Mode, output: Tensor) -> Tensor | None:
+    def _observe(self, mode: Mode, output: Tensor, time: Tensor | None = None) -> Tensor | None:
         if self._oracle_pass_running:
             self._captured = output.detach().clone()
             return None  # the oracle pass's own output is not used
         if mode is not Mode.PRUNED or self._true is None:
-            return self._original_observe(mode, output)
+            return self._original_observe(mode, output, time)
         true, step = self._true, self.state.step_index
-        result = self._original_observe(mode, output)  # calls `_next`
+        result = self._original_observe(mode, output, time)  # calls `_next`
         if self.oracle.fresh_outputs:
             merged = true.clone()
             write_rows(merged, step.image, gather_tokens(result, step.index))
