@@ -77,7 +77,7 @@ def test_study_command_quick_end_to_end(tmp_path, capsys):
     assert [r["method"] for r in rows] == methods
     assert {(r["steps"], r["keep_ratio"]) for r in rows[1:]} == {("28", "0.3")}
     macs = {r["method"]: float(r["macs_ratio"]) for r in rows}
-    assert macs["unpatched"] == 1.0 and 0.7 < macs["cat"] < 0.8
+    assert macs["unpatched"] == 1.0 and 0.5 < macs["cat"] < 0.6  # T = 32 against L = 256
     assert all(abs(macs[m] - macs["cat"]) < 0.01 for m in methods[1:]), "not equal MACs"
     psnr = {r["method"]: float(r["psnr"]) for r in rows[1:]}
     assert all(15 < v < 80 for v in psnr.values()), psnr
