@@ -93,7 +93,7 @@ def main() -> None:
     ref_latents, reference = _generate(pipe, prompts, args.steps, args.batch_size)
     ref_norm = ref_latents.flatten(1).norm(dim=1)
     print(f"unpatched: {time.perf_counter() - start:.0f} s", flush=True)
-    config = CATConfig(keep_ratio=args.keep_ratio)
+    config = CATConfig(keep_ratio=args.keep_ratio, lean=False)  # the dense estimate: source (c)
     rows, cat_psnr = [], None
     for oracle in VARIANTS:
         start = time.perf_counter()

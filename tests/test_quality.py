@@ -61,8 +61,8 @@ def test_cat_is_not_staleness_only(runs):
 
     Not a ranking: on this toy model staleness-only is the better of the two (+1.1 to
     +1.6 dB over CAT in the study at 28 steps, +1.7 dB on these four captions), so asserting
-    CAT > stale would be false. What is asserted is that CAT's drift and cluster quota change what is
-    computed; `test_selection.py::test_cat_policy_picks_what_the_spec_says` checks what it
+    CAT > stale would be false. What is asserted is that CAT's drift and cluster quota change
+    what is computed; `test_selection.py::test_cat_policy_picks_what_the_spec_says` checks what it
     picks on hand-made fields."""
     _, cat, _, _, stale = runs
     per_image = np.abs(cat - stale).reshape(len(cat), -1).max(1)

@@ -13,7 +13,7 @@ from catpatch.stats import ModelDims, count_cpu_attention, run_bound, run_macs, 
 
 
 def test_cat_stats_against_hand_calculation(pipe):
-    apply_cat(pipe, CATConfig(keep_ratio=0.3, warmup_steps=4, num_clusters=8))
+    apply_cat(pipe, CATConfig(keep_ratio=0.3, warmup_steps=4, num_clusters=8, lean=False))
     generate(pipe, num_inference_steps=10)
     stats = cat_stats(pipe)
     assert (stats.steps, stats.pruned_steps, stats.tokens, stats.budget) == (10, 6, 256, 76)

@@ -78,7 +78,9 @@ def test_study_command_quick_end_to_end(tmp_path, capsys):
     assert {(r["steps"], r["keep_ratio"]) for r in rows[1:]} == {("28", "0.3")}
     macs = {r["method"]: float(r["macs_ratio"]) for r in rows}
     assert macs["unpatched"] == 1.0 and 0.5 < macs["cat"] < 0.6  # T = 32 against L = 256
-    assert all(abs(macs[m] - macs["cat"]) < 0.01 for m in methods[1:]), "not equal MACs"
+    assert all(abs(macs[m] - macs["cat"]) < 1e-3 for m in methods[1:5]), "not equal MACs"
+    # step reuse computes whole steps: equal MACs to the nearest step (half a step is 1/56)
+    assert abs(macs["step"] - macs["cat"]) <= 1 / 56 + 1e-6
     psnr = {r["method"]: float(r["psnr"]) for r in rows[1:]}
     assert all(15 < v < 80 for v in psnr.values()), psnr
     for name in ("study.csv", "study.md", "study.png", "study.json", "rows.jsonl"):

@@ -79,8 +79,9 @@ def _bench_parser(sub) -> None:
         help="timed loops of each side after two warm-up loops; medians are reported",
     )  # fmt: skip
     p.add_argument(
-        "--lean", action="store_true",
-        help="CATConfig(lean=True): no dense residual stream, a third less cache memory",
+        "--lean", action=argparse.BooleanOptionalAction, default=True,
+        help="CATConfig.lean: no dense residual stream, a third less cache memory "
+        "(--no-lean: the specification's dense estimate)",
     )  # fmt: skip
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=_bench)

@@ -45,7 +45,7 @@ class BenchSettings:
     dtype: str = "fp32"
     device: str = "cpu"
     compile: str = "none"  # none | default | reduce-overhead | max-autotune
-    lean: bool = False  # CATConfig.lean
+    lean: bool = True  # CATConfig.lean
     repeats: int = 3
     seed: int = 0
 

@@ -35,7 +35,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--text-tokens", type=int, default=333, help="text tokens T (CLIP + T5)")
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPE_NAMES), help="weights dtype")
     p.add_argument("--keep-ratio", type=float, default=default.keep_ratio, help="α")
-    p.add_argument("--lean", action="store_true", help="CATConfig(lean=True)")
+    p.add_argument(
+        "--lean", action=argparse.BooleanOptionalAction, default=True,
+        help="CATConfig.lean (--no-lean: the dense residual stream)",
+    )  # fmt: skip
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=command)
     return p

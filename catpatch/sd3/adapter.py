@@ -179,7 +179,8 @@ class SD3Adapter:
 
         geo, dims = self.state.schedule.geometry, ModelDims.from_config(self.transformer.config)
         full = step_macs(dims, geo.tokens, geo.text_tokens)
-        return step_macs(dims, geo.tokens, geo.text_tokens, self.state.log.budget) / full
+        budget, lean = self.state.log.budget, self.state.config.lean
+        return step_macs(dims, geo.tokens, geo.text_tokens, budget, lean) / full
 
     def _features(self) -> int:
         config = self.transformer.config
