@@ -471,12 +471,13 @@ def plot(rows: list[Row], path: Path) -> None:
     fig, axes = plt.subplots(1, len(steps_list), figsize=(7 * len(steps_list), 5), squeeze=False)
     for ax, steps in zip(axes[0], steps_list, strict=True):
         shown = [r for r in rows if r.steps == steps and not _in_sweep(r)]
-        for method in METHODS:
+        for i, method in enumerate(METHODS):
             points = sorted((r.macs_ratio, r.psnr) for r in shown if r.method == method)
             if points:
                 x, y = zip(*points, strict=True)
                 style = "s--" if method.startswith("taylorseer") else "o-"
-                ax.plot(x, y, style, label=method, markersize=4)
+                color = plt.cm.tab20(i % 20)  # more methods than the default cycle's 10 colours
+                ax.plot(x, y, style, label=method, markersize=4, color=color)
         front = frontier([r for r in shown if r.method in CATPATCH_METHODS])
         if front:
             x, y = zip(*((r.macs_ratio, r.psnr) for r in front), strict=True)
