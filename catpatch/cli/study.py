@@ -6,8 +6,8 @@ unpatched and with every method, for 28 and 50 steps and keep ratios 0.2 / 0.3 /
 - token policies at the same MACs: `cat` (the default), `paper` (the reference's rules),
   each also with the first-order token forecast (`+forecast`, `token_order=1`), and the
   ablations `random`, `noise` (drift only), `stale` (round robin);
-- whole-step peers: `step` (step-level reuse at CAT's MACs, also at α 0.05 / 0.1 to cover low
-  MACs) and `step+forecast` (skipped steps forecast, `reuse_order=1`); `cat+reuse` (CAT
+- whole-step peers: `step` (step-level reuse at CAT's MACs) and `step+forecast` (skipped
+  steps forecast, `reuse_order=1`), also at α 0.05 / 0.1 to cover low MACs; `cat+reuse` (CAT
   combined with step reuse at MACs 0.4 / 0.5 / 0.6, zeroth and first order); diffusers'
   `taylorseer` (attention forecast) and `taylorseer-lite` (whole steps forecast) at cache
   intervals 2-4, MACs measured with torch's FLOP counter (`catpatch.taylorseer`);
@@ -140,7 +140,8 @@ def configurations(quick: bool = False) -> list[tuple[int, str, Setting]]:
             for method, fields in {**TOKEN_METHODS, **STEP_METHODS}.items():
                 runs.append((steps, method, CATConfig(keep_ratio=keep, **fields)))
         for keep in LOW_STEP_KEEP_RATIOS:
-            runs.append((steps, "step", CATConfig(keep_ratio=keep, selection="step")))
+            for method, fields in STEP_METHODS.items():
+                runs.append((steps, method, CATConfig(keep_ratio=keep, **fields)))
         for macs in REUSE_MACS:
             for method, fields in COMBINED_METHODS.items():
                 runs.append((steps, method, CATConfig(reuse_macs=macs, **fields)))
