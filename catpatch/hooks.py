@@ -3,12 +3,16 @@
 Two kinds of change are recorded: torch hook handles, and instance attributes (a module's
 `forward`, a pipeline method wrapped with wrapt). Undo restores the instance `__dict__` to what
 it was, so a removed patch leaves no attribute behind, and never touches a class.
+`wrap_denoising_loops` is the one pipeline wrapper CAT and the TaylorSeer peer share: callbacks
+around each denoising loop (the `with` block of the pipeline's progress bar).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
+
+import wrapt
 
 _MISSING = object()
 
@@ -43,3 +47,38 @@ class PatchSet:
     def undo(self) -> None:
         while self._undo:
             self._undo.pop()()
+
+
+Callback = Callable[[], Any]
+
+
+class LoopScope(wrapt.ObjectProxy):
+    """A pipeline's progress bar whose `with` block (one denoising loop) also calls `enter()`
+    before it and `exit()` after it, also when the loop ends by an exception or interrupt."""
+
+    def __init__(self, bar, enter: Callback, exit: Callback):
+        super().__init__(bar)
+        self._self_enter, self._self_exit = enter, exit
+
+    def __enter__(self):
+        self._self_enter()
+        return self.__wrapped__.__enter__()
+
+    def __exit__(self, *exc):
+        self._self_exit()
+        return self.__wrapped__.__exit__(*exc)
+
+
+def wrap_denoising_loops(
+    patches: PatchSet, pipe: Any, scope: Callable[[dict], tuple[Callback, Callback] | None]
+) -> None:
+    """Wrap the instance's `pipe.progress_bar` (recorded in `patches`, so undone with them):
+    each bar it opens gets the (enter, exit) callbacks `scope(kwargs)` returns for the call's
+    keyword arguments; None leaves that bar as it is."""
+
+    def open_bar(wrapped, instance, args, kwargs):
+        bar = wrapped(*args, **kwargs)
+        callbacks = scope(kwargs)
+        return bar if callbacks is None else LoopScope(bar, *callbacks)
+
+    patches.set_attribute(pipe, "progress_bar", wrapt.FunctionWrapper(pipe.progress_bar, open_bar))

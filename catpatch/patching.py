@@ -13,10 +13,8 @@ import weakref
 from collections.abc import Iterator
 from typing import Any, TypeVar
 
-import wrapt
-
 from .config import CATConfig
-from .hooks import PatchSet
+from .hooks import PatchSet, wrap_denoising_loops
 from .sd3 import SD3Adapter, check_transformer
 from .state import CATState
 
@@ -50,39 +48,20 @@ class Patch:
         state_ref = weakref.ref(self.state)
         pipe_ref = weakref.ref(pipe)
 
-        def start_run(wrapped, instance, args, kwargs):
-            bar = wrapped(*args, **kwargs)
-            state = state_ref()
-            if state is None or kwargs.get("total") is None:
-                return bar
-            return _RunScope(bar, state, pipe_ref(), kwargs["total"])
+        def run(kwargs: dict):
+            """A bar with a `total` is one denoising loop: one CAT run."""
+            state, total = state_ref(), kwargs.get("total")
+            if state is None or total is None:
+                return None
+            cfg = bool(getattr(pipe_ref(), "do_classifier_free_guidance", False))
+            return (lambda: state.begin_run(total, cfg_rows=cfg)), state.end_run
 
-        self.pipeline_patches.set_attribute(
-            pipe, "progress_bar", wrapt.FunctionWrapper(pipe.progress_bar, start_run)
-        )
+        wrap_denoising_loops(self.pipeline_patches, pipe, run)
 
     def remove(self) -> None:
         self.pipeline_patches.undo()
         self.adapter.remove()
         self.state.release()
-
-
-class _RunScope(wrapt.ObjectProxy):
-    """The pipeline's progress bar, which also marks the start and end of a CAT run."""
-
-    def __init__(self, bar, state: CATState, pipe, total: int):
-        super().__init__(bar)
-        self._self_state = state
-        self._self_cfg = bool(getattr(pipe, "do_classifier_free_guidance", False))
-        self._self_total = total
-
-    def __enter__(self):
-        self._self_state.begin_run(self._self_total, cfg_rows=self._self_cfg)
-        return self.__wrapped__.__enter__()
-
-    def __exit__(self, *exc):
-        self._self_state.end_run()
-        return self.__wrapped__.__exit__(*exc)
 
 
 def _resolve(target: Any):

@@ -21,9 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import wrapt
-
-from .hooks import PatchSet
+from .hooks import PatchSet, wrap_denoising_loops
 
 _PATCHES = "_catpatch_taylorseer"
 
@@ -72,11 +70,7 @@ def apply_taylorseer(pipe: Any, settings: TaylorSeer = TaylorSeer()) -> None:
     apply_taylorseer_cache(transformer, config)
     _registry(transformer).invalidate_child_registries_cache()  # it lists hooked modules
     patches = PatchSet()
-
-    def start_run(wrapped, instance, args, kwargs):
-        return _Generation(wrapped(*args, **kwargs), transformer)
-
-    patches.set_attribute(pipe, "progress_bar", wrapt.FunctionWrapper(pipe.progress_bar, start_run))
+    wrap_denoising_loops(patches, pipe, lambda kwargs: _generation(transformer))
     setattr(pipe, _PATCHES, patches)
 
 
@@ -97,24 +91,13 @@ def _registry(model):
     return HookRegistry.check_if_exists_or_initialize(model)
 
 
-class _Generation(wrapt.ObjectProxy):
-    """The pipeline's progress bar, which also spans one TaylorSeer generation: fresh hook
-    state and a cache context while the denoising loop runs."""
+def _generation(transformer):
+    """(enter, exit) of one TaylorSeer generation: fresh hook state and a cache context while
+    the denoising loop runs."""
+    from diffusers.hooks.hooks import CacheContext, _set_cache_context
 
-    def __init__(self, bar, transformer):
-        super().__init__(bar)
-        self._self_transformer = transformer
+    def enter() -> None:
+        _registry(transformer).reset_stateful_hooks()
+        _set_cache_context(transformer, CacheContext("cond"))  # one batched call per step
 
-    def __enter__(self):
-        from diffusers.hooks.hooks import CacheContext, _set_cache_context
-
-        model = self._self_transformer
-        _registry(model).reset_stateful_hooks()
-        _set_cache_context(model, CacheContext("cond"))  # one batched call per step (CFG pair)
-        return self.__wrapped__.__enter__()
-
-    def __exit__(self, *exc):
-        from diffusers.hooks.hooks import _set_cache_context
-
-        _set_cache_context(self._self_transformer, None)
-        return self.__wrapped__.__exit__(*exc)
+    return enter, lambda: _set_cache_context(transformer, None)
