@@ -1,8 +1,11 @@
-"""Command line of the toy model: `python -m catpatch.toy {train,sample,check}`.
+"""Command line of a shipped trained model: `python -m catpatch.toy {train,sample,check}`
+(the same for `python -m catpatch.scenes`).
 
-python -m catpatch.toy train [--out DIR]     # train from scratch (~50 min on 2 busy CPU cores)
+python -m catpatch.toy train [--out DIR]     # train from scratch (~45 min on 2 busy CPU cores)
 python -m catpatch.toy sample --out DIR      # a few images and grid.png
 python -m catpatch.toy check                 # detector accuracy on generated images
+
+An interrupted `train` resumes where it stopped when run again with the same --out and settings.
 """
 
 from __future__ import annotations
@@ -13,26 +16,27 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .model import TrainedModel
 
 
 def _print_accuracy(title: str, acc: dict[str, float]) -> None:
     print(f"{title}: " + "  ".join(f"{k} {v:.3f}" for k, v in acc.items()), flush=True)
 
 
-def _call_kwargs(args: argparse.Namespace) -> dict:
-    from . import GUIDANCE_SCALE, NUM_INFERENCE_STEPS
-
-    steps = args.steps or NUM_INFERENCE_STEPS
-    guidance = GUIDANCE_SCALE if args.guidance is None else args.guidance
+def _call_kwargs(args: argparse.Namespace, model: TrainedModel) -> dict:
+    steps = args.steps or model.num_inference_steps
+    guidance = model.guidance_scale if args.guidance is None else args.guidance
     return dict(num_inference_steps=steps, guidance_scale=guidance)
 
 
-def _train(args: argparse.Namespace) -> None:
-    from . import check, reference_accuracy
+def _train(args: argparse.Namespace, model: TrainedModel) -> None:
     from .train import TrainConfig, train
 
     start = time.perf_counter()
-    cfg = TrainConfig(seed=args.seed)
+    cfg = TrainConfig(seed=args.seed, **model.train_defaults)
     if args.quick:
         cfg = TrainConfig(
             seed=args.seed,
@@ -46,24 +50,23 @@ def _train(args: argparse.Namespace) -> None:
         name, value = item.split("=", 1)
         cfg = dataclasses.replace(cfg, **{name: type(getattr(cfg, name))(value)})
     print(cfg, flush=True)
-    pipe, detector = train(args.out, cfg)
+    pipe, detector = train(args.out, cfg, model.recipe)
     pipe.set_progress_bar_config(disable=True)
-    _print_accuracy("detector on procedural images", reference_accuracy(detector))
+    _print_accuracy("detector on procedural images", model.reference_accuracy(detector))
     n = 8 if args.quick else 64
-    _print_accuracy(f"detector on {n} generated images", check(pipe, n, detector))
+    _print_accuracy(f"detector on {n} generated images", model.check(pipe, n, detector))
     print(f"total wall time {time.perf_counter() - start:.0f}s", flush=True)
 
 
-def _sample(args: argparse.Namespace) -> None:
+def _sample(args: argparse.Namespace, model: TrainedModel) -> None:
     import numpy as np
     from PIL import Image
 
-    from . import eval_prompts, generate, load_pipeline
-
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    prompts = eval_prompts(args.n)
-    images = generate(load_pipeline(path=args.weights), prompts, **_call_kwargs(args))
+    prompts = model.eval_prompts(args.n)
+    pipe = model.load_pipeline(path=args.weights)
+    images = model.generate(pipe, prompts, **_call_kwargs(args, model))
     images = (images * 255).round().astype(np.uint8)
     for i, img in enumerate(images):
         Image.fromarray(img).save(out / f"{i:03d}.png")
@@ -79,13 +82,12 @@ def _sample(args: argparse.Namespace) -> None:
     print(f"wrote {len(images)} images, grid.png and captions.txt to {out}")
 
 
-def _check(args: argparse.Namespace) -> None:
-    from . import check, load_detector, load_pipeline, reference_accuracy
-
-    detector = load_detector(Path(args.weights) / "detector.safetensors" if args.weights else None)
-    _print_accuracy("detector on procedural images", reference_accuracy(detector))
-    kwargs = _call_kwargs(args)
-    acc = check(load_pipeline(path=args.weights), args.n, detector, **kwargs)
+def _check(args: argparse.Namespace, model: TrainedModel) -> None:
+    weights = Path(args.weights) / "detector.safetensors" if args.weights else None
+    detector = model.load_detector(weights)
+    _print_accuracy("detector on procedural images", model.reference_accuracy(detector))
+    kwargs = _call_kwargs(args, model)
+    acc = model.check(model.load_pipeline(path=args.weights), args.n, detector, **kwargs)
     _print_accuracy(
         f"detector on {args.n} generated images ({kwargs['num_inference_steps']} steps, "
         f"guidance {kwargs['guidance_scale']})",
@@ -102,11 +104,12 @@ class _Help(argparse.RawDescriptionHelpFormatter):
         return HelpFormatter._get_help_string(self, action)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The parser of `python -m catpatch.toy`."""
+def build_parser(model: str = "toy") -> argparse.ArgumentParser:
+    """The parser of `python -m catpatch.<model>`."""
     from ..cli.common import Parser
 
-    parser = Parser(prog="python -m catpatch.toy", description=__doc__, formatter_class=_Help)
+    prog = f"python -m catpatch.{model}"
+    parser = Parser(prog=prog, description=__doc__, formatter_class=_Help)
     parser.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads (default: torch's)"
     )
@@ -114,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "train", help="train the pipeline and detector from scratch", formatter_class=_Help
     )
-    p.add_argument("--out", default="out/toy", help="folder to save_pretrained into")
+    p.add_argument("--out", default=f"out/{model}", help="folder to save_pretrained into")
     p.add_argument("--seed", type=int, default=0, help="seed of every stage")
     p.add_argument("--quick", action="store_true", help="a few steps per stage (smoke test)")
     p.add_argument(
@@ -132,22 +135,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Parse the command line and run one command."""
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, model: str = "toy") -> None:
+    """Parse the command line and run one command on the shipped model named `model`."""
+    args = build_parser(model).parse_args(argv)
 
     import torch
+
+    from .model import builtin_models
 
     if args.threads:
         torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    {"train": _train, "sample": _sample, "check": _check}[args.command](args)
+    run = {"train": _train, "sample": _sample, "check": _check}[args.command]
+    run(args, builtin_models()[model])
+
+
+def run_module(model: str) -> None:
+    """`python -m catpatch.<model>`: with passive OpenMP waiting (busy-waiting threads slow
+    training many times over when another process shares the cores). It must be set before
+    torch loads, hence the re-exec."""
+    if os.environ.get("OMP_WAIT_POLICY") is None:
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+        os.execv(sys.executable, [sys.executable, "-m", f"catpatch.{model}", *sys.argv[1:]])
+    main(model=model)
 
 
 if __name__ == "__main__":
-    # Passive OpenMP waiting: with busy-waiting threads, another process on the same cores
-    # slows training many times over. It must be set before torch loads, hence the re-exec.
-    if os.environ.get("OMP_WAIT_POLICY") is None:
-        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-        os.execv(sys.executable, [sys.executable, "-m", "catpatch.toy", *sys.argv[1:]])
-    main()
+    run_module("toy")

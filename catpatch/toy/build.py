@@ -68,26 +68,27 @@ def vae_model(seed: int = 0):
     ).train()  # fmt: skip
 
 
-def transformer_model(seed: int = 0):
-    """An untrained `SD3Transformer2DModel` of `TRANSFORMER_CONFIG`, output projection zeroed."""
+def transformer_model(seed: int = 0, config: dict[str, Any] | None = None):
+    """An untrained `SD3Transformer2DModel` of `config` (`TRANSFORMER_CONFIG` unless given),
+    output projection zeroed."""
     from diffusers import SD3Transformer2DModel
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 5)
-        model = SD3Transformer2DModel(**TRANSFORMER_CONFIG)
+        model = SD3Transformer2DModel(**(config or TRANSFORMER_CONFIG))
     with torch.no_grad():
         model.proj_out.weight.zero_()
         model.proj_out.bias.zero_()
     return model
 
 
-def assemble(transformer, vae, text: dict[str, Any]):
+def assemble(transformer, vae, text: dict[str, Any], shift: float = SCHEDULER_SHIFT):
     """A `StableDiffusion3Pipeline` from its trained parts and the text components."""
     from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
     return StableDiffusion3Pipeline(
         transformer=transformer,
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=SCHEDULER_SHIFT),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=shift),
         vae=vae,
         **text,
     )

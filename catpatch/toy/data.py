@@ -7,6 +7,7 @@ background". Images are float32 RGB arrays in [0, 1], `IMAGE_SIZE` pixels square
 
 from __future__ import annotations
 
+import itertools
 from typing import NamedTuple
 
 import numpy as np
@@ -42,6 +43,8 @@ ATTRIBUTES: dict[str, tuple[str, ...]] = {
     "texture": TEXTURES,
     "background": COLOURS,
 }
+# Pairs of labels scored together by the detector's accuracy (both right).
+JOINT = (("colour", "position"),)
 WORDS = tuple(
     dict.fromkeys(w for names in ATTRIBUTES.values() for name in names for w in name.split()).keys()
 ) + ("a", "on", "background")
@@ -94,6 +97,12 @@ def random_labels(rng: np.random.Generator) -> Labels:
         texture=int(rng.integers(len(TEXTURES))),
         background=background,
     )
+
+
+def all_labels() -> list[Labels]:
+    """Every valid label combination (background colour differs from the shape colour)."""
+    combos = itertools.product(*(range(len(v)) for v in ATTRIBUTES.values()))
+    return [Labels(*c) for c in combos if c[1] != c[5]]
 
 
 def _background(texture: int, rgb: np.ndarray, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:

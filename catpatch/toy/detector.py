@@ -1,13 +1,16 @@
-"""A small CNN that reads the six labels of a toy image back: the measurable quality check.
+"""A small CNN that reads the labels of a trained model's image back: the measurable quality check.
 
 Trained on procedural images with known labels (blurred and noised at random, so it also reads
-decoded images); `accuracy` compares its predictions with the labels a caption asked for.
+decoded images); `accuracy` compares its predictions with the labels a caption asked for. The
+data module (`catpatch.toy.data` unless given) says which attributes there are
+(`ATTRIBUTES`), which pairs count together (`JOINT`) and how to draw images (`make_batch`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import torch
@@ -17,27 +20,30 @@ from torch import Tensor, nn
 from . import data
 
 DETECTOR_FILE = "detector.safetensors"
+INPUT_SIZE = 64  # images are resized to this many pixels square before the first conv
 
 
 class Detector(nn.Module):
-    """Four conv layers and one linear head per attribute of `data.ATTRIBUTES`."""
+    """Four conv layers and one linear head per attribute of `attributes` (the class names of
+    each label, `data.ATTRIBUTES` of the toy unless given)."""
 
-    def __init__(self) -> None:
+    def __init__(self, attributes: dict[str, tuple[str, ...]] | None = None) -> None:
         super().__init__()
+        self.attributes = dict(attributes or data.ATTRIBUTES)
         chans = (3, 32, 32, 64, 64)
         layers: list[nn.Module] = []
         for i, (cin, cout) in enumerate(zip(chans, chans[1:], strict=False)):
             layers += [nn.Conv2d(cin, cout, 3, stride=1 if i == 0 else 2, padding=1), nn.ReLU()]
         self.features = nn.Sequential(*layers)
         self.hidden = nn.Linear(64 * 8 * 8, 256)
-        self.heads = nn.Linear(256, sum(len(v) for v in data.ATTRIBUTES.values()))
+        self.heads = nn.Linear(256, sum(len(v) for v in self.attributes.values()))
 
     def forward(self, images: Tensor) -> list[Tensor]:
         """Logits per attribute for (N, 3, H, W) images in [0, 1] (resized to 64 px)."""
-        if images.shape[-1] != data.IMAGE_SIZE:
-            images = F.interpolate(images, size=data.IMAGE_SIZE, mode="area")
+        if images.shape[-1] != INPUT_SIZE:
+            images = F.interpolate(images, size=INPUT_SIZE, mode="area")
         h = F.relu(self.hidden(self.features(images * 2 - 1).flatten(1)))
-        return list(self.heads(h).split([len(v) for v in data.ATTRIBUTES.values()], dim=1))
+        return list(self.heads(h).split([len(v) for v in self.attributes.values()], dim=1))
 
     @torch.no_grad()
     def predict(self, images: np.ndarray | Tensor) -> np.ndarray:
@@ -50,11 +56,16 @@ class Detector(nn.Module):
         return torch.stack([o.argmax(1) for o in out], dim=1).numpy()
 
 
-def accuracy(predicted: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """Per-attribute accuracy, plus `colour+position` (both right) and `all` (six right)."""
+def accuracy(
+    predicted: np.ndarray, labels: np.ndarray, dataset: ModuleType = data
+) -> dict[str, float]:
+    """Per-attribute accuracy, each pair of `dataset.JOINT` (both right; the toy's
+    `colour+position`) and `all` (every label right)."""
     right = np.asarray(predicted) == np.asarray(labels)
-    acc = {name: float(right[:, i].mean()) for i, name in enumerate(data.ATTRIBUTES)}
-    acc["colour+position"] = float((right[:, 1] & right[:, 3]).mean())
+    names = list(dataset.ATTRIBUTES)
+    acc = {name: float(right[:, i].mean()) for i, name in enumerate(names)}
+    for a, b in dataset.JOINT:
+        acc[f"{a}+{b}"] = float((right[:, names.index(a)] & right[:, names.index(b)]).mean())
     acc["all"] = float(right.all(axis=1).mean())
     return acc
 
@@ -74,19 +85,23 @@ def _augment(x: Tensor, gen: torch.Generator) -> Tensor:
 
 
 def train_detector(
-    steps: int = 800, seed: int = 0, log: Callable[[str], None] | None = None, batch: int = 64
+    steps: int = 800,
+    seed: int = 0,
+    log: Callable[[str], None] | None = None,
+    batch: int = 64,
+    dataset: ModuleType = data,
 ) -> Detector:
-    """Train a `Detector` on fresh random procedural images (seeded)."""
+    """Train a `Detector` on fresh random procedural images of `dataset` (seeded)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = Detector()
+        model = Detector(dataset.ATTRIBUTES)
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.1)
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)
     model.train()
     for step in range(steps):
-        images, labels = data.make_batch(batch, rng)
+        images, labels = dataset.make_batch(batch, rng)
         logits = model(_augment(torch.from_numpy(images), gen))
         target = torch.from_numpy(labels)
         loss = sum(F.cross_entropy(lg, target[:, i]) for i, lg in enumerate(logits))
@@ -99,11 +114,12 @@ def train_detector(
     return model.eval().requires_grad_(False)
 
 
-def load_detector(path: str | Path) -> Detector:
-    """A `Detector` with the weights of a `detector.safetensors` file (float32, CPU)."""
+def load_detector(path: str | Path, dataset: ModuleType = data) -> Detector:
+    """A `Detector` of `dataset`'s labels with the weights of a `detector.safetensors` file
+    (float32, CPU)."""
     from safetensors.torch import load_file
 
-    model = Detector()
+    model = Detector(dataset.ATTRIBUTES)
     state = load_file(str(path))
     model.load_state_dict({k: v.float() for k, v in state.items()})
     return model.eval().requires_grad_(False)
