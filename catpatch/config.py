@@ -6,10 +6,6 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from .policies import REGISTRY
-
-SELECTION_MODES = tuple(REGISTRY)  # the registered pruning policies
-
 CFG_SELECTION_MODES = ("shared", "per_row")
 COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune")
 
@@ -152,8 +148,12 @@ class CATConfig:
             fail("token_order", "must be 0 (last computed output) or 1 (first-order forecast)")
         if self.kmeans_iters < 1:
             fail("kmeans_iters", "must be >= 1")
-        if self.selection not in SELECTION_MODES:
-            fail("selection", f"must be one of {SELECTION_MODES}")
+        # Read from the registry now, not copied at import: a policy registered later is
+        # accepted. Imported here because the policies' modules refer back to CATConfig.
+        from . import policies
+
+        if self.selection not in policies.REGISTRY:
+            fail("selection", f"must be one of the registered policies {policies.names()}")
         if self.cfg_selection not in CFG_SELECTION_MODES:
             fail("cfg_selection", f"must be one of {CFG_SELECTION_MODES}")
         for name in ("persistent_buffers", "lean"):

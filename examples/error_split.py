@@ -25,7 +25,7 @@ import numpy as np
 
 from catpatch import CATConfig, toy
 from catpatch.analysis.error_split import VARIANTS, error_split
-from catpatch.cli.study import _generate, fidelity
+from catpatch.cli.study import fidelity, generate_images
 
 
 def _mean_se(x: np.ndarray) -> tuple[float | None, float | None]:
@@ -90,7 +90,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("")
     start = time.perf_counter()
-    ref_latents, reference = _generate(pipe, prompts, args.steps, args.batch_size)
+    ref_latents, reference = generate_images(pipe, prompts, args.steps, args.batch_size)
     ref_norm = ref_latents.flatten(1).norm(dim=1)
     print(f"unpatched: {time.perf_counter() - start:.0f} s", flush=True)
     config = CATConfig(keep_ratio=args.keep_ratio, lean=False)  # the dense estimate: source (c)
@@ -98,7 +98,7 @@ def main() -> None:
     for oracle in VARIANTS:
         start = time.perf_counter()
         with error_split(pipe, config, oracle) as log:
-            latents, images = _generate(pipe, prompts, args.steps, args.batch_size)
+            latents, images = generate_images(pipe, prompts, args.steps, args.batch_size)
         psnr = fidelity(images, reference)[0]
         error = ((latents - ref_latents).flatten(1).norm(dim=1) / ref_norm).numpy()
         if cat_psnr is None:

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from catpatch import CATConfig, apply_cat, cat_stats, remove_cat, toy
-from catpatch.cli.study import KEEP_RATIOS, STEPS, _generate, fidelity
+from catpatch.cli.study import KEEP_RATIOS, STEPS, fidelity, generate_images
 
 
 def main() -> None:
@@ -36,12 +36,12 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = []
     for steps in args.steps:
-        _, reference = _generate(pipe, prompts, steps, args.batch_size)
+        _, reference = generate_images(pipe, prompts, steps, args.batch_size)
         for keep in args.keep_ratios:
             psnr, macs = {}, {}
             for lean in (False, True):
                 apply_cat(pipe, CATConfig(keep_ratio=keep, lean=lean))
-                _, images = _generate(pipe, prompts, steps, args.batch_size)
+                _, images = generate_images(pipe, prompts, steps, args.batch_size)
                 macs[lean] = cat_stats(pipe).macs_ratio
                 remove_cat(pipe)
                 psnr[lean] = fidelity(images, reference)[0]

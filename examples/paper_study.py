@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from catpatch import CATConfig, apply_cat, cat_stats, remove_cat, toy
-from catpatch.cli.study import _generate, fidelity
+from catpatch.cli.study import fidelity, generate_images
 
 
 def main() -> None:
@@ -40,7 +40,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("")
     start = time.perf_counter()
-    _, reference = _generate(pipe, prompts, args.steps, args.batch_size)
+    _, reference = generate_images(pipe, prompts, args.steps, args.batch_size)
     print(f"unpatched: {time.perf_counter() - start:.0f} s", flush=True)
     for keep in args.keep_ratios:
         psnr, macs = {}, {}
@@ -48,7 +48,7 @@ def main() -> None:
         for name, config in configs.items():
             start = time.perf_counter()
             apply_cat(pipe, config)
-            _, images = _generate(pipe, prompts, args.steps, args.batch_size)
+            _, images = generate_images(pipe, prompts, args.steps, args.batch_size)
             macs[name] = cat_stats(pipe).macs_ratio
             remove_cat(pipe)
             psnr[name] = fidelity(images, reference)[0]

@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 from catpatch import CATConfig, apply_cat, cat_stats, remove_cat, toy
-from catpatch.cli.study import _generate, fidelity
+from catpatch.cli.study import fidelity, generate_images
 
 CONFIGS = {
     "cat a0.3": CATConfig(),
@@ -36,13 +36,13 @@ def main() -> None:
     args = parser.parse_args()
     pipe = toy.load_pipeline()
     prompts = toy.eval_prompts(args.images)
-    _, reference = _generate(pipe, prompts, args.steps, 16)
+    _, reference = generate_images(pipe, prompts, args.steps, 16)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w") as f:
         for name, config in CONFIGS.items():
             apply_cat(pipe, config)
-            _, images = _generate(pipe, prompts, args.steps, 16)
+            _, images = generate_images(pipe, prompts, args.steps, 16)
             macs = cat_stats(pipe).macs_ratio
             remove_cat(pipe)
             psnr = fidelity(images, reference)[0]

@@ -10,6 +10,7 @@ import torch
 from catpatch import CATConfig, apply_cat, cat_generation, cat_stats, is_patched, remove_cat
 from catpatch.hooks import PatchSet
 from catpatch.models.shapes import build_transformer
+from catpatch.patching import get_patch
 
 
 @pytest.mark.parametrize(
@@ -75,6 +76,37 @@ def test_patch_set_restores_instances_exactly():
     patches.set_attribute(m, "forward", lambda x: x)
     patches.undo()
     assert vars(m)["forward"] is existing
+
+
+def test_policy_registered_after_import_is_a_selection(monkeypatch):
+    """`CATConfig` validates `selection` against the registry as it is now, so a policy
+    registered after import is accepted and runs; an unknown name lists the registered ones."""
+    from catpatch import policies
+    from catpatch.policies.stale import StalePolicy
+
+    monkeypatch.setattr(policies, "REGISTRY", dict(policies.REGISTRY))  # undone after the test
+
+    class LowestIndexFirst(StalePolicy):
+        """Round robin by recency, ties to the lowest index: a stand-in for a user's policy."""
+
+        name = "mine"
+
+    with pytest.raises(ValueError, match=r"registered policies \('cat', .*'cat\+reuse'\)"):
+        CATConfig(selection="mine")
+    policies.register("mine", LowestIndexFirst)
+    config = CATConfig(keep_ratio=0.3, warmup_steps=2, selection="mine")
+    with pytest.raises(ValueError, match="already registered"):
+        policies.register("mine", StalePolicy)
+    with pytest.raises(TypeError, match="TokenPolicy"):
+        policies.register("other", object)
+    with pytest.raises(ValueError, match=r"registered policies .*'mine'"):
+        CATConfig(selection="greedy")
+    model = apply_cat(build_transformer("tiny-sd3"), config)
+    assert isinstance(get_patch(model).state.tokens, LowestIndexFirst)
+    with torch.no_grad(), cat_generation(model, num_inference_steps=4):
+        for _ in range(4):
+            model(hidden_states=torch.randn(2, 16, 16, 16), **_bare_inputs(seed=0))
+    assert cat_stats(model).pruned_steps == 2
 
 
 def _bare_inputs(rows=2, seed=None):

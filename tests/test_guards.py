@@ -1,17 +1,20 @@
-"""Guards on how tokens are chosen: no host sync in a pruned step or in the selection, the
-conditional CFG row drives a shared selection, clusters live on the true token grid.
+"""Guards on how tokens and steps are chosen: no host sync in a pruned step or in the
+selection, the conditional CFG row drives a shared selection, clusters live on the true token
+grid ("cat" and "paper"), step reuse spreads its skipped steps and plans the steps a pipeline
+runs (img2img `strength`), skip-layer calls pass through, "random" follows its seed.
 
 Each test here was checked to fail on a deliberate bug of its kind (see README "Development").
 """
 
 from __future__ import annotations
 
+import itertools
 import traceback
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import generate, policy_after_first
+from conftest import generate, make_pipe, policy_after_first
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import catpatch
@@ -165,16 +168,21 @@ def _components(tokens: set[int], width: int) -> int:
     return count
 
 
-def test_clusters_live_on_the_true_token_grid():
+@pytest.mark.parametrize("selection", ["cat", "paper"])
+def test_clusters_live_on_the_true_token_grid(selection):
     """A non-square call (8 x 16 token grid, wider than high) whose input moves only in its
     top-left corner between the reference and the clustering step. With position-only
     clustering the clusters must be compact, connected regions of the real grid (on a
     transposed grid each cluster becomes two strips half a row apart), and the first
-    selection takes the drifting corner tokens."""
+    selection takes the drifting corner tokens. "paper" clusters on its own grid (4
+    neighbours, the position added into the channels), so it is checked too."""
     height, width = 8, 16  # token grid; latents are 2x (patch 2)
     torch.manual_seed(0)
     model = build_transformer("tiny-sd3")
-    config = CATConfig(keep_ratio=0.3, warmup_steps=2, num_clusters=8, cluster_feature_scale=0.0)
+    config = CATConfig(
+        keep_ratio=0.3, warmup_steps=2, num_clusters=8, cluster_feature_scale=0.0,
+        selection=selection,
+    )  # fmt: skip
     state = get_patch(apply_cat(model, config)).state
     inputs = _inputs(1)
     latents = torch.randn(1, 16, 2 * height, 2 * width)
@@ -198,3 +206,140 @@ def test_clusters_live_on_the_true_token_grid():
     corner = {0, 1, width, width + 1}
     assert corner <= set(first.tolist()), "the drifting corner tokens were not selected"
     assert (geometry.height, geometry.width) == (height, width)
+
+
+def _skipped(policy, steps: int) -> list[int]:
+    return [s for s in range(steps) if not policy.runs_model(s)]
+
+
+def test_step_reuse_spreads_its_skipped_steps():
+    """The step policies ("step", "cat+reuse") space the steps that run the model evenly, so
+    that the skipped ones are spread out: pinned on one plan, then as a property, no two
+    skipped steps adjacent whenever fewer than half of the post-warm-up steps are skipped
+    (consecutive computed steps followed by a block of skipped ones would pass every count)."""
+    from catpatch.policies.step_reuse import PrunedStepReuse, StepReuse
+
+    policy = StepReuse(CATConfig(selection="step", warmup_steps=4))
+    policy.plan(14, 0.5)
+    assert sorted(policy.compute_steps) == [4, 6, 8, 11, 13]
+    assert _skipped(policy, 14) == [5, 7, 9, 10, 12]
+    plans = [(StepReuse, "step", ratio) for ratio in (0.3, 0.5, 0.6, 0.75, 0.9)]
+    plans += [(PrunedStepReuse, "cat+reuse", macs) for macs in (0.45, 0.55, 0.7, 0.85)]
+    checked = 0
+    for cls, selection, value in plans:
+        config = CATConfig(selection=selection, warmup_steps=4, reuse_macs=value)
+        for steps in range(6, 40):
+            policy = cls(config)
+            policy.plan(steps, value if selection == "step" else 0.4)
+            skipped = _skipped(policy, steps)
+            assert all(s >= 4 for s in skipped), "a warm-up step was skipped"
+            if len(policy.compute_steps) > 1:
+                assert steps - 1 not in skipped, "the last step must run the model"
+            if skipped and 2 * len(skipped) < steps - 4:
+                checked += 1
+                adjacent = [(a, b) for a, b in itertools.pairwise(skipped) if b == a + 1]
+                assert not adjacent, f"{selection} {value} {steps} steps: skips {adjacent}"
+    assert checked > 50
+
+
+def test_skip_layer_calls_with_the_same_rows_pass_through():
+    """A loop of your own that makes a skip-layer-guidance call (`skip_layers=`) after each
+    step, with the same batch rows as the step's call: those calls run unpruned and leave the
+    run alone, so the steps' outputs and the stats equal those of the loop without them.
+    (In pipelines the SLG call has B rows against the step's 2B, so a geometry check alone
+    would pass it through there; here only the `skip_layers` check can.)"""
+    torch.manual_seed(0)
+    model = build_transformer("tiny-sd3.5-medium")
+    config = CATConfig(keep_ratio=0.3, warmup_steps=3, num_clusters=4)
+    apply_cat(model, config)
+    inputs, steps = _inputs(2), 7
+    start = torch.randn(2, 16, 16, 16, generator=torch.Generator().manual_seed(2))
+
+    def loop(slg: bool) -> tuple[torch.Tensor, object, list[torch.Tensor]]:
+        latents, guided = start.clone(), []
+        with torch.no_grad(), cat_generation(model, num_inference_steps=steps):
+            for step in range(steps):
+                t = torch.full((2,), 1000.0 - 120 * step)
+                out = model(hidden_states=latents, timestep=t, **inputs).sample
+                if slg:
+                    skip = model(hidden_states=latents, timestep=t, skip_layers=[1], **inputs)
+                    guided.append(skip.sample)
+                latents = latents - 0.1 * out
+        return latents, cat_stats(model), guided
+
+    plain, plain_stats, _ = loop(slg=False)
+    with_slg, stats, guided = loop(slg=True)
+    taken = f"the skip_layers calls were taken as steps: {stats.steps} steps"
+    assert stats.passthrough_calls == steps and plain_stats.passthrough_calls == 0, taken
+    assert (stats.steps, stats.pruned_steps) == (steps, steps - config.warmup_steps)
+    assert stats.per_step == plain_stats.per_step
+    torch.testing.assert_close(with_slg, plain, rtol=0, atol=0)
+    assert all(torch.isfinite(g).all() for g in guided)
+
+
+@pytest.mark.parametrize("selection", ["cat+reuse", "step"])
+def test_step_policies_plan_the_steps_img2img_runs(selection):
+    """img2img at `strength` < 1 runs only the last part of the requested schedule (12 of 20
+    steps at 0.6): the step policies must plan those, not the 20 requested. "cat+reuse" then
+    stays within its MACs target, and "step" spends what CAT spends on the same run."""
+    from diffusers import StableDiffusion3Img2ImgPipeline
+
+    pipe = make_pipe(pipeline_cls=StableDiffusion3Img2ImgPipeline)
+    image = torch.rand(1, 3, 128, 128, generator=torch.Generator().manual_seed(1))
+    kwargs = dict(image=image, strength=0.6, num_inference_steps=20, output_type="latent")
+    config = CATConfig(keep_ratio=0.3, warmup_steps=4, num_clusters=8, reuse_macs=0.5)
+    apply_cat(pipe, config.replace(selection=selection))
+    generate(pipe, **kwargs)
+    stats = cat_stats(pipe)
+    run = pipe._num_timesteps
+    assert run == 12 and stats.steps == run
+    assert stats.reused_steps > 0
+    if selection == "cat+reuse":
+        assert stats.pruned_steps + stats.reused_steps == run - config.warmup_steps
+        assert stats.macs_ratio <= config.reuse_macs, (
+            f"MACs {stats.macs_ratio:.3f} of unpatched, over the {config.reuse_macs} target"
+        )
+    # the evenly spaced plan ends on the run's last step (a plan for 20 steps ends past it)
+    last = stats.per_step[-1][0]
+    assert last != "reuse", f"the run's last step was skipped: {[m for m, _, _ in stats.per_step]}"
+    if selection == "step":
+        full = sum(mode == "full" for mode, _, _ in stats.per_step)
+        assert full + stats.reused_steps == run
+        apply_cat(pipe, config)
+        generate(pipe, **kwargs)
+        cat_ = cat_stats(pipe)
+        assert cat_.steps == run
+        one_step = stats.macs_unpatched / run
+        assert abs(stats.macs - cat_.macs) <= one_step / 2, (
+            f"step reuse MACs {stats.macs_ratio:.3f} of unpatched, CAT's {cat_.macs_ratio:.3f}"
+        )
+
+
+def test_random_selection_follows_its_seed(pipe):
+    """selection="random" draws from its own generator seeded by `CATConfig.seed`: two
+    generations with the same seeds give the same selections and images whatever else drew
+    random numbers in between (the global RNG here), and another `seed` other selections."""
+    config = CATConfig(keep_ratio=0.3, warmup_steps=4, num_clusters=8, selection="random")
+
+    def run(seed: int = 0) -> tuple[list[torch.Tensor], object]:
+        state = get_patch(apply_cat(pipe, config.replace(seed=seed))).state
+        chosen = []
+
+        def grab(p, i, t, kw):
+            if i >= config.warmup_steps - 1:
+                chosen.append(state.chosen.clone())
+            return kw
+
+        image = generate(pipe, num_inference_steps=8, callback_on_step_end=grab)
+        return chosen, image
+
+    torch.manual_seed(0)
+    first, image = run()
+    torch.rand(1000)  # other random draws between the generations
+    second, again = run()
+    assert len(first) == 5
+    same = [torch.equal(a, b) for a, b in zip(first, second, strict=True)]
+    assert all(same), f"same seed, other selections at pruned steps {same}"
+    assert (image == again).all(), "same seed, another image"
+    other, _ = run(seed=1)
+    assert not torch.equal(first[0], other[0]), "the seed does not reach the selection"

@@ -24,7 +24,8 @@ from .common import (
 
 
 def _bench_parser(sub) -> None:
-    from ..config import COMPILE_MODES, SELECTION_MODES
+    from .. import policies
+    from ..config import COMPILE_MODES
     from ..dtypes import DTYPE_NAMES
     from ..models.shapes import SHAPES
     from .generate import parse_size
@@ -62,8 +63,9 @@ def _bench_parser(sub) -> None:
         help="text tokens T per row (default: 333, SD3's 77 CLIP + 256 T5; 32 with --model toy)",
     )  # fmt: skip
     add_cat_options(p)
-    # "step" and "cat+reuse" skip whole steps: the bound of the table is for pruned steps
-    selections = [m for m in SELECTION_MODES if m not in ("step", "cat+reuse")]
+    # Policies that skip whole steps ("step", "cat+reuse") are left out: the bound of the
+    # table is for pruned steps.
+    selections = [name for name, (_, step) in policies.REGISTRY.items() if not step.skips]
     p.add_argument(
         "--selection", default="cat", choices=selections,
         help="token selection: CAT or a same-budget ablation",

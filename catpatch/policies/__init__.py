@@ -1,8 +1,9 @@
 """Pruning policies: which tokens a pruned step computes, and which steps run the model.
 
-Each policy is one module of plain tensor code behind the interface of `base.py`; the registry
-below maps `CATConfig.selection` to a (token policy, step policy) pair. To add a policy, write
-one module here and add one line to `REGISTRY`.
+Each policy is one module of plain tensor code behind the interface of `base.py`; `REGISTRY`
+maps `CATConfig.selection` to a (token policy, step policy) pair. To add a policy, write one
+module here and add one line to `REGISTRY`, or call `register` from your own code: `CATConfig`
+reads the registry when it validates, so a name registered at any time is accepted.
 """
 
 from __future__ import annotations
@@ -27,6 +28,33 @@ REGISTRY: dict[str, tuple[type[TokenPolicy] | None, type[StepPolicy]]] = {
 }
 
 
+def register(
+    name: str,
+    token_policy: type[TokenPolicy] | None,
+    step_policy: type[StepPolicy] = StepPolicy,
+    replace: bool = False,
+) -> None:
+    """Make `name` a value of `CATConfig.selection`: its pruned steps choose tokens with
+    `token_policy` (None: no token pruning) and `step_policy` decides which steps run the
+    model. Refuses to redefine a registered name unless `replace`."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"policy name must be a non-empty str, got {name!r}")
+    if name in REGISTRY and not replace:
+        raise ValueError(f"selection {name!r} is already registered; pass replace=True")
+    if token_policy is not None and not (
+        isinstance(token_policy, type) and issubclass(token_policy, TokenPolicy)
+    ):
+        raise TypeError(f"token_policy must be a TokenPolicy subclass or None: {token_policy!r}")
+    if not (isinstance(step_policy, type) and issubclass(step_policy, StepPolicy)):
+        raise TypeError(f"step_policy must be a StepPolicy subclass: {step_policy!r}")
+    REGISTRY[name] = (token_policy, step_policy)
+
+
+def names() -> tuple[str, ...]:
+    """The registered selection names, in registration order."""
+    return tuple(REGISTRY)
+
+
 def build(config, persistent: bool = False) -> tuple[TokenPolicy | None, StepPolicy]:
     """The token and step policies of `config.selection`."""
     token_cls, step_cls = REGISTRY[config.selection]
@@ -34,4 +62,4 @@ def build(config, persistent: bool = False) -> tuple[TokenPolicy | None, StepPol
     return token, step_cls(config)
 
 
-__all__ = ["REGISTRY", "StepPolicy", "TokenPolicy", "build"]
+__all__ = ["REGISTRY", "StepPolicy", "TokenPolicy", "build", "names", "register"]

@@ -19,7 +19,8 @@ Per-step methods must keep static shapes and never read a tensor on the host (no
 `.tolist()`, tensor truth tests): they run inside the pruned step's compiled graph. State tensors
 go through `self.keep` so that with persistent buffers they keep their address across runs.
 
-A new policy is one module in this package and one line in `policies/__init__.py`'s registry.
+A new policy is one module in this package and one line in `policies/__init__.py`'s registry
+(or a `policies.register` call from outside the package).
 """
 
 from __future__ import annotations

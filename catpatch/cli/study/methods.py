@@ -1,0 +1,79 @@
+"""The study's methods and the configurations it runs (`configurations`)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ...config import CATConfig
+from ...taylorseer import TaylorSeer
+
+if TYPE_CHECKING:
+    from .rows import Row
+
+# Token policies: run at every keep ratio, all at the same MACs.
+TOKEN_METHODS: dict[str, dict] = {
+    "cat": {},
+    "cat+forecast": dict(token_order=1),
+    "paper": dict(selection="paper"),
+    "paper+forecast": dict(selection="paper", token_order=1),
+    "random": dict(selection="random"),
+    "noise": dict(selection="noise"),
+    "stale": dict(selection="stale"),
+}
+STEP_METHODS: dict[str, dict] = {
+    "step": dict(selection="step"),
+    "step+forecast": dict(selection="step", reuse_order=1),
+}
+COMBINED_METHODS: dict[str, dict] = {
+    "cat+reuse": dict(selection="cat+reuse"),
+    "cat+reuse+forecast": dict(selection="cat+reuse", reuse_order=1, token_order=1),
+}
+QUICK_METHODS = ("cat", "random", "noise", "stale", "step")
+METHODS = (*TOKEN_METHODS, *STEP_METHODS, *COMBINED_METHODS, "taylorseer", "taylorseer-lite")
+CATPATCH_METHODS = (*TOKEN_METHODS, *STEP_METHODS, *COMBINED_METHODS)
+STEPS = (28, 50)
+KEEP_RATIOS = (0.2, 0.3, 0.5)
+LOW_STEP_KEEP_RATIOS = (0.05, 0.1)  # step reuse below CAT's MACs, for the combined policy
+REUSE_MACS = (0.4, 0.5, 0.6)
+TAYLORSEER_INTERVALS = (2, 3, 4)
+WARMUP_SWEEP = (4, 6, 10, 12)
+CLUSTER_SWEEP = (5, 10, 40)
+MODEL = "SD3Transformer2DModel"  # whose MACs are counted
+
+Setting = CATConfig | TaylorSeer
+
+
+def configurations(quick: bool = False) -> list[tuple[int, str, Setting]]:
+    """(steps, method, settings) of every run of the study; `quick` keeps a small subset
+    (28 steps, α 0.3, the token ablations and step reuse)."""
+    if quick:
+        methods = {**TOKEN_METHODS, **STEP_METHODS}
+        return [(28, m, CATConfig(keep_ratio=0.3, **methods[m])) for m in QUICK_METHODS]
+    runs: list[tuple[int, str, Setting]] = []
+    for steps in STEPS:
+        for keep in KEEP_RATIOS:
+            for method, fields in {**TOKEN_METHODS, **STEP_METHODS}.items():
+                runs.append((steps, method, CATConfig(keep_ratio=keep, **fields)))
+        for keep in LOW_STEP_KEEP_RATIOS:
+            for method, fields in STEP_METHODS.items():
+                runs.append((steps, method, CATConfig(keep_ratio=keep, **fields)))
+        for macs in REUSE_MACS:
+            for method, fields in COMBINED_METHODS.items():
+                runs.append((steps, method, CATConfig(reuse_macs=macs, **fields)))
+        for interval in TAYLORSEER_INTERVALS:
+            for lite in (False, True):
+                method = "taylorseer-lite" if lite else "taylorseer"
+                runs.append((steps, method, TaylorSeer(cache_interval=interval, lite=lite)))
+    for t0 in WARMUP_SWEEP:
+        runs.append((28, "cat", CATConfig(warmup_steps=t0)))
+    for clusters in CLUSTER_SWEEP:
+        runs.append((28, "cat", CATConfig(num_clusters=clusters)))
+    return runs
+
+
+def in_sweep(row: Row) -> bool:
+    """A row of the t0 / cluster sweeps (CAT away from the default warm-up or clusters)."""
+    defaults = CATConfig()
+    return row.method == "cat" and (
+        row.warmup_steps != defaults.warmup_steps or row.num_clusters != defaults.num_clusters
+    )

@@ -1,0 +1,207 @@
+"""Running the study: generating each configuration's images, scoring them against the
+unpatched references, resuming from `rows.jsonl` (`run_study`)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ...patching import apply_cat, remove_cat
+from ...taylorseer import TaylorSeer, apply_taylorseer, remove_taylorseer
+from ..common import CommandError
+from .methods import MODEL, Setting, configurations
+from .rows import Row, append_row, load_done
+from .tables import write_outputs
+
+
+def generate_images(pipe, prompts, steps: int, batch_size: int = 16) -> tuple[Tensor, np.ndarray]:
+    """Final latents and decoded images (N, H, W, 3) in [0, 1] for the evaluation prompts."""
+    from ... import toy
+
+    latents = toy.generate(
+        pipe, prompts, batch_size, output_type="latent", num_inference_steps=steps
+    )
+    vae = pipe.vae
+    with torch.no_grad():
+        scaled = latents / vae.config.scaling_factor + vae.config.shift_factor
+        decoded = torch.cat([vae.decode(z, return_dict=False)[0] for z in scaled.split(16)])
+    images = pipe.image_processor.postprocess(decoded, output_type="np")
+    return latents, images
+
+
+def fidelity(images: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-image PSNR (dB) and SSIM of `images` against `reference`, both (N, H, W, 3)."""
+    from torchmetrics.functional.image import (
+        peak_signal_noise_ratio,
+        structural_similarity_index_measure,
+    )
+
+    a = torch.from_numpy(images).permute(0, 3, 1, 2).double()
+    b = torch.from_numpy(reference).permute(0, 3, 1, 2).double()
+    psnr = torch.stack([
+        peak_signal_noise_ratio(x[None], y[None], data_range=1.0) for x, y in zip(a, b, strict=True)
+    ])  # fmt: skip
+    ssim = structural_similarity_index_measure(a, b, data_range=1.0, reduction="none")
+    return psnr.numpy(), ssim.numpy()
+
+
+def check_model(model: str) -> None:
+    """CommandError unless `model` is `toy` or a folder written by `python -m catpatch.toy
+    train` (a pipeline and its detector)."""
+    if model == "toy":
+        return
+    from ...toy.detector import DETECTOR_FILE
+
+    folder = Path(model).expanduser()
+    if not (folder / "model_index.json").is_file() or not (folder / DETECTOR_FILE).is_file():
+        raise CommandError(
+            f"--model {model}: the study needs 'toy' or a folder written by `python -m "
+            f"catpatch.toy train --out DIR` (model_index.json and {DETECTOR_FILE})"
+        )
+
+
+def run_study(
+    out: str | Path,
+    images: int = 64,
+    quick: bool = False,
+    batch_size: int = 16,
+    runs: list[tuple[int, str, Setting]] | None = None,
+    log=print,
+    model: str = "toy",
+    progress: bool = False,
+) -> list[Row]:
+    """Run the study into folder `out` (see `catpatch.cli.study`); returns its rows.
+
+    `runs` replaces the configurations of the study (`configurations(quick)`). `model`: `toy`
+    or a folder written by `python -m catpatch.toy train`. `progress`: a bar over the
+    configurations (log lines then print above it)."""
+    from tqdm.auto import tqdm
+
+    from ... import cat_stats, toy
+    from ...toy.detector import DETECTOR_FILE
+
+    check_model(model)
+    folder = None if model == "toy" else Path(model).expanduser()
+    pipe = toy.load_pipeline(path=folder)
+    detector = toy.load_detector(folder / DETECTOR_FILE if folder else None)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    prompts = toy.eval_prompts(images)
+    labels = np.array([p.labels for p in prompts])
+    runs = configurations(quick) if runs is None else runs
+
+    def accuracy(imgs: np.ndarray) -> dict[str, float]:
+        from ...toy.detector import accuracy as score
+
+        return score(detector.predict(imgs), labels)
+
+    # Each finished run is appended to `rows.jsonl` and each reference saved, so a run of the
+    # study that was killed resumes where it stopped (same images count, same configurations).
+    done = load_done(out / "rows.jsonl", images)
+    references: dict[int, tuple[Tensor, np.ndarray]] = {}
+    rows: list[Row] = []
+    step_counts = sorted({s for s, _, _ in runs})
+    bar = tqdm(total=len(step_counts) + len(runs), desc="study", unit="run", disable=not progress)
+    if progress:
+        log = tqdm.write
+    try:
+        for steps in step_counts:
+            start = time.perf_counter()
+            references[steps] = _reference(
+                out, images, steps, lambda s=steps: generate_images(pipe, prompts, s, batch_size)
+            )
+            acc = accuracy(references[steps][1])
+            rows.append(
+                Row(
+                    steps, "unpatched", "", 1.0, steps, 0, 1.0, float("inf"), float("inf"),
+                    1.0, 0.0, acc["colour+position"], acc["all"], time.perf_counter() - start,
+                )
+            )  # fmt: skip
+            log(f"unpatched {steps} steps: done")
+            bar.update(1)
+        unpatched_macs: dict[int, int] = {}
+        for steps, method, config in runs:
+            key = _key(steps, config)
+            if key in done:
+                rows.append(done[key])
+                bar.update(1)
+                continue
+            start = time.perf_counter()
+            if isinstance(config, TaylorSeer):
+                latents, imgs, macs = _run_taylorseer(
+                    pipe, prompts, steps, batch_size, config, unpatched_macs
+                )
+                keep, t0, clusters = 1.0, config.warmup_steps, 0
+            else:
+                apply_cat(pipe, config)
+                latents, imgs = generate_images(pipe, prompts, steps, batch_size)
+                macs = cat_stats(pipe).macs_ratio
+                remove_cat(pipe)
+                keep, t0, clusters = config.keep_ratio, config.warmup_steps, config.num_clusters
+            ref_latents, ref_images = references[steps]
+            psnr, ssim = fidelity(imgs, ref_images)
+            ref_norm = ref_latents.flatten(1).norm(dim=1)
+            error = (latents - ref_latents).flatten(1).norm(dim=1) / ref_norm
+            acc = accuracy(imgs)
+            row = Row(
+                steps, method, _describe(config), keep, t0, clusters, macs, float(psnr.mean()),
+                float(psnr.min()), float(ssim.mean()), float(error.mean()),
+                acc["colour+position"], acc["all"], time.perf_counter() - start,
+                tuple(float(v) for v in psnr),
+            )  # fmt: skip
+            rows.append(row)
+            append_row(out / "rows.jsonl", key, images, row)
+            log(f"{steps} steps {method} {config!r}: PSNR {row.psnr:.2f} dB, MACs {macs:.3f}")
+            bar.update(1)
+    finally:
+        bar.close()
+    write_outputs(out, rows, images)
+    return rows
+
+
+def _run_taylorseer(
+    pipe, prompts, steps: int, batch_size: int, settings: TaylorSeer, unpatched: dict[int, int]
+) -> tuple[Tensor, np.ndarray, float]:
+    """Latents, images and MACs ratio of diffusers' TaylorSeerCache (MACs measured on one
+    caption: the ratio does not depend on it)."""
+    from ...stats import measured_macs
+
+    def one() -> None:
+        generate_images(pipe, prompts[:1], steps)
+
+    if steps not in unpatched:
+        unpatched[steps] = measured_macs(one, MODEL)
+    apply_taylorseer(pipe, settings)
+    try:
+        latents, imgs = generate_images(pipe, prompts, steps, batch_size)
+        macs = measured_macs(one, MODEL) / unpatched[steps]
+    finally:
+        remove_taylorseer(pipe)
+    return latents, imgs, macs
+
+
+def _describe(config: Setting) -> str:
+    if isinstance(config, TaylorSeer):
+        return f"interval {config.cache_interval}"
+    if config.selection == "cat+reuse":
+        return f"MACs target {config.reuse_macs:g}"
+    return ""
+
+
+def _key(steps: int, config: Setting) -> str:
+    return f"{steps} {config!r}"
+
+
+def _reference(out: Path, images: int, steps: int, make) -> tuple[Tensor, np.ndarray]:
+    """The unpatched latents and images for `steps`, generated once and kept in `out`."""
+    path = out / f"reference-{steps}-{images}.pt"
+    if path.exists():
+        saved = torch.load(path)
+        return saved["latents"], saved["images"].numpy()
+    latents, imgs = make()
+    torch.save({"latents": latents, "images": torch.from_numpy(imgs)}, path)
+    return latents, imgs
