@@ -18,6 +18,7 @@ import json
 import platform
 import shlex
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -155,7 +156,7 @@ def command(args: argparse.Namespace) -> int:
         "seconds": round(seconds, 1),
         "device": str(device),
         "dtype": str(dtype).removeprefix("torch."),
-        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "machine": machine(device),
         "torch": torch.__version__,
         "command": command_line(args),
     }
@@ -171,6 +172,22 @@ def command(args: argparse.Namespace) -> int:
     print(table, end="")
     print(f"wrote {', '.join(FILES)} to {args.out}")
     return 0
+
+
+def machine(device: str) -> str:
+    """The device in words: the GPU's name, or the CPU model and torch's thread count."""
+    import torch
+
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name(torch.device(device))
+    name = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    return f"{name}, {torch.get_num_threads()} threads"
 
 
 def command_line(args: argparse.Namespace) -> str:
