@@ -36,7 +36,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "heterogeneity",
         help="how unevenly the output changes over the tokens per step (unpatched)",
         description="Run the unpatched pipeline and measure, per step, how unevenly the "
-        "velocity changes over the image tokens (top-30%% share of the change, rank correlation "
+        "velocity changes over the image tokens (top-30% share of the change, rank correlation "
         "with the previous step and with CAT's first-selection step); write JSON lines, a "
         "Markdown table and a PNG of change maps.",
         formatter_class=HelpFormatter,
@@ -46,7 +46,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument(
         "--prompts-file",
         help="captions as `catpatch generate` reads them; image i uses seed --seed + i "
-        "(default: the toy's evaluation captions with their own seeds)",
+        "(default: the built-in model's evaluation captions with their own seeds; the toy's "
+        "for a folder or hub id)",
     )
     p.add_argument("--seed", type=int, default=0, help="base seed with --prompts-file")
     p.add_argument("--steps", type=positive_int, default=28, help="denoising steps")
@@ -65,11 +66,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument(
         "--guidance", type=float,
-        help="guidance scale (default: the toy's 5.0 with --model toy, else the pipeline's)",
+        help="guidance scale (default: a built-in model's own, 5.0 for toy; else the "
+        "pipeline's)",
     )  # fmt: skip
     p.add_argument(
         "--size", type=parse_size,
-        help="HxW in pixels (default: 64x64 for toy, else the model's own)",
+        help="HxW in pixels (default: a built-in model's own, 64x64 for toy; else the model's "
+        "own)",
     )  # fmt: skip
     p.add_argument("--batch-size", type=positive_int, default=8, help="images per pipeline call")
     p.add_argument(
@@ -82,6 +85,18 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+def _builtin(model: str):
+    """The shipped trained model of a built-in `--model` name (its evaluation captions and
+    call settings: `eval_prompts(n)`, `CALL_KWARGS`), or None for a folder or hub id."""
+    from .common import is_builtin
+
+    if not is_builtin(model):
+        return None
+    from .. import toy
+
+    return {"toy": toy}[model]
+
+
 def _captions(args) -> tuple[list[str], list[int]]:
     if args.prompts_file:
         from .generate.prompts import read_prompts
@@ -90,16 +105,13 @@ def _captions(args) -> tuple[list[str], list[int]]:
         return prompts, [args.seed + i for i in range(len(prompts))]
     from .. import toy
 
-    cases = toy.eval_prompts(args.images)
+    cases = (_builtin(args.model) or toy).eval_prompts(args.images)
     return [c.prompt for c in cases], [c.seed for c in cases]
 
 
 def _call_kwargs(args) -> dict[str, Any]:
-    kwargs: dict[str, Any] = {}
-    if args.model == "toy":
-        from .. import toy
-
-        kwargs.update(toy.CALL_KWARGS)
+    builtin = _builtin(args.model)
+    kwargs: dict[str, Any] = dict(builtin.CALL_KWARGS) if builtin is not None else {}
     kwargs["num_inference_steps"] = args.steps
     if args.guidance is not None:
         kwargs["guidance_scale"] = args.guidance
