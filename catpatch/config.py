@@ -70,7 +70,8 @@ class CATConfig:
             a third of the cache memory) and the final norm and projection run on the S
             computed tokens only: a cheaper pruned step, as close to the unpatched image as
             `lean=False` on the quality study (+0.03 dB on average, every group within two
-            standard errors). False keeps the specification's dense estimate.
+            standard errors). False keeps the specification's dense estimate, as the reference
+            does (`CATConfig.paper()` sets False).
         reuse_macs (float, default 0.5): selection="cat+reuse": the run's MACs as a fraction of
             the unpatched run's; after the warm-up, as many pruned steps run as fit, evenly
             spaced, and the steps between them are skipped.
@@ -169,9 +170,16 @@ class CATConfig:
 
     @classmethod
     def paper(cls, **overrides) -> CATConfig:
-        """The reference setting of the paper: α 0.3, t0 8, 20 clusters, and the reference
-        code's own selection rules (`selection="paper"`); `overrides` change any field."""
-        settings = {"keep_ratio": 0.3, "warmup_steps": 8, "num_clusters": 20, "selection": "paper"}
+        """The reference setting of the paper: α 0.3, t0 8, 20 clusters, the reference code's
+        own selection rules (`selection="paper"`), and its drift input on pruned steps: the
+        fresh dense estimate of every token (`lean=False`); `overrides` change any field."""
+        settings = {
+            "keep_ratio": 0.3,
+            "warmup_steps": 8,
+            "num_clusters": 20,
+            "selection": "paper",
+            "lean": False,
+        }
         return cls(**{**settings, **overrides})
 
     def replace(self, **changes) -> CATConfig:

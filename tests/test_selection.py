@@ -9,8 +9,9 @@ from conftest import generate, make_pipe, policy_after_first
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from catpatch import CATConfig, apply_cat, cat_stats, policies, remove_cat
+from catpatch.patching import get_patch
 from catpatch.policies import cat, clustering, noise, paper, random, ranking, stale
-from catpatch.schedule import Geometry
+from catpatch.schedule import Geometry, Mode
 
 
 def _valid(index: torch.Tensor, budget: int, tokens: int) -> None:
@@ -266,7 +267,7 @@ def test_paper_grid_has_four_neighbours():
 
 
 def test_paper_smoothing_on_a_hand_made_cluster_graph():
-    """Per channel, over the 4-neighbour cluster graph with self loops: 2·mean + max of the
+    """Per channel, over the 4-neighbour cluster graph with self loops: mean + sum + max of the
     pooled channel maxima, then the L2 norm. 2 x 2 grid, clusters 0 | 1 / 1 | 2: clusters 0 and
     2 touch only diagonally, so they are no neighbours."""
     labels = torch.tensor([[0, 1, 1, 2]])
@@ -277,11 +278,45 @@ def test_paper_smoothing_on_a_hand_made_cluster_graph():
     maxima = clustering.cluster_maxima(diff, labels, 3)
     assert maxima[0].tolist() == [[1.0, -5.0], [0.0, 2.0], [3.0, -1.0]]
     smoothed = clustering.smooth_channel_maxima(maxima, adjacency)
-    # cluster 0: {0, 1}: mean (0.5, -1.5), max (1, 2) -> (2, -1)
-    # cluster 1: {0, 1, 2}: mean (4/3, -4/3), max (3, 2) -> (17/3, -2/3)
-    # cluster 2: {1, 2}: mean (1.5, 0.5), max (3, 2) -> (6, 3)
-    expected = torch.tensor([[5**0.5, (289 + 4) ** 0.5 / 3, 45**0.5]])
+    # cluster 0: {0, 1}: mean (0.5, -1.5) + sum (1, -3) + max (1, 2) -> (2.5, -2.5)
+    # cluster 1: {0, 1, 2}: mean (4/3, -4/3) + sum (4, -4) + max (3, 2) -> (25/3, -10/3)
+    # cluster 2: {1, 2}: mean (1.5, 0.5) + sum (3, 1) + max (3, 2) -> (7.5, 3.5)
+    expected = torch.tensor([[12.5**0.5, 725**0.5 / 3, 68.5**0.5]])
     torch.testing.assert_close(smoothed, expected)
+
+
+def test_paper_smoothing_is_mean_plus_sum_plus_max_on_a_path_graph():
+    """§7's check: the 3-cluster path graph 0 - 1 - 2 (a 1 x 3 grid, one token per cluster)
+    with values 1, 10, 100, self included, gives 26.5, 248, 265 (2·mean + max would give
+    21, 174, 210)."""
+    labels = torch.tensor([[0, 1, 2]])
+    grid = clustering.GridGeometry.build(1, 3, 3, "cpu", neighbours=4)
+    adjacency = clustering.cluster_adjacency(labels, grid.edges, 3, self_loops=True)
+    maxima = clustering.cluster_maxima(torch.tensor([[[1.0], [10.0], [100.0]]]), labels, 3)
+    smoothed = clustering.smooth_channel_maxima(maxima, adjacency)
+    assert smoothed.tolist() == [[26.5, 248.0, 265.0]]
+
+
+def test_paper_smoothing_matches_torch_geometric_as_it_runs():
+    """The reference's aggregation, torch-geometric's `MultiAggregation(["mean", "mean", "max"],
+    mode="sum")` over the cluster graph's edges, as it runs on the installed torch-geometric
+    (mean + sum + max on its fused path), equals `smooth_channel_maxima` before the norm, on
+    random clusters of a 6 x 6 grid (two groups, signed channels)."""
+    from torch_geometric.nn.aggr import MultiAggregation
+
+    gen = torch.Generator().manual_seed(0)
+    clusters, features = 6, 5
+    grid = clustering.GridGeometry.build(6, 6, clusters, "cpu", neighbours=4)
+    labels = torch.randint(0, clusters, (2, 36), generator=gen)
+    diff = torch.randn(2, 36, features, generator=gen)
+    maxima = clustering.cluster_maxima(diff, labels, clusters)
+    adjacency = clustering.cluster_adjacency(labels, grid.edges, clusters, self_loops=True)
+    smoothed = clustering.smooth_channel_maxima(maxima, adjacency)
+    aggregate = MultiAggregation(["mean", "mean", "max"], mode="sum")
+    for g in range(2):
+        dst, src = adjacency[g].nonzero().T  # row = the cluster, column = its neighbour
+        reference = aggregate(maxima[g][src], dst, dim_size=clusters).norm(dim=-1)
+        torch.testing.assert_close(smoothed[g], reference)
 
 
 def test_paper_quota_floors():
@@ -394,6 +429,53 @@ def test_paper_policy_has_no_host_sync_and_traces_as_one_graph():
         torch._dynamo.reset()
     assert torch.equal(graph, eager)
     assert torch.equal(policy.recency, eager_recency)
+
+
+def test_paper_preset_drift_reads_the_dense_estimate():
+    """`CATConfig.paper()` keeps the dense residual stream (`lean=False`): after every pruned
+    step, the selection's Δ input is the pruned step's fresh dense output for all L tokens
+    (the driver rows), not the unselected tokens' last output that the step gives back. With
+    `lean=True` the step's output holds only the S computed tokens and the Δ input of the
+    unselected ones is what the step gives back."""
+    assert CATConfig.paper().lean is False and CATConfig().lean is True
+
+    def record(config):
+        pipe = make_pipe()
+        apply_cat(pipe, config)
+        patch = get_patch(pipe)
+        adapter, state = patch.adapter, patch.state
+        observe, select = adapter._observe, state.tokens.next
+        seen = []
+
+        def spy_observe(mode, output, time=None):
+            result = observe(mode, output, time)
+            if mode is Mode.PRUNED:
+                seen[-1].update(dense=output.clone(), result=result.clone())
+            return result
+
+        def spy_next(output, computed):
+            seen.append({"estimate": output.clone(), "computed": computed.clone()})
+            return select(output, computed)
+
+        adapter._observe, state.tokens.next = spy_observe, spy_next
+        generate(pipe, guidance_scale=1.0)  # no CFG: the driver rows are all rows
+        remove_cat(pipe)
+        return seen
+
+    exact = record(CATConfig.paper(warmup_steps=4, num_clusters=8))
+    tokens = exact[0]["estimate"].shape[1]  # L, all image tokens
+    assert len(exact) == 6 and exact[0]["computed"].shape[1] == int(0.3 * tokens)
+    for step in exact:
+        assert step["dense"].shape[1] == tokens
+        assert torch.equal(step["estimate"], step["dense"])
+        unselected = torch.ones(tokens, dtype=torch.bool)
+        unselected[step["computed"][0]] = False
+        fresh, given = step["estimate"][:, unselected], step["result"][:, unselected]
+        assert (fresh - given).abs().max() > 1e-4, "Δ read the unselected tokens' last output"
+    lean = record(CATConfig.paper(warmup_steps=4, num_clusters=8, lean=True))
+    for step in lean:
+        assert step["dense"].shape[1] < tokens
+        assert torch.equal(step["estimate"], step["result"])
 
 
 def test_paper_preset_runs_in_a_pipeline():

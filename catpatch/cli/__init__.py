@@ -1,4 +1,4 @@
-"""The `catpatch` command line: `catpatch demo|generate|eval|bench|study`.
+"""The `catpatch` command line: `catpatch demo|generate|eval|bench|study|census|heterogeneity`.
 
 Bad input to any command ends in one line on stderr that names the fix and exit status 2
 (`common.CommandError`, `common.Parser`); `--help` shows every option with its default.
@@ -224,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .census import add_parser as add_census
     from .evaluate import add_parser as add_eval
     from .generate import add_parser as add_generate
+    from .heterogeneity import add_parser as add_heterogeneity
 
     _demo_parser(sub)
     add_generate(sub)
@@ -231,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     _bench_parser(sub)
     _study_parser(sub)
     add_census(sub)
+    add_heterogeneity(sub)
     return parser
 
 

@@ -165,16 +165,20 @@ def smooth_scores(score: Tensor, adjacency: Tensor) -> Tensor:
 
 
 def smooth_channel_maxima(maxima: Tensor, adjacency: Tensor) -> Tensor:
-    """The reference's smoothing of the first selection's cluster scores.
+    """The reference's smoothing of the first selection's cluster scores, as it runs.
 
     Per channel, over the cluster graph `adjacency` (G, C, C) (self loops included by the
-    caller): 2·mean + max of the pooled channel maxima `maxima` (G, C, F) of a cluster's
-    neighbours; then the L2 norm over the channels. -> (G, C).
+    caller): mean + sum + max of the pooled channel maxima `maxima` (G, C, F) of a cluster's
+    neighbours; then the L2 norm over the channels. -> (G, C). The reference's code reads as
+    2·mean + max (torch-geometric's `MultiAggregation(["mean", "mean", "max"], mode="sum")`),
+    but on torch-geometric's fused path (>= 2.3) one of the two mean slots is left an
+    unnormalised sum; we follow what runs (design notes §7). Dense (G, C, C) ops: static
+    shapes, no host sync.
     """
     neighbours = adjacency.to(maxima.dtype)
     degree = neighbours.sum(-1, keepdim=True).clamp(min=1)
-    mean = torch.bmm(neighbours, maxima) / degree
+    total = torch.bmm(neighbours, maxima)
     masked = torch.where(adjacency[..., None], maxima[:, None, :, :], -torch.inf)
     maximum = masked.amax(2)
     maximum = torch.where(torch.isfinite(maximum), maximum, torch.zeros_like(maximum))
-    return (2 * mean + maximum).norm(dim=-1)
+    return (total / degree + total + maximum).norm(dim=-1)

@@ -8,12 +8,15 @@ reference column:
   first half, col/W' to the second), so clusters are compact spatial blobs
   (`clustering.cluster_features(combine="add")`);
 - first-selection cluster scores: per channel, over the 4-neighbour cluster graph with self
-  loops, 2·mean + max of the pooled channel maxima, then the L2 norm
-  (`clustering.smooth_channel_maxima`);
+  loops, mean + sum + max of the pooled channel maxima, then the L2 norm — what the
+  reference's torch-geometric aggregation computes as it runs, though its code reads as
+  2·mean + max (`clustering.smooth_channel_maxima`);
 - quota floors: ⌊S/10⌋ per cluster at the first selection, quota unit k = ⌊⌊S/5⌋·0.25⌋;
 - within-cluster balance: every cluster after the first gives its top-Δ quota k_i (3k, 2k, k,
   ...) **united** with its ⌊k_i/2⌋ least recently computed tokens, the union in token-index
-  order, and the walk over clusters is cut at 0.25·S (`paper_selection`).
+  order, and the walk over clusters is cut at 0.25·S (`paper_selection`);
+- Δ on pruned steps from the model's fresh dense estimate of every token (`lean=False`, set by
+  `CATConfig.paper()`), not the unselected tokens' last computed output.
 
 Kept from catpatch (the reference cannot do these): device-side k-means (farthest-point start,
 fixed Lloyd iterations), padding to exactly S with the next-stalest tokens (static shapes),
