@@ -3,7 +3,7 @@
 Two kinds of change are recorded: torch hook handles, and instance attributes (a module's
 `forward`, a pipeline method wrapped with wrapt). Undo restores the instance `__dict__` to what
 it was, so a removed patch leaves no attribute behind, and never touches a class.
-`wrap_denoising_loops` is the one pipeline wrapper CAT and the TaylorSeer peer share: callbacks
+`wrap_denoising_loops` is the one pipeline wrapper CAT and the diffusers peers share: callbacks
 around each denoising loop (the `with` block of the pipeline's progress bar).
 """
 
