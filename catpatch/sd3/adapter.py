@@ -62,6 +62,8 @@ def _call_argument(args: tuple, kwargs: dict, name: str, position: int):
 class SD3Adapter:
     """Hooks CAT into one `SD3Transformer2DModel` instance; `remove()` undoes it exactly."""
 
+    check = staticmethod(check_transformer)
+
     def __init__(self, transformer, state: CATState):
         self.transformer = transformer
         self.state = state
@@ -174,10 +176,16 @@ class SD3Adapter:
             else (sample,)
         )
 
-    def _step_cost_ratio(self) -> float:
-        from ..stats import ModelDims, step_macs
+    def cost_model(self):
+        """The MAC model of this transformer (`stats.ModelDims`)."""
+        from ..stats import ModelDims
 
-        geo, dims = self.state.schedule.geometry, ModelDims.from_config(self.transformer.config)
+        return ModelDims.from_config(self.transformer.config)
+
+    def _step_cost_ratio(self) -> float:
+        from ..stats import step_macs
+
+        geo, dims = self.state.schedule.geometry, self.cost_model()
         full = step_macs(dims, geo.tokens, geo.text_tokens)
         budget, lean = self.state.log.budget, self.state.config.lean
         return step_macs(dims, geo.tokens, geo.text_tokens, budget, lean) / full
