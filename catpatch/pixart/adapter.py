@@ -29,6 +29,7 @@ from torch import Tensor
 from ..caches import gather_tokens, write_rows
 from ..hooks import PatchSet
 from ..schedule import Geometry, Mode
+from ..sd3.adapter import _randn
 from ..state import CATState
 from .block import cat_block_forward
 from .cost import PixArtDims
@@ -84,6 +85,19 @@ class PixArtAdapter:
     """Hooks CAT into one `PixArtTransformer2DModel` instance; `remove()` undoes it exactly."""
 
     check = staticmethod(check_transformer)
+    text_tokens = 300  # the PixArt-Σ pipeline's max_sequence_length (T5)
+
+    @staticmethod
+    def example_conditioning(
+        config, rows: int, text_tokens: int, device=None, dtype=None, generator=None
+    ) -> dict:
+        """Random text conditioning of a transformer call (everything but the latents and the
+        timestep), for benchmarks and the census."""
+        shape = (rows, text_tokens, config.caption_channels)
+        return dict(
+            encoder_hidden_states=_randn(shape, generator, device=device, dtype=dtype),
+            added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+        )
 
     def __init__(self, transformer, state: CATState):
         self.transformer = transformer
@@ -264,7 +278,6 @@ class PixArtAdapter:
                 timestep,
                 encoder_attention_mask,
                 attention_mask,
-                cross_attention_kwargs,
                 step=state.step_index if pruned else None,
                 residual=caches.residual if pruned else None,
                 rows=schedule.driver_slice,

@@ -78,22 +78,43 @@ def self_attention(
         q = attn.to_q(x)
         _kv_into_cache(attn, x, cache.kv, step)
     keys, values = cache.kv
+    return _attend(attn, x, q, keys, values, attention_mask)
+
+
+def cross_attention(attn, x: Tensor, context: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Cross-attention of the computed image tokens `x` to the text `context`: each query on
+    its own, so the computed tokens' rows of the real module's output. Mirrors diffusers'
+    `AttnProcessor2_0` (and `FusedAttnProcessor2_0`)."""
+    fused = getattr(attn, "fused_projections", False) and getattr(attn, "to_kv", None)
+    q = attn.to_q(x)
+    k, v = (
+        attn.to_kv(context).chunk(2, dim=-1) if fused else (attn.to_k(context), attn.to_v(context))
+    )
+    return _attend(attn, x, q, k, v, mask)
+
+
+def _attend(attn, x: Tensor, q: Tensor, keys: Tensor, values: Tensor, mask: Tensor | None):
+    """SDPA of (R, N, D) queries over (R, M, D) keys/values, output projection: the rest of
+    `AttnProcessor2_0` (a division by `rescale_output_factor` 1.0 is skipped: the same values,
+    one kernel fewer)."""
     rows, heads = x.shape[0], attn.heads
-    mask = _mask(attn, attention_mask, keys.shape[1], rows)
+    mask = _mask(attn, mask, keys.shape[1], rows)
     q, keys, values = (
         t.view(rows, -1, heads, t.shape[-1] // heads).transpose(1, 2) for t in (q, keys, values)
     )
     if attn.norm_q is not None:
         q = attn.norm_q(q)
     if attn.norm_k is not None:
-        # qk-norm on keys: the cache holds them un-normed (K projections), normed here
+        # qk-norm on keys: the self-attention cache holds them un-normed, normed here
         keys = attn.norm_k(keys)
     out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, dropout_p=0.0)
     out = out.transpose(1, 2).reshape(rows, -1, heads * out.shape[-1]).to(q.dtype)
     out = attn.to_out[1](attn.to_out[0](out))
     if attn.residual_connection:
         out = out + x
-    return out / attn.rescale_output_factor
+    if attn.rescale_output_factor != 1.0:
+        out = out / attn.rescale_output_factor
+    return out
 
 
 def _feed_forward(block, x: Tensor) -> Tensor:
@@ -112,7 +133,6 @@ def cat_block_forward(
     timestep: Tensor,
     encoder_attention_mask: Tensor | None = None,
     attention_mask: Tensor | None = None,
-    cross_attention_kwargs: dict | None = None,
     step: StepIndex | None = None,
     residual: Tensor | None = None,
     rows: slice = ALL_ROWS,
@@ -132,33 +152,28 @@ def cat_block_forward(
     """
     if step is not None:
         rows, output_caches = step.rows, residual is not None
-    kwargs = dict(cross_attention_kwargs or {})
-    kwargs.pop("gligen", None)
     batch = hidden_states.shape[0]
-    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
-        block.scale_shift_table[None] + timestep.reshape(batch, 6, -1)
-    ).chunk(6, dim=1)
+    table = block.scale_shift_table[None] + timestep.reshape(batch, 6, -1)
+    shift_msa, _, gate_msa, shift_mlp, _, gate_mlp = table.chunk(6, dim=1)
+    # every 1 + scale from one kernel (elementwise: the same values as one per scale)
+    one_plus = 1 + table
+    scale_msa1, scale_mlp1 = one_plus[:, 1:2], one_plus[:, 4:5]
     normed = block.norm1(hidden_states)
-    normed = normed * (1 + scale_msa) + shift_msa
+    normed = normed * scale_msa1 + shift_msa
 
     attn_output = self_attention(block.attn1, normed, cache, step, keep_all, attention_mask)
     attn_all = _store(cache, "attn", attn_output, step, rows, keep_all) if output_caches else None
     attn_output = gate_msa * attn_output
     hidden_states = attn_output + hidden_states
 
-    # cross-attention to the text: per query token, so the real module on the computed tokens
-    # is the real computation of their rows (any processor, LoRA included)
-    cross = block.attn2(
-        hidden_states,
-        encoder_hidden_states=encoder_hidden_states,
-        attention_mask=encoder_attention_mask,
-        **kwargs,
+    cross = cross_attention(
+        block.attn2, hidden_states, encoder_hidden_states, encoder_attention_mask
     )
     cross_all = _store(cache, "attn2", cross, step, rows, keep_all) if output_caches else None
     hidden_states = cross + hidden_states
 
     normed = block.norm2(hidden_states)
-    normed = normed * (1 + scale_mlp) + shift_mlp
+    normed = normed * scale_mlp1 + shift_mlp
     ff_output = _feed_forward(block, normed)
     ff_all = _store(cache, "ff", ff_output, step, rows, keep_all) if output_caches else None
     ff_output = gate_mlp * ff_output

@@ -52,6 +52,14 @@ def check_transformer(transformer) -> None:
             )
 
 
+def _randn(shape: tuple[int, ...], generator, device=None, dtype=None) -> Tensor:
+    """Standard normal values made on the CPU from `generator` (seeded, device-independent),
+    or directly on `device` (e.g. the meta device) without one."""
+    if generator is None:
+        return torch.randn(shape, device=device, dtype=dtype)
+    return torch.randn(shape, generator=generator).to(device=device, dtype=dtype)
+
+
 # ---- installing on a transformer ------------------------------------------------------------
 def _call_argument(args: tuple, kwargs: dict, name: str, position: int):
     if name in kwargs:
@@ -63,6 +71,21 @@ class SD3Adapter:
     """Hooks CAT into one `SD3Transformer2DModel` instance; `remove()` undoes it exactly."""
 
     check = staticmethod(check_transformer)
+    text_tokens = 333  # CLIP 77 + T5 256: what the SD3 pipelines pass
+
+    @staticmethod
+    def example_conditioning(
+        config, rows: int, text_tokens: int, device=None, dtype=None, generator=None
+    ) -> dict:
+        """Random text conditioning of a transformer call (everything but the latents and the
+        timestep), for benchmarks and the census."""
+        like = dict(device=device, dtype=dtype)
+        return dict(
+            encoder_hidden_states=_randn(
+                (rows, text_tokens, config.joint_attention_dim), generator, **like
+            ),
+            pooled_projections=_randn((rows, config.pooled_projection_dim), generator, **like),
+        )
 
     def __init__(self, transformer, state: CATState):
         self.transformer = transformer
