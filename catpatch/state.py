@@ -117,7 +117,7 @@ class CATState:
 
         `block_shapes[i]` maps a `BlockCache` field to its shape; `features` is F, the model
         output size per token."""
-        drift_features = self._drift(torch.empty(0, 0, features, device="meta")).shape[-1]
+        drift_features = self.drift(torch.empty(0, 0, features, device="meta")).shape[-1]
         geo, budget, groups = self.schedule.geometry, self.log.budget, self.schedule.groups
         previous = self.caches.previous
         if (
@@ -163,7 +163,7 @@ class CATState:
             rows=schedule.driver_slice,
         )
 
-    def _drift(self, output: Tensor) -> Tensor:
+    def drift(self, output: Tensor) -> Tensor:
         """What the token policy reads of a model output (see `drift_view`)."""
         return output if self.drift_view is None else self.drift_view(output)
 
@@ -173,13 +173,13 @@ class CATState:
         their previous output, or its forecast with `token_order=1`, which needs `time`)."""
         schedule, caches, p, forecast = self.schedule, self.caches, self.persistent, self.forecast
         if mode is Mode.REFERENCE:
-            self.tokens.observe_reference(self._drift(schedule.driver_rows(output)))
+            self.tokens.observe_reference(self.drift(schedule.driver_rows(output)))
             if forecast is not None:
                 forecast.observe_reference(output, time)
             return output
         if mode is Mode.RECORD:
             caches.previous = keep(caches.previous, output, p)
-            first = self.tokens.first(self._drift(schedule.driver_rows(output)))
+            first = self.tokens.first(self.drift(schedule.driver_rows(output)))
             self.chosen = keep(self.chosen, first, p)
             self._start_step_index(first)
             if forecast is not None:
@@ -199,6 +199,6 @@ class CATState:
         else:
             result = caches.previous.clone()
         estimate = result if self.config.lean else output
-        drift = self._drift(schedule.driver_rows(estimate))
+        drift = self.drift(schedule.driver_rows(estimate))
         self.chosen.copy_(self.tokens.next(drift, self.chosen))
         return result

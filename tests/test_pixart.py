@@ -499,3 +499,45 @@ def test_pixart_sigma_headline_ratio():
     cut, full = run_macs(dims, 2, 4096, 300, budget, 28, 20)
     assert 0.45 < cut / full < 0.55
     assert dims.run_bound(28, 8, 4096, 300, budget) == pytest.approx(full / cut)
+
+
+# ---- commands: census, bench ------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def sigma_census():
+    from catpatch.census import census
+
+    return {
+        lean: census("pixart-sigma", 1024, 1024, CATConfig(lean=lean)) for lean in (True, False)
+    }
+
+
+def test_census_at_pixart_sigma_1024(sigma_census):
+    """The real PixArt-Σ shape at 1024² (L=4096, T=300, CFG pair, bf16) on the meta device:
+    the default (lean) pruned step launches no more kernels than a full step and moves at most
+    0.40 of its non-GEMM bytes."""
+    lean, exact = sigma_census[True], sigma_census[False]
+    for c in (lean, exact):
+        assert 0.29 < c.pruned.flops / c.full.flops < 0.32
+        assert c.selection.kernels <= 37
+        assert c.pruned.ops["index_copy_"] >= 28 + 1  # one K/V write per block, the output
+    assert lean.pruned.kernels <= lean.full.kernels
+    assert lean.pruned.other_bytes <= 0.40 * lean.full.other_bytes
+    # --no-lean keeps three output caches per block and the dense stream: reported, not a target
+    assert exact.pruned.other_bytes <= 0.50 * exact.full.other_bytes
+    assert lean.cache_bytes < exact.cache_bytes < 2e9
+
+
+def test_bench_pixart_json(capsys):
+    import json
+
+    from catpatch.cli import main
+
+    code = main([
+        "bench", "--shape", "tiny-pixart-sigma", "--size", "128x128", "--steps", "6",
+        "--warmup-steps", "3", "--num-clusters", "8", "--repeats", "1", "--text-tokens", "16",
+        "--device", "cpu", "--json",
+    ])  # fmt: skip
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["tokens"] == 64 and result["budget"] == 19 and result["rows"] == 2
+    assert result["speedup"] > 0 and result["bound"] > 1.0 and 0.3 < result["macs_ratio"] < 1.0
