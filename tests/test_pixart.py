@@ -541,3 +541,23 @@ def test_bench_pixart_json(capsys):
     result = json.loads(capsys.readouterr().out)
     assert result["tokens"] == 64 and result["budget"] == 19 and result["rows"] == 2
     assert result["speedup"] > 0 and result["bound"] > 1.0 and 0.3 < result["macs_ratio"] < 1.0
+
+
+def test_generate_command_takes_a_pixart_sigma_folder(tmp_path, capsys):
+    """`catpatch generate --model FOLDER` with a saved PixArt-Σ pipeline: images, CAT figures
+    in the manifest (the pipeline bins 128x128 to its 256x256 bin: L = (256/4/2)² tokens)."""
+    import json
+
+    from catpatch.cli import main
+
+    pixart().save_pretrained(tmp_path / "model")
+    out = tmp_path / "out"
+    code = main([
+        "generate", "--model", str(tmp_path / "model"), "--prompt", "a red circle",
+        "--size", "128x128", "--steps", "6", "--warmup-steps", "2", "--num-clusters", "4",
+        "--out", str(out), "--device", "cpu",
+    ])  # fmt: skip
+    assert code == 0
+    record = json.loads((out / "manifest.jsonl").read_text().splitlines()[0])
+    assert (out / record["file"]).is_file()
+    assert record["cat"] | {"steps": 6, "pruned_steps": 4, "L": 1024, "T": 300} == record["cat"]
