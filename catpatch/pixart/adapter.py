@@ -171,8 +171,13 @@ class PixArtAdapter:
         state, schedule = self.state, self.state.schedule
         if not schedule.in_run:
             self._warn_outside()
-        elif schedule.step == 0 and schedule.cfg_rows is None:
-            schedule.cfg_rows = _is_cfg_pair(_call_argument(args, kwargs, "hidden_states", 0))
+        elif schedule.step == 0:
+            # processors set after apply_cat (attention slicing, ...) would be bypassed on
+            # pruned steps: refuse them at the run's first call, before anything is pruned
+            check_transformer(self.transformer)
+            if schedule.cfg_rows is None:
+                hidden = _call_argument(args, kwargs, "hidden_states", 0)
+                schedule.cfg_rows = _is_cfg_pair(hidden)
         mode = state.plan_call(self._geometry(args, kwargs), self._step_cost_ratio)
         schedule.mode = mode
         if mode is Mode.PASS or state.tokens is None:
