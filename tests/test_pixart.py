@@ -141,6 +141,90 @@ def test_all_tokens_selected_is_the_block_bit_for_bit():
     torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-6)
 
 
+# ---- the whole pruned step against a literal reading of the specification -------------------
+def _attention(q, k, v, heads):
+    """softmax(QK^T / sqrt(d)) V per head, written out (independent of SDPA)."""
+    rows, nq, dim = q.shape
+    q, k, v = (t.view(rows, -1, heads, dim // heads).transpose(1, 2) for t in (q, k, v))
+    weights = torch.softmax(q @ k.transpose(-1, -2) / (dim // heads) ** 0.5, dim=-1)
+    return (weights @ v).transpose(1, 2).reshape(rows, nq, dim)
+
+
+def _literal_step(model, caches, index, latents, context, timestep):
+    """Spec §3 on PixArt, literally: every token walks the residual stream of every block;
+    only T_s gets self-attention Q/K/V, cross-attention and FFN; the others read the per-block
+    output caches (self-attention, cross-attention, FFN), which this updates in place."""
+    rows = latents.shape[0]
+    h = model.pos_embed(latents)
+    temb, embedded = model.adaln_single(
+        timestep, {"resolution": None, "aspect_ratio": None}, batch_size=rows,
+        hidden_dtype=h.dtype,
+    )  # fmt: skip
+    c = model.caption_projection(context)
+    for block, cache in zip(model.transformer_blocks, caches, strict=True):
+        table = block.scale_shift_table[None] + temb.reshape(rows, 6, -1)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = table.chunk(6, dim=1)
+        n = gather_tokens(block.norm1(h) * (1 + scale_msa) + shift_msa, index)
+        attn = block.attn1
+        keys = _scatter(cache.kv[0], index, attn.to_k(n))
+        values = _scatter(cache.kv[1], index, attn.to_v(n))
+        out = attn.to_out[0](_attention(attn.to_q(n), keys, values, attn.heads))
+        cache.attn = _scatter(cache.attn, index, out)
+        h = h + gate_msa * cache.attn
+        q = block.attn2.to_q(gather_tokens(h, index))
+        k, v = block.attn2.to_k(c), block.attn2.to_v(c)
+        cross = block.attn2.to_out[0](_attention(q, k, v, block.attn2.heads))
+        cache.attn2 = _scatter(cache.attn2, index, cross)
+        h = h + cache.attn2
+        m = gather_tokens(block.norm2(h) * (1 + scale_mlp) + shift_mlp, index)
+        cache.ff = _scatter(cache.ff, index, block.ff(m))
+        h = h + gate_mlp * cache.ff
+    return h, embedded
+
+
+def test_pruned_step_matches_literal_spec():
+    """A whole pruned call (no CFG: every row selects its own tokens, --no-lean): the dense
+    stream reaching norm_out, the raw projection and the returned output (computed tokens from
+    this step, the others from the previous one) match the literal spec; the caches are
+    updated as it updates them."""
+    torch.manual_seed(1)
+    model = build_transformer(SHAPE)
+    apply_cat(model, CFG.replace(warmup_steps=3, num_clusters=6, lean=False))
+    state = get_patch(model).state
+    rows = 3
+    inputs = dict(
+        encoder_hidden_states=torch.randn(rows, 9, 64),
+        added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+    )
+    seen, finals = {}, []
+    model.norm_out.register_forward_pre_hook(lambda m, a: seen.update(dense=a[0].clone()))
+    model.proj_out.register_forward_hook(lambda m, a, o: seen.update(raw=o.clone()), prepend=True)
+    model.proj_out.register_forward_hook(lambda m, a, o: finals.append(o.clone()))
+    with torch.no_grad(), cat_generation(model):
+        for step in range(5):
+            latents = torch.randn(rows, 4, 16, 16)
+            timestep = torch.full((rows,), 900 - 150 * step)
+            if step == 4:
+                caches = copy.deepcopy(state.caches.blocks)
+                index = state.schedule.rows_of(state.chosen).clone()
+            model(hidden_states=latents, timestep=timestep, **inputs)
+            if step == 4:
+                after = [copy.copy(c) for c in state.caches.blocks]
+        dense, embedded = _literal_step(
+            model, caches, index, latents, inputs["encoder_hidden_states"], timestep
+        )
+    torch.testing.assert_close(seen["dense"], dense, atol=1e-4, rtol=1e-4)
+    shift, scale = (model.scale_shift_table[None] + embedded[:, None]).chunk(2, dim=1)
+    raw = model.proj_out(model.norm_out(dense) * (1 + scale) + shift)
+    torch.testing.assert_close(seen["raw"], raw, atol=1e-4, rtol=1e-4)
+    expected = _scatter(finals[3], index, gather_tokens(raw, index))
+    torch.testing.assert_close(finals[4], expected, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(finals[4], raw)
+    for got, want in zip(after, caches, strict=True):
+        for name in ("attn", "attn2", "ff"):
+            torch.testing.assert_close(getattr(got, name), getattr(want, name), **TOL)
+
+
 # ---- the pipeline: three-way, CFG, resolutions ------------------------------------------------
 @pytest.fixture
 def pipe():
