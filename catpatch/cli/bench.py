@@ -138,7 +138,8 @@ def transformer_config(shape: str, model: str | None) -> dict[str, Any]:
         except (OSError, ValueError) as err:
             reason = first_line(err)
     raise BenchError(
-        f"--model {model}: no transformer config there ({reason}); pass 'toy', a pipeline "
+        f"--model {model}: no SD3 transformer or PixArt-Σ transformer config there ({reason}); "
+        f"pass 'toy', a pipeline "
         f"or transformer folder, or a hub id (offline: a local folder)"
     )
 
