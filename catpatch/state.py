@@ -117,6 +117,7 @@ class CATState:
 
         `block_shapes[i]` maps a `BlockCache` field to its shape; `features` is F, the model
         output size per token."""
+        # F' of what the token policy reads, from an empty stand-in output (no data)
         drift_features = self.drift(torch.empty(0, 0, features, device="meta")).shape[-1]
         geo, budget, groups = self.schedule.geometry, self.log.budget, self.schedule.groups
         previous = self.caches.previous

@@ -4,7 +4,8 @@ The model is the specification's (per block and sample, D hidden, L image, T tex
 tokens): 12·D²·(S+T) for projections and FFNs plus 2·D·(S+T)·(L+T) for joint attention, made
 exact for what the spec leaves out: the last block has no text output projection or text FFN,
 SD3.5 dual-attention blocks add an image-only attention (4·D²·S + 2·D·S·L), and every step pays
-the embedders, the AdaLN modulation and the output projection of all L tokens.
+the embedders, the AdaLN modulation and the output projection of all L tokens. That is SD3's
+`ModelDims`; other families give their own `CostModel` (PixArt-Σ: `pixart/cost.py`).
 """
 
 from __future__ import annotations
