@@ -320,6 +320,22 @@ def test_resolution_binning(pipe):
     np.testing.assert_array_equal(generate(pipe, **kwargs), a)
 
 
+@pytest.mark.parametrize(
+    "changes", [dict(selection="step"), dict(selection="cat+reuse"), dict(token_order=1)]
+)
+def test_other_policies_run(pipe, changes):
+    """Step reuse, CAT with reused steps and the first-order token forecast on PixArt."""
+    a = generate(pipe, num_inference_steps=14)
+    apply_cat(pipe, CFG.replace(**changes))
+    b = generate(pipe, num_inference_steps=14)
+    stats = cat_stats(pipe)
+    assert np.isfinite(b).all() and np.abs(a - b).max() > 1e-5 and stats.steps == 14
+    if "selection" in changes:
+        assert stats.reused_steps > 0 and stats.macs_ratio < 1
+    else:
+        assert stats.pruned_steps == 10
+
+
 def test_save_load_and_offline_folder(pipe, tmp_path):
     """A saved tiny PixArt-Σ folder loads with `DiffusionPipeline` and takes CAT."""
     from diffusers import DiffusionPipeline
