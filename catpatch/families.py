@@ -3,7 +3,10 @@
 One entry per family; the adapter package (`sd3/`, `pixart/`) holds everything that knows the
 family's layout. An adapter class is built as `Adapter(transformer, state)` and provides
 `check(transformer)` (static: `TypeError` naming the fix if CAT cannot serve it as set up now),
-`install()`, `remove()` and `cost_model()` (a `stats.CostModel`). Adapters are imported on use.
+`num_blocks(transformer)` (static), `install()`, `remove()`, `cost_model()` (a
+`stats.CostModel`) and `step_macs(tokens, text, computed=None, lean=False)` (its cost model's),
+`text_tokens` (what the family's pipelines pass) and `example_conditioning(...)` (random text
+inputs of a call, for the census and benchmarks). Adapters are imported on use.
 """
 
 from __future__ import annotations
@@ -17,8 +20,9 @@ from typing import Any
 class Family:
     name: str
     transformer: str  # the diffusers transformer class name
-    pipelines: tuple[str, ...]  # pipeline class names CAT supports (subclasses too)
     adapter: str  # "module:Class"
+    pipelines: tuple[str, ...]  # pipeline class names CAT supports (subclasses too)
+    unsupported: tuple[tuple[str, str], ...] = ()  # (pipeline class, why not)
 
     def adapter_class(self) -> type:
         module, name = self.adapter.split(":")
@@ -29,6 +33,7 @@ FAMILIES: tuple[Family, ...] = (
     Family(
         "SD3",
         "SD3Transformer2DModel",
+        "catpatch.sd3:SD3Adapter",
         (
             "StableDiffusion3Pipeline",
             "StableDiffusion3Img2ImgPipeline",
@@ -36,13 +41,19 @@ FAMILIES: tuple[Family, ...] = (
             "StableDiffusion3ControlNetPipeline",
             "StableDiffusion3ControlNetInpaintingPipeline",
         ),
-        "catpatch.sd3:SD3Adapter",
     ),
     Family(
         "PixArt-Σ",
         "PixArtTransformer2DModel",
-        ("PixArtSigmaPipeline",),
         "catpatch.pixart:PixArtAdapter",
+        ("PixArtSigmaPipeline",),
+        unsupported=(
+            (
+                "PixArtSigmaPAGPipeline",
+                "perturbed-attention guidance adds a third batch row whose self-attention "
+                "processor CAT's pruned block does not reproduce",
+            ),
+        ),
     ),
 )
 
@@ -51,7 +62,7 @@ def _names(obj: Any) -> set[str]:
     return {c.__name__ for c in type(obj).__mro__}
 
 
-def transformer_family(transformer: Any) -> Family | None:
+def family_of(transformer: Any) -> Family | None:
     """The family of a transformer (by class, subclasses included), or None."""
     names = _names(transformer)
     return next((f for f in FAMILIES if f.transformer in names), None)

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from typing import Any, TypeVar
 
 from .config import CATConfig
-from .families import FAMILIES, pipeline_family, supported_transformers, transformer_family
+from .families import FAMILIES, family_of, pipeline_family, supported_transformers
 from .hooks import PatchSet, wrap_denoising_loops
 from .state import CATState
 
@@ -26,7 +26,7 @@ SUPPORTED_PIPELINES = tuple(name for family in FAMILIES for name in family.pipel
 
 def check_transformer(transformer) -> None:
     """Raise `TypeError` naming the fix if no family's adapter can serve `transformer`."""
-    family = transformer_family(transformer)
+    family = family_of(transformer)
     if family is None:
         raise TypeError(
             f"expected a transformer of a supported family, got {type(transformer).__name__}; "
@@ -40,10 +40,11 @@ class Patch:
 
     def __init__(self, transformer, config: CATConfig):
         self.config = config
+        adapter = family_of(transformer).adapter_class()
         self.state = CATState(
-            config, len(transformer.transformer_blocks), persistent=config.keeps_buffers
+            config, adapter.num_blocks(transformer), persistent=config.keeps_buffers
         )
-        self.adapter = transformer_family(transformer).adapter_class()(transformer, self.state)
+        self.adapter = adapter(transformer, self.state)
         self.pipeline_patches = PatchSet()
         self.pipelines: list[weakref.ref] = []
 
@@ -79,6 +80,9 @@ def _resolve(target: Any):
 
     if isinstance(target, DiffusionPipeline):
         name = type(target).__name__
+        why = {p: why for f in FAMILIES for p, why in f.unsupported}.get(name)
+        if why is not None:
+            raise TypeError(f"CAT does not support {name}: {why}")
         if not is_supported_pipeline(target):
             raise TypeError(
                 f"{name} is not a supported SD3-family or PixArt-Σ pipeline; CAT supports "

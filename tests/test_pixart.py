@@ -359,6 +359,11 @@ def test_bad_input_leaves_pipe_untouched(pipe):
     alpha = PixArtAlphaPipeline(**pipe.components)
     with pytest.raises(TypeError, match="PixArtSigmaPipeline"):
         apply_cat(alpha, CFG)
+    from diffusers import PixArtSigmaPAGPipeline
+
+    pag = PixArtSigmaPAGPipeline(**pipe.components)
+    with pytest.raises(TypeError, match="CAT does not support PixArtSigmaPAGPipeline: perturbed"):
+        apply_cat(pag, CFG)
     assert _instance_state(pipe) == before
     processors = dict(pipe.transformer.attn_processors)
     pipe.transformer.set_attn_processor(AttnProcessor())

@@ -23,7 +23,7 @@ import torch
 
 from ..config import CATConfig
 from ..dtypes import torch_dtype
-from ..families import transformer_family
+from ..families import family_of
 from ..patching import apply_cat, cat_generation, get_patch
 from ..stats import run_macs
 from .common import CommandError, cat_config, check_device, resolve_model
@@ -233,7 +233,7 @@ class Loop:
     def __init__(self, transformer, settings: BenchSettings, eager: bool = False):
         from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
 
-        adapter = transformer_family(transformer).adapter_class()
+        adapter = family_of(transformer).adapter_class()
         self.eager = eager  # run a transformer compiled in place without its compiled code
         self.transformer = transformer
         self.settings = settings
@@ -246,7 +246,7 @@ class Loop:
         self.latents = torch.randn(latent, generator=gen).to(device, dtype)
         text = settings.text_tokens or adapter.text_tokens
         self.conditioning = adapter.example_conditioning(cfg, rows, text, device, dtype, gen)
-        if transformer_family(transformer).name == "PixArt-Σ":
+        if family_of(transformer).name == "PixArt-Σ":
             self.scheduler = DPMSolverMultistepScheduler()
         else:
             self.scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)

@@ -85,6 +85,11 @@ class PixArtAdapter:
     """Hooks CAT into one `PixArtTransformer2DModel` instance; `remove()` undoes it exactly."""
 
     check = staticmethod(check_transformer)
+
+    @staticmethod
+    def num_blocks(transformer) -> int:
+        return len(transformer.transformer_blocks)
+
     text_tokens = 300  # the PixArt-Σ pipeline's max_sequence_length (T5)
 
     @staticmethod
@@ -213,6 +218,12 @@ class PixArtAdapter:
             if kwargs.get("return_dict", True)
             else (sample,)
         )
+
+    def step_macs(
+        self, tokens: int, text: int, computed: int | None = None, lean: bool = False
+    ) -> int:
+        """MACs of one call for one batch row (see `cost_model`)."""
+        return self.cost_model().step_macs(tokens, text, computed, lean)
 
     def _step_cost_ratio(self) -> float:
         geo, dims = self.state.schedule.geometry, self.cost_model()

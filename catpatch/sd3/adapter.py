@@ -71,6 +71,11 @@ class SD3Adapter:
     """Hooks CAT into one `SD3Transformer2DModel` instance; `remove()` undoes it exactly."""
 
     check = staticmethod(check_transformer)
+
+    @staticmethod
+    def num_blocks(transformer) -> int:
+        return len(transformer.transformer_blocks)
+
     text_tokens = 333  # CLIP 77 + T5 256: what the SD3 pipelines pass
 
     @staticmethod
@@ -204,6 +209,12 @@ class SD3Adapter:
         from ..stats import ModelDims
 
         return ModelDims.from_config(self.transformer.config)
+
+    def step_macs(
+        self, tokens: int, text: int, computed: int | None = None, lean: bool = False
+    ) -> int:
+        """MACs of one call for one batch row (see `cost_model`)."""
+        return self.cost_model().step_macs(tokens, text, computed, lean)
 
     def _step_cost_ratio(self) -> float:
         from ..stats import step_macs
