@@ -20,9 +20,11 @@ class BlockCache:
 
     kv: K and V of the joint attention after qk-norm, image tokens then text tokens, stacked
     (2, R, L+T, D) so that a pruned step writes both with one `index_copy_` (`key` and
-    `value` are its two halves); attn/ff: the block's image attention and FFN outputs before
-    gating (R, L, D); key2/value2/attn2: the same for the second, image-only attention of
-    SD3.5 dual-attention blocks (no text).
+    `value` are its two halves; T is `Geometry.kv_text_tokens`: 0 where the text is attended
+    in a separate cross-attention, as in PixArt); attn/ff: the block's image attention and FFN
+    outputs before gating (R, L, D); key2/value2/attn2: the same for the block's second
+    attention (SD3.5 dual-attention blocks: image-only; PixArt: the cross-attention to the
+    text, whose output alone is kept).
     """
 
     kv: Tensor | None = None

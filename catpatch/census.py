@@ -141,10 +141,11 @@ def census(
     config: CATConfig | None = None,
     batch: int = 1,
     cfg: bool = True,
-    text_tokens: int = 333,
+    text_tokens: int | None = None,
     dtype: torch.dtype = torch.bfloat16,
 ) -> Census:
-    """Count a full, a recording and a pruned step of the named shape on the meta device."""
+    """Count a full, a recording and a pruned step of the named shape on the meta device
+    (`text_tokens` None: what the family's pipelines pass, 333 for SD3, 300 for PixArt-Σ)."""
     from .models.shapes import build_transformer
     from .patching import apply_cat, cat_generation, get_patch
     from .schedule import Mode
@@ -152,16 +153,15 @@ def census(
     config = config or CATConfig()
     model = build_transformer(shape, device="meta", dtype=dtype)
     apply_cat(model, config)
-    state = get_patch(model).state
+    patch = get_patch(model)
+    state = patch.state
+    text_tokens = text_tokens or patch.adapter.text_tokens
     rows = 2 * batch if cfg else batch
     meta = dict(device="meta", dtype=dtype)
     inputs = dict(
         hidden_states=torch.zeros(rows, model.config.in_channels, height // 8, width // 8, **meta),
-        encoder_hidden_states=torch.zeros(
-            rows, text_tokens, model.config.joint_attention_dim, **meta
-        ),
-        pooled_projections=torch.zeros(rows, model.config.pooled_projection_dim, **meta),
         timestep=torch.full((rows,), 500.0, device="meta"),
+        **patch.adapter.example_conditioning(model.config, rows, text_tokens, **meta),
     )
     recorder = _Recorder()
     next_selection = state.tokens.next

@@ -1,9 +1,10 @@
 """`apply_cat`, `remove_cat`, `cat_generation`: put CAT on a pipeline or transformer, take it off.
 
 A patch touches only the given objects: hooks and per-instance `forward` overrides on the
-transformer (see `sd3.py`), and on a pipeline a wrapt wrapper around the instance's
-`progress_bar`, whose `with` block is exactly one denoising loop: entering it starts a run
-(state reset), leaving it, also by an exception or an interrupt, ends the run (caches freed).
+transformer (see its family's adapter in `families.py`), and on a pipeline a wrapt wrapper
+around the instance's `progress_bar`, whose `with` block is exactly one denoising loop:
+entering it starts a run (state reset), leaving it, also by an exception or an interrupt, ends
+the run (caches freed).
 """
 
 from __future__ import annotations
@@ -14,19 +15,24 @@ from collections.abc import Iterator
 from typing import Any, TypeVar
 
 from .config import CATConfig
+from .families import FAMILIES, family_of, pipeline_family, supported_transformers
 from .hooks import PatchSet, wrap_denoising_loops
-from .sd3 import SD3Adapter, check_transformer
 from .state import CATState
 
 T = TypeVar("T")
 _ATTRIBUTE = "_catpatch"
-SUPPORTED_PIPELINES = (
-    "StableDiffusion3Pipeline",
-    "StableDiffusion3Img2ImgPipeline",
-    "StableDiffusion3InpaintPipeline",
-    "StableDiffusion3ControlNetPipeline",
-    "StableDiffusion3ControlNetInpaintingPipeline",
-)
+SUPPORTED_PIPELINES = tuple(name for family in FAMILIES for name in family.pipelines)
+
+
+def check_transformer(transformer) -> None:
+    """Raise `TypeError` naming the fix if no family's adapter can serve `transformer`."""
+    family = family_of(transformer)
+    if family is None:
+        raise TypeError(
+            f"expected a transformer of a supported family, got {type(transformer).__name__}; "
+            f"CAT supports SD3-family transformers and PixArt-Σ: {supported_transformers()}"
+        )
+    family.adapter_class().check(transformer)
 
 
 class Patch:
@@ -34,10 +40,11 @@ class Patch:
 
     def __init__(self, transformer, config: CATConfig):
         self.config = config
+        adapter = family_of(transformer).adapter_class()
         self.state = CATState(
-            config, len(transformer.transformer_blocks), persistent=config.keeps_buffers
+            config, adapter.num_blocks(transformer), persistent=config.keeps_buffers
         )
-        self.adapter = SD3Adapter(transformer, self.state)
+        self.adapter = adapter(transformer, self.state)
         self.pipeline_patches = PatchSet()
         self.pipelines: list[weakref.ref] = []
 
@@ -53,7 +60,10 @@ class Patch:
             state, total = state_ref(), kwargs.get("total")
             if state is None or total is None:
                 return None
-            cfg = bool(getattr(pipe_ref(), "do_classifier_free_guidance", False))
+            # None where the pipeline does not say (PixArt decides CFG inside its call): the
+            # adapter then tells from the run's first call
+            cfg = getattr(pipe_ref(), "do_classifier_free_guidance", None)
+            cfg = None if cfg is None else bool(cfg)
             return (lambda: state.begin_run(total, cfg_rows=cfg)), state.end_run
 
         wrap_denoising_loops(self.pipeline_patches, pipe, run)
@@ -70,10 +80,14 @@ def _resolve(target: Any):
 
     if isinstance(target, DiffusionPipeline):
         name = type(target).__name__
+        why = {p: why for f in FAMILIES for p, why in f.unsupported}.get(name)
+        if why is not None:
+            raise TypeError(f"CAT does not support {name}: {why}")
         if not is_supported_pipeline(target):
             raise TypeError(
-                f"{name} is not a supported SD3-family pipeline; CAT supports "
-                f"{', '.join(SUPPORTED_PIPELINES)} (or a bare SD3Transformer2DModel)"
+                f"{name} is not a supported SD3-family or PixArt-Σ pipeline; CAT supports "
+                f"{', '.join(SUPPORTED_PIPELINES)} (or a bare transformer: "
+                f"{supported_transformers()})"
             )
         transformer = getattr(target, "transformer", None)
         if transformer is None:
@@ -84,7 +98,7 @@ def _resolve(target: Any):
 
 def is_supported_pipeline(pipe: Any) -> bool:
     """Whether `pipe` is (a subclass of) one of `SUPPORTED_PIPELINES`."""
-    return any(c.__name__ in SUPPORTED_PIPELINES for c in type(pipe).__mro__)
+    return pipeline_family(pipe) is not None
 
 
 def _unwrap(module):
@@ -92,7 +106,7 @@ def _unwrap(module):
 
 
 def apply_cat(target: T, config: CATConfig | None = None) -> T:
-    """Patch an SD3-family pipeline (or a bare `SD3Transformer2DModel`) with CAT pruning.
+    """Patch an SD3-family or PixArt-Σ pipeline (or a bare transformer) with CAT pruning.
 
     Returns `target`. Applying again replaces the previous config (hooks never stack). All
     checks run before anything is changed: on error the target is untouched.

@@ -35,10 +35,19 @@ class Geometry:
     text_tokens: int
     device: torch.device
     dtype: torch.dtype
+    # Whether the text tokens join the image tokens' attention (SD3's joint attention) and so
+    # sit in each block's K/V cache; False where image tokens attend to the text in a separate
+    # cross-attention (PixArt), whose K/V cache holds image tokens only.
+    joint_text: bool = True
 
     @property
     def tokens(self) -> int:
         return self.height * self.width
+
+    @property
+    def kv_text_tokens(self) -> int:
+        """Text tokens in each block's K/V cache after the L image tokens."""
+        return self.text_tokens if self.joint_text else 0
 
 
 @dataclass
@@ -64,7 +73,9 @@ class Schedule:
 
     def __init__(self, config: CATConfig):
         self.config = config
-        self.cfg_rows = False  # set at each run start from the pipeline's CFG flag
+        # set at each run start from the pipeline's CFG flag; None: not known yet (the model
+        # adapter decides from the run's first call)
+        self.cfg_rows: bool | None = False
         self.in_run = False
         self.planned_steps: int | None = None
         self.step = 0
@@ -72,7 +83,7 @@ class Schedule:
         self.log = RunLog()
         self.geometry: Geometry | None = None
 
-    def begin(self, num_steps: int | None, cfg_rows: bool) -> None:
+    def begin(self, num_steps: int | None, cfg_rows: bool | None) -> None:
         self.in_run = True
         self.cfg_rows = cfg_rows
         self.planned_steps = num_steps

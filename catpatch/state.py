@@ -32,11 +32,16 @@ class CATState:
         self.caches = Caches(num_blocks, persistent)
         self.tokens, self.steps = policies.build(config, persistent)
         self.forecast = TokenForecast(persistent) if config.token_order else None
+        # The part of the model output (R, L, F) the token policy reads (drift and clustering),
+        # set by a model adapter whose output holds more than the prediction (PixArt's learned
+        # variance channels); None: all of it.
+        self.drift_view: Callable[[Tensor], Tensor] | None = None
         self._free()
 
     # ---- run boundaries -------------------------------------------------------------------
-    def begin_run(self, num_steps: int | None = None, cfg_rows: bool = False) -> None:
-        """Start of a generation: forget everything of the previous one."""
+    def begin_run(self, num_steps: int | None = None, cfg_rows: bool | None = False) -> None:
+        """Start of a generation: forget everything of the previous one. `cfg_rows` None: not
+        known from the pipeline; the model adapter sets `schedule.cfg_rows` at the first call."""
         if not self.persistent:
             self._free()
         self.schedule.begin(num_steps, cfg_rows)
@@ -112,6 +117,8 @@ class CATState:
 
         `block_shapes[i]` maps a `BlockCache` field to its shape; `features` is F, the model
         output size per token."""
+        # F' of what the token policy reads, from an empty stand-in output (no data)
+        drift_features = self.drift(torch.empty(0, 0, features, device="meta")).shape[-1]
         geo, budget, groups = self.schedule.geometry, self.log.budget, self.schedule.groups
         previous = self.caches.previous
         if (
@@ -121,7 +128,7 @@ class CATState:
         ):
             return
         self.caches.allocate(block_shapes, (geo.rows, geo.tokens, features), geo.dtype, geo.device)
-        self.tokens.allocate(groups, geo, budget, features)
+        self.tokens.allocate(groups, geo, budget, drift_features)
         if self.forecast is not None:
             self.forecast.allocate((geo.rows, geo.tokens, features), geo.device)
         self.chosen = static_tensor((groups, budget), torch.long, geo.device)
@@ -152,10 +159,14 @@ class CATState:
         self.step_index = StepIndex.of(
             schedule.rows_of(first),
             geo.tokens,
-            geo.text_tokens,
+            geo.kv_text_tokens,
             chosen=first if shared else None,
             rows=schedule.driver_slice,
         )
+
+    def drift(self, output: Tensor) -> Tensor:
+        """What the token policy reads of a model output (see `drift_view`)."""
+        return output if self.drift_view is None else self.drift_view(output)
 
     def observe_output(self, mode: Mode, output: Tensor, time: Tensor | None = None) -> Tensor:
         """Take the model output of a step (R, L, F) at timestep `time` (R,), update the
@@ -163,13 +174,13 @@ class CATState:
         their previous output, or its forecast with `token_order=1`, which needs `time`)."""
         schedule, caches, p, forecast = self.schedule, self.caches, self.persistent, self.forecast
         if mode is Mode.REFERENCE:
-            self.tokens.observe_reference(schedule.driver_rows(output))
+            self.tokens.observe_reference(self.drift(schedule.driver_rows(output)))
             if forecast is not None:
                 forecast.observe_reference(output, time)
             return output
         if mode is Mode.RECORD:
             caches.previous = keep(caches.previous, output, p)
-            first = self.tokens.first(schedule.driver_rows(output))
+            first = self.tokens.first(self.drift(schedule.driver_rows(output)))
             self.chosen = keep(self.chosen, first, p)
             self._start_step_index(first)
             if forecast is not None:
@@ -189,5 +200,6 @@ class CATState:
         else:
             result = caches.previous.clone()
         estimate = result if self.config.lean else output
-        self.chosen.copy_(self.tokens.next(schedule.driver_rows(estimate), self.chosen))
+        drift = self.drift(schedule.driver_rows(estimate))
+        self.chosen.copy_(self.tokens.next(drift, self.chosen))
         return result

@@ -4,21 +4,38 @@ The model is the specification's (per block and sample, D hidden, L image, T tex
 tokens): 12·D²·(S+T) for projections and FFNs plus 2·D·(S+T)·(L+T) for joint attention, made
 exact for what the spec leaves out: the last block has no text output projection or text FFN,
 SD3.5 dual-attention blocks add an image-only attention (4·D²·S + 2·D·S·L), and every step pays
-the embedders, the AdaLN modulation and the output projection of all L tokens.
+the embedders, the AdaLN modulation and the output projection of all L tokens. That is SD3's
+`ModelDims`; other families give their own `CostModel` (PixArt-Σ: `pixart/cost.py`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from .config import CATConfig
 from .schedule import Mode
 
 
+class CostModel(Protocol):
+    """The MAC model of one model family (each adapter gives one: `adapter.cost_model()`)."""
+
+    def step_macs(
+        self, tokens: int, text: int, computed: int | None = None, lean: bool = False
+    ) -> int:
+        """MACs of one transformer call for one sample, `computed` of `tokens` image tokens
+        computed (all when None); `lean`: the output projection runs on those only."""
+        ...
+
+    def run_bound(self, steps: int, warmup: int, tokens: int, text: int, budget: int) -> float:
+        """The arithmetic speed-up bound of a run with `warmup` full steps."""
+        ...
+
+
 @dataclass(frozen=True)
 class ModelDims:
-    """The sizes of an SD3-family transformer that its cost depends on."""
+    """The sizes of an SD3-family transformer that its cost depends on (a `CostModel`)."""
 
     hidden: int
     layers: int
@@ -45,6 +62,14 @@ class ModelDims:
             joint_dim=get("joint_attention_dim"),
             pooled_dim=get("pooled_projection_dim"),
         )
+
+    def step_macs(
+        self, tokens: int, text: int, computed: int | None = None, lean: bool = False
+    ) -> int:
+        return step_macs(self, tokens, text, computed, lean)
+
+    def run_bound(self, steps: int, warmup: int, tokens: int, text: int, budget: int) -> float:
+        return run_bound(steps, warmup, tokens, text, budget)
 
 
 def block_macs(d: int, tokens: int, text: int, computed: int, last: bool, dual: bool) -> int:
@@ -86,7 +111,7 @@ def step_macs(
 
 
 def run_macs(
-    dims: ModelDims,
+    dims: CostModel,
     rows: int,
     tokens: int,
     text: int,
@@ -98,8 +123,8 @@ def run_macs(
 ) -> tuple[int, int]:
     """(MACs of a run with `pruned` of `steps` steps pruned and `reused` not computed at all,
     MACs of the same run unpatched)."""
-    full = step_macs(dims, tokens, text)
-    cut = step_macs(dims, tokens, text, budget, lean)
+    full = dims.step_macs(tokens, text)
+    cut = dims.step_macs(tokens, text, budget, lean)
     return rows * ((steps - pruned - reused) * full + pruned * cut), rows * steps * full
 
 
@@ -186,7 +211,7 @@ def collect(patch, transformer) -> CATStats:
     if log.geometry is None or not log.steps:
         return stats
     geo = log.geometry
-    dims = ModelDims.from_config(transformer.config)
+    dims = patch.adapter.cost_model()
     stats.steps = len(log.steps)
     stats.pruned_steps = sum(s.mode is Mode.PRUNED for s in log.steps)
     stats.reused_steps = sum(s.mode is Mode.REUSE for s in log.steps)

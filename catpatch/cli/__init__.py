@@ -34,14 +34,15 @@ def _bench_parser(sub) -> None:
         "bench",
         formatter_class=HelpFormatter,
         help="time the denoising loop unpatched vs CAT, side by side",
-        description="Time whole denoising loops of an SD3-family transformer unpatched and "
+        description="Time whole denoising loops of an SD3-family or PixArt-Σ transformer "
+        "unpatched and "
         "CAT-patched, alternating in one process after warm-up; print medians, the speed-up, "
         "the arithmetic bound of the config, MACs, cache memory and selection overhead.",
     )
     p.add_argument(
         "--shape", default="cpu-256x8", choices=sorted(SHAPES),
-        help="a named SD3-family transformer shape with random weights (speed does not depend "
-        "on the weights)",
+        help="a named SD3-family or PixArt-Σ transformer shape with random weights (speed does "
+        "not depend on the weights)",
     )  # fmt: skip
     p.add_argument(
         "--model",
@@ -60,7 +61,8 @@ def _bench_parser(sub) -> None:
     )  # fmt: skip
     p.add_argument(
         "--text-tokens", type=positive_int, default=None,
-        help="text tokens T per row (default: 333, SD3's 77 CLIP + 256 T5; 32 with --model toy)",
+        help="text tokens T per row (default: 333, SD3's 77 CLIP + 256 T5; PixArt-Σ's 300 T5; "
+        "32 with --model toy)",
     )  # fmt: skip
     add_cat_options(p)
     # Policies that skip whole steps ("step", "cat+reuse") are left out: the bound of the
@@ -106,7 +108,7 @@ def _bench(args) -> int:
         steps=args.steps,
         batch=args.batch,
         cfg=args.cfg,
-        text_tokens=args.text_tokens or (TOY_TEXT_TOKENS if args.model == "toy" else 333),
+        text_tokens=args.text_tokens or (TOY_TEXT_TOKENS if args.model == "toy" else None),
         keep_ratio=args.keep_ratio,
         warmup_steps=args.warmup_steps,
         num_clusters=args.num_clusters,

@@ -1,9 +1,10 @@
 """`catpatch bench`: the denoising loop unpatched vs CAT-patched, side by side in one process.
 
-Builds an SD3-family transformer from a named shape with random weights (speed does not depend
-on weight values) or loads a user's transformer, and times whole denoising loops of the two,
-alternating, after warm-up, reporting medians, their ratio, the arithmetic bound of the config
-(spec cost model), MACs, the memory the caches hold and the selection time per pruned step.
+Builds an SD3-family or PixArt-Σ transformer from a named shape with random weights (speed does
+not depend on weight values) or loads a user's transformer, and times whole denoising loops of
+the two, alternating, after warm-up, reporting medians, their ratio, the arithmetic bound of the
+config (the family's cost model), MACs, the memory the caches hold and the selection time per
+pruned step.
 `check_settings` rejects what cannot be timed (sizes that are not multiples of 16, loops no
 longer than the warm-up, ...) with one line that names the fix.
 """
@@ -22,8 +23,9 @@ import torch
 
 from ..config import CATConfig
 from ..dtypes import torch_dtype
+from ..families import family_of
 from ..patching import apply_cat, cat_generation, get_patch
-from ..stats import ModelDims, run_bound, run_macs
+from ..stats import run_macs
 from .common import CommandError, cat_config, check_device, resolve_model
 from .generate.pipeline import first_line
 
@@ -37,7 +39,7 @@ class BenchSettings:
     steps: int = 28
     batch: int = 1
     cfg: bool = True
-    text_tokens: int = 333
+    text_tokens: int | None = None  # None: what the family's pipelines pass (SD3 333, PixArt 300)
     keep_ratio: float = 0.3
     warmup_steps: int = 8
     num_clusters: int = 20
@@ -131,11 +133,13 @@ def transformer_config(shape: str, model: str | None) -> dict[str, Any]:
         try:
             with warnings.catch_warnings():  # huggingface_hub's deprecation notices
                 warnings.simplefilter("ignore")
+                # reads any transformer's config.json (its "_class_name" names the class)
                 return dict(SD3Transformer2DModel.load_config(path, **kwargs))
         except (OSError, ValueError) as err:
             reason = first_line(err)
     raise BenchError(
-        f"--model {model}: no SD3 transformer config there ({reason}); pass 'toy', a pipeline "
+        f"--model {model}: no SD3 transformer or PixArt-Σ transformer config there ({reason}); "
+        f"pass 'toy', a pipeline "
         f"or transformer folder, or a hub id (offline: a local folder)"
     )
 
@@ -188,7 +192,7 @@ def check_settings(settings: BenchSettings, device_given: bool = True) -> None:
             f" a loop that short prunes nothing, so there is nothing to compare"
         )
     for name in ("batch", "text_tokens", "repeats"):
-        if getattr(settings, name) < 1:
+        if getattr(settings, name) is not None and getattr(settings, name) < 1:
             raise BenchError(f"--{name.replace('_', '-')} must be >= 1")
 
 
@@ -208,24 +212,28 @@ def load_transformer(settings: BenchSettings):
             settings.shape, seed=settings.seed, device=settings.device, dtype=dtype
         )
     else:
-        from diffusers import SD3Transformer2DModel
+        import diffusers
 
+        config = transformer_config(settings.shape, settings.model)
+        cls = getattr(diffusers, config.get("_class_name") or "SD3Transformer2DModel")
         path = resolve_model(settings.model)  # "toy": the pipeline shipped in catpatch
         try:
-            model = SD3Transformer2DModel.from_pretrained(path, subfolder="transformer")
+            model = cls.from_pretrained(path, subfolder="transformer")
         except (OSError, ValueError):
-            model = SD3Transformer2DModel.from_pretrained(path)
+            model = cls.from_pretrained(path)
     if model.dtype != dtype:
         model = model.to(dtype=dtype)
     return model.to(device=settings.device).eval()
 
 
 class Loop:
-    """A denoising loop (flow-matching Euler, CFG) around one transformer."""
+    """A denoising loop (CFG) around one transformer, with its family's scheduler: flow-matching
+    Euler for SD3, DPM-Solver++ for PixArt-Σ."""
 
     def __init__(self, transformer, settings: BenchSettings, eager: bool = False):
-        from diffusers import FlowMatchEulerDiscreteScheduler
+        from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
 
+        adapter = family_of(transformer).adapter_class()
         self.eager = eager  # run a transformer compiled in place without its compiled code
         self.transformer = transformer
         self.settings = settings
@@ -236,11 +244,12 @@ class Loop:
         rows = 2 * batch if settings.cfg else batch
         latent = (batch, cfg.in_channels, settings.height // 8, settings.width // 8)
         self.latents = torch.randn(latent, generator=gen).to(device, dtype)
-        self.context = torch.randn(
-            rows, settings.text_tokens, cfg.joint_attention_dim, generator=gen
-        ).to(device, dtype)
-        self.pooled = torch.randn(rows, cfg.pooled_projection_dim, generator=gen).to(device, dtype)
-        self.scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+        text = settings.text_tokens or adapter.text_tokens
+        self.conditioning = adapter.example_conditioning(cfg, rows, text, device, dtype, gen)
+        if family_of(transformer).name == "PixArt-Σ":
+            self.scheduler = DPMSolverMultistepScheduler()
+        else:
+            self.scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
         self.device = device
         self.rows = rows
         self.forward = transformer
@@ -264,12 +273,11 @@ class Loop:
             for t in self.scheduler.timesteps:
                 x = torch.cat([latents, latents]) if s.cfg else latents
                 out = self.forward(
-                    hidden_states=x,
-                    encoder_hidden_states=self.context,
-                    pooled_projections=self.pooled,
-                    timestep=t.expand(self.rows),
-                    return_dict=False,
-                )[0]
+                    hidden_states=x, timestep=t.expand(self.rows), return_dict=False,
+                    **self.conditioning,
+                )[0]  # fmt: skip
+                if out.shape[1] == 2 * latents.shape[1]:  # learned sigma: keep the noise
+                    out = out.chunk(2, dim=1)[0]
                 if s.cfg:
                     uncond, cond = out.chunk(2)
                     out = uncond + 7.0 * (cond - uncond)
@@ -328,7 +336,7 @@ def _selection_time(loop: Loop, repeats: int = 20) -> float:
     persistent, state.persistent = state.persistent, True  # keep the last step's state
     try:
         loop()
-        output = state.schedule.driver_rows(state.caches.previous)
+        output = state.drift(state.schedule.driver_rows(state.caches.previous))
         select = lambda: state.tokens.next(output, state.chosen)  # noqa: E731
         times = [_timed(select, device) for _ in range(repeats)]
     finally:
@@ -389,7 +397,7 @@ def run(settings: BenchSettings) -> BenchResult:
     patch = get_patch(patched)
     log = patch.state.log
     geo = log.geometry
-    dims = ModelDims.from_config(patched.config)
+    dims = patch.adapter.cost_model()
     pruned_steps = sum(s.mode.value == "pruned" for s in log.steps)
     macs, macs_full = run_macs(
         dims, geo.rows, geo.tokens, geo.text_tokens, log.budget, len(log.steps), pruned_steps
@@ -399,7 +407,7 @@ def run(settings: BenchSettings) -> BenchResult:
     patched_median = statistics.median(times["patched"])
     speedup = statistics.median(times["unpatched"]) / patched_median
     eager = times.get("eager")
-    bound = run_bound(
+    bound = dims.run_bound(
         settings.steps, settings.warmup_steps, geo.tokens, geo.text_tokens, log.budget
     )
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()

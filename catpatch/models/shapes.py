@@ -1,4 +1,4 @@
-"""Named SD3-family transformer shapes, for benchmarks and tests with random weights.
+"""Named transformer shapes (SD3 family, PixArt-Σ), for benchmarks and tests with random weights.
 
 Speed does not depend on weight values, so a transformer built from one of these configs with
 random weights times the same as the released checkpoint of that shape.
@@ -69,19 +69,62 @@ SHAPES["tiny-sd3.5-medium"] = {
 }
 SHAPES["tiny-sd3.5-large"] = {**SHAPES["tiny-sd3"], "num_layers": 5, "qk_norm": "rms_norm"}
 
+# PixArt-Σ (PixArt-Sigma-XL-2-1024-MS's transformer config); "_class_name" as in a saved
+# config.json names the diffusers class (SD3Transformer2DModel where absent).
+_PIXART_SIGMA: dict[str, Any] = dict(
+    _class_name="PixArtTransformer2DModel",
+    sample_size=128,
+    patch_size=2,
+    in_channels=4,
+    out_channels=8,  # learned sigma: noise and variance
+    num_layers=28,
+    attention_head_dim=72,
+    num_attention_heads=16,
+    cross_attention_dim=1152,
+    caption_channels=4096,  # T5-XXL
+    attention_bias=True,
+    activation_fn="gelu-approximate",
+    num_embeds_ada_norm=1000,
+    norm_type="ada_norm_single",
+    norm_elementwise_affine=False,
+    norm_eps=1e-6,
+    interpolation_scale=2,
+    use_additional_conditions=False,
+)
+SHAPES["pixart-sigma"] = _PIXART_SIGMA
+# Tiny PixArt-Σ for tests: sample size 32 keeps the pipeline's 256-pixel resolution bins.
+SHAPES["tiny-pixart-sigma"] = {
+    **_PIXART_SIGMA,
+    "sample_size": 32,
+    "num_layers": 3,
+    "attention_head_dim": 16,
+    "num_attention_heads": 2,
+    "cross_attention_dim": 32,
+    "caption_channels": 64,
+    "interpolation_scale": 1,
+}
+
+SD3_CLASS = "SD3Transformer2DModel"
+
+
+def transformer_class_name(shape: str) -> str:
+    """The diffusers transformer class of a named shape."""
+    return transformer_config(shape).get("_class_name", SD3_CLASS)
+
 
 def transformer_config(shape: str, **overrides: Any) -> dict[str, Any]:
-    """The `SD3Transformer2DModel` config of a named shape, with optional overrides."""
+    """The transformer config of a named shape, with optional overrides (a "_class_name" key
+    names a class other than `SD3Transformer2DModel`)."""
     if shape not in SHAPES:
         raise ValueError(f"unknown shape {shape!r}; choose one of {sorted(SHAPES)}")
     return {**SHAPES[shape], **overrides}
 
 
 def build_transformer(shape: str, seed: int = 0, device=None, dtype=None, **overrides: Any):
-    """An `SD3Transformer2DModel` of a named shape with seeded random weights, initialised
-    directly on `device` (CPU by default: large shapes initialise much faster on a GPU)."""
+    """The transformer of a named shape with seeded random weights, initialised directly on
+    `device` (CPU by default: large shapes initialise much faster on a GPU)."""
+    import diffusers
     import torch
-    from diffusers import SD3Transformer2DModel
 
     device = torch.device(device or "cpu")
     devices = [device.index or 0] if device.type == "cuda" else []
@@ -91,7 +134,9 @@ def build_transformer(shape: str, seed: int = 0, device=None, dtype=None, **over
         # made in `dtype` directly: no fp32 copy first (SD3.5-large is 8B parameters)
         torch.set_default_dtype(dtype or default)
         try:
-            model = SD3Transformer2DModel(**transformer_config(shape, **overrides))
+            config = transformer_config(shape, **overrides)
+            cls = getattr(diffusers, config.pop("_class_name", SD3_CLASS))
+            model = cls(**config)
         finally:
             torch.set_default_dtype(default)
     return model.eval()

@@ -1,8 +1,8 @@
-"""Complete SD3-family pipelines built offline from small configs (no download).
+"""Complete SD3-family and PixArt-Σ pipelines built offline from small configs (no download).
 
-All nine components of `StableDiffusion3Pipeline` are real diffusers / transformers classes with
-seeded random weights; the tokenizers are built from an in-memory vocabulary. Used by the tests,
-the benchmark and as the untrained fallback of the demo.
+All nine components of `StableDiffusion3Pipeline` (five of `PixArtSigmaPipeline`) are real
+diffusers / transformers classes with seeded random weights; the tokenizers are built from an
+in-memory vocabulary. Used by the tests, the benchmark and as the untrained fallback of the demo.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from .shapes import transformer_config
+from .shapes import SD3_CLASS, transformer_config
 
 # Words the tokenizers know as whole tokens; anything else falls back to characters (CLIP) or
 # <unk> pieces (T5). Covers the toy captions and common prompt words.
@@ -241,8 +241,10 @@ def build_pipeline(
         StableDiffusion3Pipeline,
     )
 
-    pipeline_cls = pipeline_cls or StableDiffusion3Pipeline
     cfg = transformer_config(shape, **transformer_overrides)
+    if cfg.get("_class_name", SD3_CLASS) == "PixArtTransformer2DModel":
+        return build_pixart_pipeline(shape, pipeline_cls, seed, vae_blocks, words, **cfg)
+    pipeline_cls = pipeline_cls or StableDiffusion3Pipeline
     text = text_components(
         words, seed, clip_projection=cfg["pooled_projection_dim"] // 2,
         t5_dim=cfg["joint_attention_dim"],
@@ -255,4 +257,50 @@ def build_pipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
         vae=vae(seed, vae_blocks, latent_channels=cfg["in_channels"]),
         **text,
+    )
+
+
+def t5_encoder(tokenizer, seed: int = 0, d_model: int = 64, d_ff: int = 64, d_kv: int = 16):
+    """A seeded random, frozen 2-layer `T5EncoderModel` of width `d_model` for `tokenizer`."""
+    from transformers import T5Config, T5EncoderModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 3)
+        encoder = T5EncoderModel(
+            T5Config(
+                vocab_size=len(tokenizer), d_model=d_model, d_ff=d_ff, d_kv=d_kv, num_layers=2,
+                num_heads=2, decoder_start_token_id=0, pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+        )  # fmt: skip
+    return encoder.requires_grad_(False).eval()
+
+
+def build_pixart_pipeline(
+    shape: str = "tiny-pixart-sigma",
+    pipeline_cls: Any = None,
+    seed: int = 0,
+    vae_blocks: int = 3,
+    words: Iterable[str] = BASE_WORDS,
+    **transformer_config_: Any,
+):
+    """A complete `PixArtSigmaPipeline` with seeded random weights, built offline: a T5 text
+    encoder of the transformer's caption width, a 4-channel `AutoencoderKL`, the
+    DPM-Solver++ scheduler PixArt-Σ ships with. `transformer_config_`: the full config
+    (default: the named `shape`'s)."""
+    import diffusers
+    from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline
+
+    cfg = dict(transformer_config_ or transformer_config(shape))
+    cls = getattr(diffusers, cfg.pop("_class_name"))
+    tokenizer = t5_tokenizer(words)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 5)
+        transformer = cls(**cfg).eval()
+    return (pipeline_cls or PixArtSigmaPipeline)(
+        tokenizer=tokenizer,
+        text_encoder=t5_encoder(tokenizer, seed, d_model=cfg["caption_channels"]),
+        vae=vae(seed, vae_blocks, latent_channels=cfg["in_channels"], scaling_factor=0.13025),
+        transformer=transformer,
+        scheduler=DPMSolverMultistepScheduler(),
     )

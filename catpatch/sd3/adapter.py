@@ -52,6 +52,14 @@ def check_transformer(transformer) -> None:
             )
 
 
+def _randn(shape: tuple[int, ...], generator, device=None, dtype=None) -> Tensor:
+    """Standard normal values made on the CPU from `generator` (seeded, device-independent),
+    or directly on `device` (e.g. the meta device) without one."""
+    if generator is None:
+        return torch.randn(shape, device=device, dtype=dtype)
+    return torch.randn(shape, generator=generator).to(device=device, dtype=dtype)
+
+
 # ---- installing on a transformer ------------------------------------------------------------
 def _call_argument(args: tuple, kwargs: dict, name: str, position: int):
     if name in kwargs:
@@ -61,6 +69,28 @@ def _call_argument(args: tuple, kwargs: dict, name: str, position: int):
 
 class SD3Adapter:
     """Hooks CAT into one `SD3Transformer2DModel` instance; `remove()` undoes it exactly."""
+
+    check = staticmethod(check_transformer)
+
+    @staticmethod
+    def num_blocks(transformer) -> int:
+        return len(transformer.transformer_blocks)
+
+    text_tokens = 333  # CLIP 77 + T5 256: what the SD3 pipelines pass
+
+    @staticmethod
+    def example_conditioning(
+        config, rows: int, text_tokens: int, device=None, dtype=None, generator=None
+    ) -> dict:
+        """Random text conditioning of a transformer call (everything but the latents and the
+        timestep), for benchmarks and the census."""
+        like = dict(device=device, dtype=dtype)
+        return dict(
+            encoder_hidden_states=_randn(
+                (rows, text_tokens, config.joint_attention_dim), generator, **like
+            ),
+            pooled_projections=_randn((rows, config.pooled_projection_dim), generator, **like),
+        )
 
     def __init__(self, transformer, state: CATState):
         self.transformer = transformer
@@ -174,10 +204,22 @@ class SD3Adapter:
             else (sample,)
         )
 
-    def _step_cost_ratio(self) -> float:
-        from ..stats import ModelDims, step_macs
+    def cost_model(self):
+        """The MAC model of this transformer (`stats.ModelDims`)."""
+        from ..stats import ModelDims
 
-        geo, dims = self.state.schedule.geometry, ModelDims.from_config(self.transformer.config)
+        return ModelDims.from_config(self.transformer.config)
+
+    def step_macs(
+        self, tokens: int, text: int, computed: int | None = None, lean: bool = False
+    ) -> int:
+        """MACs of one call for one batch row (see `cost_model`)."""
+        return self.cost_model().step_macs(tokens, text, computed, lean)
+
+    def _step_cost_ratio(self) -> float:
+        from ..stats import step_macs
+
+        geo, dims = self.state.schedule.geometry, self.cost_model()
         full = step_macs(dims, geo.tokens, geo.text_tokens)
         budget, lean = self.state.log.budget, self.state.config.lean
         return step_macs(dims, geo.tokens, geo.text_tokens, budget, lean) / full

@@ -1,11 +1,14 @@
 """The pipeline of a run: `load_pipeline` loads a saved folder or hub id with errors that name
-the fix, `_as_text_to_image` turns any SD3-family pipeline into the text-to-image one,
+the fix, `_as_text_to_image` turns any supported pipeline (SD3 family, PixArt-Σ) into its
+family's text-to-image one,
 `check_size` checks HxW against the model, `_cat_config` builds the run's `CATConfig` and
 `_prepare` loads the LoRA and applies CAT (or torch.compile) before the first image.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import inspect
 import os
 from pathlib import Path
 from typing import Any
@@ -62,19 +65,21 @@ def first_line(err: BaseException) -> str:
 
 
 def _as_text_to_image(pipe):
-    """The SD3 text-to-image pipeline of `pipe`; GenerateError if it is not SD3-family."""
-    from diffusers import StableDiffusion3Pipeline
+    """The text-to-image pipeline of `pipe`'s family (each family lists it first);
+    GenerateError if no family supports `pipe`."""
+    import diffusers
 
-    from ...patching import is_supported_pipeline
+    from ...families import pipeline_family
 
-    if isinstance(pipe, StableDiffusion3Pipeline):
-        return pipe
-    if not is_supported_pipeline(pipe):
+    family = pipeline_family(pipe)
+    if family is None:
         raise GenerateError(
-            f"{type(pipe).__name__} is not a supported SD3-family pipeline; catpatch generate "
-            f"needs a StableDiffusion3Pipeline checkpoint (SD3-medium, SD3.5-medium/large)"
+            f"{type(pipe).__name__} is not a supported SD3-family or PixArt-Σ pipeline; "
+            f"catpatch generate needs a StableDiffusion3Pipeline checkpoint (SD3-medium, "
+            f"SD3.5-medium/large) or a PixArtSigmaPipeline checkpoint"
         )
-    return StableDiffusion3Pipeline.from_pipe(pipe)
+    text_to_image = getattr(diffusers, family.pipelines[0])
+    return pipe if isinstance(pipe, text_to_image) else text_to_image.from_pipe(pipe)
 
 
 def check_size(pipe, height: int, width: int, num_clusters: int | None = None) -> None:
@@ -124,6 +129,15 @@ def _prepare(pipe, settings: GenerateSettings, height: int, width: int):
         from ...toy import MAX_SEQUENCE_LENGTH
 
         extra["max_sequence_length"] = MAX_SEQUENCE_LENGTH  # the T5 length the toy learned
+    if "clean_caption" in inspect.signature(pipe.__call__).parameters:
+        # PixArt's caption cleaning needs beautifulsoup4 and ftfy; without them the pipeline
+        # warns on every call and turns it off anyway
+        extra["clean_caption"] = all(importlib.util.find_spec(m) for m in ("bs4", "ftfy"))
+    if settings.lora and not hasattr(pipe, "load_lora_weights"):
+        raise GenerateError(
+            f"{type(pipe).__name__} has no LoRA loader in diffusers; drop --lora, or load the "
+            f"LoRA yourself and pass the pipeline to catpatch.cli.generate.run(settings, pipe=pipe)"
+        )
     if settings.lora:
         try:
             pipe.load_lora_weights(settings.lora)
