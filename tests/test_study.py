@@ -8,6 +8,7 @@ import numpy as np
 
 from catpatch import CATConfig
 from catpatch.cli.study import fidelity, frontier, run_study
+from catpatch.magcache import MagCache
 from catpatch.taylorseer import TaylorSeer
 
 
@@ -28,10 +29,16 @@ def test_tiny_study_run(tmp_path, recwarn):
         (6, "cat", CATConfig(warmup_steps=3, num_clusters=8)),
         (6, "step", CATConfig(warmup_steps=3, selection="step")),
         (6, "taylorseer", TaylorSeer(cache_interval=2, warmup_steps=3)),
+        (6, "magcache", MagCache(threshold=0.5, num_inference_steps=6)),
     ]
     rows = run_study(tmp_path, images=2, batch_size=2, runs=runs, log=lambda *_: None)
-    assert [r.method for r in rows] == ["unpatched", "cat", "step", "taylorseer"]
-    base, cat, step, taylorseer = rows
+    assert [r.method for r in rows] == ["unpatched", "cat", "step", "taylorseer", "magcache"]
+    base, cat, step, taylorseer, magcache = rows
+    # MagCache calibrated by the study itself (on captions it does not score) skips steps.
+    assert 0.3 < magcache.macs_ratio < 1.0 and 5 < magcache.psnr < 100
+    assert magcache.setting == "threshold 0.5" and "| 6 | magcache threshold 0.5 |" in (
+        tmp_path / "targets.md"
+    ).read_text()
     assert 0.5 < taylorseer.macs_ratio < 1.0 and 5 < taylorseer.psnr < 100
     assert len(cat.psnr_each) == 2 and taylorseer.setting == "interval 2"
     targets = (tmp_path / "targets.md").read_text()
@@ -42,7 +49,7 @@ def test_tiny_study_run(tmp_path, recwarn):
     for name in ("study.csv", "study.md", "study.png", "study.json"):
         assert (tmp_path / name).stat().st_size > 0
     with open(tmp_path / "study.csv") as f:
-        assert len(list(csv.DictReader(f))) == 4
+        assert len(list(csv.DictReader(f))) == 5
     assert "| 6 | cat | 0.3 | 3 | 8 |" in (tmp_path / "study.md").read_text()
     assert not [w for w in recwarn if "No artists" in str(w.message)], "plot without a legend"
 

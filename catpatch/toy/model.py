@@ -174,8 +174,31 @@ class TrainedModel:
         return self.score(detector, images.transpose(0, 2, 3, 1), labels)
 
 
+MODEL_FILE = "trained_model.json"  # written by `train` beside the pipeline: which recipe
+
+
 def builtin_models() -> dict[str, TrainedModel]:
     """The shipped trained models by their `--model` name."""
     from .. import scenes, toy
 
     return {"toy": toy.MODEL, "scenes": scenes.MODEL}
+
+
+def trained_model(model: str | Path) -> tuple[TrainedModel, Path | None]:
+    """The trained model of a `--model` value and its folder: a built-in name gives (that
+    model, None); a folder written by `python -m catpatch.<name> train` gives (the model of its
+    recipe, the folder) — folders without `trained_model.json` (older toy runs) are the toy's.
+    """
+    import json
+
+    models = builtin_models()
+    if str(model) in models:
+        return models[str(model)], None
+    folder = Path(model).expanduser()
+    data_module = "catpatch.toy.data"
+    if (folder / MODEL_FILE).is_file():
+        data_module = json.loads((folder / MODEL_FILE).read_text())["data"]
+    for candidate in models.values():
+        if candidate.data.__name__ == data_module:
+            return candidate, folder
+    raise ValueError(f"{folder / MODEL_FILE}: unknown data module {data_module}")

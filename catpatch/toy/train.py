@@ -30,7 +30,7 @@ from torch import Tensor
 from . import build as toy_build
 from . import data as toy_data
 from .detector import DETECTOR_FILE, train_detector
-from .model import Recipe
+from .model import MODEL_FILE, Recipe
 
 TOY = Recipe(toy_data, "catpatch.toy.build")
 
@@ -308,5 +308,6 @@ def train(out: str | Path, cfg: TrainConfig | None = None, recipe: Recipe = TOY)
         {k: v.half().contiguous() for k, v in detector.state_dict().items()},
         str(out / DETECTOR_FILE),
     )
+    (out / MODEL_FILE).write_text(json.dumps({"data": data.__name__}))
     log(f"saved pipeline and detector to {out} (training state kept in {work})")
     return pipe, detector

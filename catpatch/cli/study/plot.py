@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .methods import CATPATCH_METHODS, METHODS, in_sweep
+from .methods import CATPATCH_METHODS, METHODS, PEERS, in_sweep
 from .rows import Row
 
 
@@ -24,7 +24,7 @@ def plot(rows: list[Row], path: Path) -> None:
             points = sorted((r.macs_ratio, r.psnr) for r in shown if r.method == method)
             if points:
                 x, y = zip(*points, strict=True)
-                style = "s--" if method.startswith("taylorseer") else "o-"
+                style = "s--" if method in PEERS else "o-"
                 color = plt.cm.tab20(i % 20)  # more methods than the default cycle's 10 colours
                 ax.plot(x, y, style, label=method, markersize=4, color=color)
         front = frontier([r for r in shown if r.method in CATPATCH_METHODS])

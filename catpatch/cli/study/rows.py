@@ -23,7 +23,9 @@ class Row:
     psnr_min: float
     ssim: float
     latent_error: float  # ||z - z_ref|| / ||z_ref|| of the final latents, mean
-    accuracy_colour_position: float  # detector: colour and position both right
+    # detector: the model's label pair both right (toy: colour and position; scenes: left and
+    # right object; the field keeps its first name so older rows.jsonl files still resume)
+    accuracy_colour_position: float
     accuracy_all: float  # detector: all attributes right
     seconds: float
     psnr_each: tuple[float, ...] = ()  # per image, for paired comparisons (rows.jsonl only)

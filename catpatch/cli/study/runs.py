@@ -3,6 +3,7 @@ unpatched references, resuming from `rows.jsonl` (`run_study`)."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -10,19 +11,25 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ...magcache import MagCache, apply_magcache, calibrate_magcache, remove_magcache
 from ...patching import apply_cat, remove_cat
 from ...taylorseer import TaylorSeer, apply_taylorseer, remove_taylorseer
+from ...toy.model import TrainedModel, trained_model
 from ..common import CommandError
-from .methods import MODEL, Setting, configurations
+from .methods import MAGCACHE_CALIBRATION_IMAGES, MODEL, Setting, configurations
 from .rows import Row, append_row, load_done
 from .tables import write_outputs
 
 
-def generate_images(pipe, prompts, steps: int, batch_size: int = 16) -> tuple[Tensor, np.ndarray]:
-    """Final latents and decoded images (N, H, W, 3) in [0, 1] for the evaluation prompts."""
+def generate_images(
+    pipe, prompts, steps: int, batch_size: int = 16, model: TrainedModel | None = None
+) -> tuple[Tensor, np.ndarray]:
+    """Final latents and decoded images (N, H, W, 3) in [0, 1] for the evaluation prompts of
+    `model` (the toy unless given)."""
     from ... import toy
 
-    latents = toy.generate(
+    model = model or toy.MODEL
+    latents = model.generate(
         pipe, prompts, batch_size, output_type="latent", num_inference_steps=steps
     )
     vae = pipe.vae
@@ -49,19 +56,21 @@ def fidelity(images: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray, np.
     return psnr.numpy(), ssim.numpy()
 
 
-def check_model(model: str) -> None:
-    """CommandError unless `model` is `toy` or a folder written by `python -m catpatch.toy
-    train` (a pipeline and its detector)."""
-    if model == "toy":
-        return
+def check_model(model: str) -> tuple[TrainedModel, Path | None]:
+    """The trained model and folder of `--model`; CommandError unless it is a built-in name
+    (`toy`, `scenes`) or a folder written by `python -m catpatch.toy train` / `python -m
+    catpatch.scenes train` (a pipeline and its detector)."""
     from ...toy.detector import DETECTOR_FILE
 
-    folder = Path(model).expanduser()
+    trained, folder = trained_model(model)
+    if folder is None:
+        return trained, None
     if not (folder / "model_index.json").is_file() or not (folder / DETECTOR_FILE).is_file():
         raise CommandError(
-            f"--model {model}: the study needs 'toy' or a folder written by `python -m "
-            f"catpatch.toy train --out DIR` (model_index.json and {DETECTOR_FILE})"
+            f"--model {model}: the study needs 'toy', 'scenes' or a folder written by `python "
+            f"-m catpatch.toy train --out DIR` (model_index.json and {DETECTOR_FILE})"
         )
+    return trained, folder
 
 
 def run_study(
@@ -81,23 +90,22 @@ def run_study(
     configurations (log lines then print above it)."""
     from tqdm.auto import tqdm
 
-    from ... import cat_stats, toy
+    from ... import cat_stats
     from ...toy.detector import DETECTOR_FILE
 
-    check_model(model)
-    folder = None if model == "toy" else Path(model).expanduser()
-    pipe = toy.load_pipeline(path=folder)
-    detector = toy.load_detector(folder / DETECTOR_FILE if folder else None)
+    trained, folder = check_model(model)
+    pipe = trained.load_pipeline(path=folder)
+    detector = trained.load_detector(folder / DETECTOR_FILE if folder else None)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    prompts = toy.eval_prompts(images)
+    prompts = trained.eval_prompts(images)
     labels = np.array([p.labels for p in prompts])
     runs = configurations(quick) if runs is None else runs
+    joint = "+".join(trained.data.JOINT[0])  # the detector's pair: colour+position on the toy
 
     def accuracy(imgs: np.ndarray) -> dict[str, float]:
-        from ...toy.detector import accuracy as score
-
-        return score(detector.predict(imgs), labels)
+        acc = trained.score(detector, imgs, labels)
+        return {**acc, "joint": acc[joint]}
 
     # Each finished run is appended to `rows.jsonl` and each reference saved, so a run of the
     # study that was killed resumes where it stopped (same images count, same configurations).
@@ -112,18 +120,22 @@ def run_study(
         for steps in step_counts:
             start = time.perf_counter()
             references[steps] = _reference(
-                out, images, steps, lambda s=steps: generate_images(pipe, prompts, s, batch_size)
+                out,
+                images,
+                steps,
+                lambda s=steps: generate_images(pipe, prompts, s, batch_size, trained),
             )
             acc = accuracy(references[steps][1])
             rows.append(
                 Row(
                     steps, "unpatched", "", 1.0, steps, 0, 1.0, float("inf"), float("inf"),
-                    1.0, 0.0, acc["colour+position"], acc["all"], time.perf_counter() - start,
+                    1.0, 0.0, acc["joint"], acc["all"], time.perf_counter() - start,
                 )
             )  # fmt: skip
             log(f"unpatched {steps} steps: done")
             bar.update(1)
         unpatched_macs: dict[int, int] = {}
+        ratios: dict[int, list[float]] = {}  # MagCache's, per step count
         for steps, method, config in runs:
             key = _key(steps, config)
             if key in done:
@@ -133,12 +145,23 @@ def run_study(
             start = time.perf_counter()
             if isinstance(config, TaylorSeer):
                 latents, imgs, macs = _run_taylorseer(
-                    pipe, prompts, steps, batch_size, config, unpatched_macs
+                    pipe, prompts, steps, batch_size, config, unpatched_macs, trained
                 )
                 keep, t0, clusters = 1.0, config.warmup_steps, 0
+            elif isinstance(config, MagCache):
+                if steps not in ratios:  # calibrated on captions the study does not score
+                    held_out = trained.eval_prompts(len(prompts) + MAGCACHE_CALIBRATION_IMAGES)
+                    ratios[steps] = _calibrate(pipe, held_out[len(prompts) :], steps, trained)
+                config = dataclasses.replace(config, mag_ratios=ratios[steps])
+                latents, imgs, macs = _run_peer(
+                    pipe, prompts, steps, batch_size, unpatched_macs, trained,
+                    lambda c=config: apply_magcache(pipe, c), lambda: remove_magcache(pipe),
+                )  # fmt: skip
+                keep, t0 = 1.0, round(config.retention_ratio * steps)
+                clusters = 0
             else:
                 apply_cat(pipe, config)
-                latents, imgs = generate_images(pipe, prompts, steps, batch_size)
+                latents, imgs = generate_images(pipe, prompts, steps, batch_size, trained)
                 macs = cat_stats(pipe).macs_ratio
                 remove_cat(pipe)
                 keep, t0, clusters = config.keep_ratio, config.warmup_steps, config.num_clusters
@@ -150,7 +173,7 @@ def run_study(
             row = Row(
                 steps, method, _describe(config), keep, t0, clusters, macs, float(psnr.mean()),
                 float(psnr.min()), float(ssim.mean()), float(error.mean()),
-                acc["colour+position"], acc["all"], time.perf_counter() - start,
+                acc["joint"], acc["all"], time.perf_counter() - start,
                 tuple(float(v) for v in psnr),
             )  # fmt: skip
             rows.append(row)
@@ -164,29 +187,58 @@ def run_study(
 
 
 def _run_taylorseer(
-    pipe, prompts, steps: int, batch_size: int, settings: TaylorSeer, unpatched: dict[int, int]
+    pipe,
+    prompts,
+    steps: int,
+    batch_size: int,
+    settings: TaylorSeer,
+    unpatched: dict[int, int],
+    trained: TrainedModel,
 ) -> tuple[Tensor, np.ndarray, float]:
-    """Latents, images and MACs ratio of diffusers' TaylorSeerCache (MACs measured on one
-    caption: the ratio does not depend on it)."""
+    """Latents, images and MACs ratio of diffusers' TaylorSeerCache."""
+    return _run_peer(
+        pipe, prompts, steps, batch_size, unpatched, trained,
+        lambda: apply_taylorseer(pipe, settings), lambda: remove_taylorseer(pipe),
+    )  # fmt: skip
+
+
+def _run_peer(
+    pipe, prompts, steps: int, batch_size: int, unpatched: dict[int, int],
+    trained: TrainedModel, apply, remove,
+) -> tuple[Tensor, np.ndarray, float]:  # fmt: skip
+    """Latents, images and MACs ratio of one of diffusers' caches put on by `apply` and taken
+    off by `remove` (MACs measured with torch's FLOP counter on one caption: the ratio does
+    not depend on it)."""
     from ...stats import measured_macs
 
     def one() -> None:
-        generate_images(pipe, prompts[:1], steps)
+        generate_images(pipe, prompts[:1], steps, model=trained)
 
     if steps not in unpatched:
         unpatched[steps] = measured_macs(one, MODEL)
-    apply_taylorseer(pipe, settings)
+    apply()
     try:
-        latents, imgs = generate_images(pipe, prompts, steps, batch_size)
+        latents, imgs = generate_images(pipe, prompts, steps, batch_size, trained)
         macs = measured_macs(one, MODEL) / unpatched[steps]
     finally:
-        remove_taylorseer(pipe)
+        remove()
     return latents, imgs, macs
+
+
+def _calibrate(pipe, prompts, steps: int, trained: TrainedModel) -> list[float]:
+    """MagCache's magnitude ratios at `steps`, from one batch of `prompts` with their seeds."""
+    import torch
+
+    call = {k: v for k, v in trained.call_kwargs.items() if k != "num_inference_steps"}
+    gens = [torch.Generator().manual_seed(p.seed) for p in prompts]
+    return calibrate_magcache(pipe, [p.prompt for p in prompts], steps, generator=gens, **call)
 
 
 def _describe(config: Setting) -> str:
     if isinstance(config, TaylorSeer):
         return f"interval {config.cache_interval}"
+    if isinstance(config, MagCache):
+        return f"threshold {config.threshold:g}"
     if config.selection == "cat+reuse":
         return f"MACs target {config.reuse_macs:g}"
     return ""

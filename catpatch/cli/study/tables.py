@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from ...config import CATConfig
-from .methods import CATPATCH_METHODS, COMBINED_METHODS, KEEP_RATIOS, STEP_METHODS, in_sweep
+from .methods import CATPATCH_METHODS, COMBINED_METHODS, KEEP_RATIOS, PEERS, STEP_METHODS, in_sweep
 from .plot import plot
 from .rows import Row
 
@@ -99,10 +99,13 @@ def targets(rows: list[Row]) -> str:
         out.append(
             f"| {r.steps} | {r.method} | {r.macs_ratio:.3f} | {r.psnr:.2f} | {shown} | {margin} |"
         )
-    out.append("\nTaylorSeerCache against catpatch's best run at no more MACs (target: +1 dB):\n")
-    out.append("| steps | TaylorSeer | MACs | PSNR | catpatch best (method, MACs) | margin |")
+    out.append(
+        "\ndiffusers' caches (TaylorSeerCache, MagCache) against catpatch's best run at no more "
+        "MACs (target: +1 dB):\n"
+    )
+    out.append("| steps | peer | MACs | PSNR | catpatch best (method, MACs) | margin |")
     out.append("|---|---|---|---|---|---|")
-    for r in (r for r in main if r.method.startswith("taylorseer")):
+    for r in (r for r in main if r.method in PEERS):
         ours = [c for c in main if c.steps == r.steps and c.method in CATPATCH_METHODS]
         cheaper = [c for c in ours if c.macs_ratio <= r.macs_ratio + 1e-9]
         best = max(cheaper, key=lambda c: c.psnr, default=None)
@@ -118,7 +121,8 @@ def targets(rows: list[Row]) -> str:
             f"{best.macs_ratio:.3f}) | {best.psnr - r.psnr:+.2f} |"
         )
     out.append(
-        "\nCaption following (detector, colour and position right) below unpatched by "
+        "\nCaption following (detector: the label pair right, colour and position on the toy, "
+        "left and right objects on scenes) below unpatched by "
         "more than two binomial standard errors:\n"
     )
     for steps in sorted({r.steps for r in main}):
@@ -136,7 +140,7 @@ def markdown_table(rows: list[Row], images: int) -> str:
     """`study.md`: one line per run."""
     head = (
         f"| steps | method | α | t0 | C | MACs | PSNR dB (min) | SSIM | latent err | "
-        f"acc colour+pos | acc all | setting |\n|{'---|' * 12}\n"
+        f"acc pair | acc all | setting |\n|{'---|' * 12}\n"
     )
     lines = []
     for r in rows:
