@@ -36,9 +36,10 @@ def test_tiny_study_run(tmp_path, recwarn):
     base, cat, step, taylorseer, magcache = rows
     # MagCache calibrated by the study itself (on captions it does not score) skips steps.
     assert 0.3 < magcache.macs_ratio < 1.0 and 5 < magcache.psnr < 100
-    assert magcache.setting == "threshold 0.5" and "| 6 | magcache threshold 0.5 |" in (
-        tmp_path / "targets.md"
-    ).read_text()
+    assert (
+        magcache.setting == "threshold 0.5"
+        and "| 6 | magcache threshold 0.5 |" in (tmp_path / "targets.md").read_text()
+    )
     assert 0.5 < taylorseer.macs_ratio < 1.0 and 5 < taylorseer.psnr < 100
     assert len(cat.psnr_each) == 2 and taylorseer.setting == "interval 2"
     targets = (tmp_path / "targets.md").read_text()

@@ -16,8 +16,12 @@ from typing import Any
 # Built-in model names every `--model` option takes besides a folder or a hub id.
 BUILTIN_MODELS = {
     "toy": "the small SD3 pipeline trained for catpatch and shipped inside it (64x64 px, offline)",
+    "scenes": "the SD3 pipeline trained for catpatch on landscapes, shipped inside it (96x96 px, "
+    "576 image tokens, offline)",
 }
-MODEL_HELP = "'toy' (the small SD3 pipeline shipped in catpatch, offline), a folder or a hub id"
+MODEL_HELP = (
+    "'toy' or 'scenes' (small SD3 pipelines shipped in catpatch, offline), a folder or a hub id"
+)
 EXIT_USAGE = 2  # bad input, as argparse exits
 
 
@@ -83,11 +87,12 @@ def is_builtin(model: str | None) -> bool:
 
 
 def resolve_model(model: str) -> str:
-    """The folder or hub id of `model`: a built-in name (`toy`) becomes its shipped folder."""
-    if model == "toy":
-        from .. import toy
+    """The folder or hub id of `model`: a built-in name (`toy`, `scenes`) becomes its shipped
+    folder."""
+    if is_builtin(model):
+        from ..toy.model import builtin_models
 
-        return str(toy.weights_dir())
+        return str(builtin_models()[model].weights_dir())
     return model
 
 

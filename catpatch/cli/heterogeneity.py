@@ -87,14 +87,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def _builtin(model: str):
     """The shipped trained model of a built-in `--model` name (its evaluation captions and
-    call settings: `eval_prompts(n)`, `CALL_KWARGS`), or None for a folder or hub id."""
-    from .common import is_builtin
+    call settings: `eval_prompts(n)`, `call_kwargs`), or None for a folder or hub id."""
+    from ..toy.model import builtin_models
 
-    if not is_builtin(model):
-        return None
-    from .. import toy
-
-    return {"toy": toy}[model]
+    return builtin_models().get(model)
 
 
 def _captions(args) -> tuple[list[str], list[int]]:
@@ -105,13 +101,13 @@ def _captions(args) -> tuple[list[str], list[int]]:
         return prompts, [args.seed + i for i in range(len(prompts))]
     from .. import toy
 
-    cases = (_builtin(args.model) or toy).eval_prompts(args.images)
+    cases = (_builtin(args.model) or toy.MODEL).eval_prompts(args.images)
     return [c.prompt for c in cases], [c.seed for c in cases]
 
 
 def _call_kwargs(args) -> dict[str, Any]:
     builtin = _builtin(args.model)
-    kwargs: dict[str, Any] = dict(builtin.CALL_KWARGS) if builtin is not None else {}
+    kwargs: dict[str, Any] = dict(builtin.call_kwargs) if builtin is not None else {}
     kwargs["num_inference_steps"] = args.steps
     if args.guidance is not None:
         kwargs["guidance_scale"] = args.guidance
