@@ -59,7 +59,8 @@ def _bench_parser(sub) -> None:
     p.add_argument(
         "--size", type=parse_size,
         help="HxW in pixels of an SD3 VAE (latents are 1/8 of it), multiples of 16 (default: "
-        "512x512 with --shape; the model's sample size x 8 with --model, 256x256 for toy)",
+        "512x512 with --shape; the model's sample size x 8 with --model: 256x256 for toy, whose "
+        "own VAE makes the same 256 tokens from 64x64 px)",
     )  # fmt: skip
     p.add_argument("--steps", type=positive_int, default=28, help="denoising steps per loop")
     p.add_argument("--batch", type=positive_int, default=1, help="prompts per loop")
