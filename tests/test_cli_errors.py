@@ -53,6 +53,8 @@ ERRORS = [
     pytest.param([*SMALL_DEMO, "--out", "/proc/catpatch-test"], "cannot write there",
                  marks=NO_PROC),
     (["study", "--quick", "--images", "2", "--out", "a-file/x"], "a-file is a file"),
+    (["eval", "--reference", "r", "--candidate", "c", "--json", "a-file/e.json"],
+     "--json a-file: is a file, not a folder"),
     (["census", "--keep-ratio", "0"], "--keep-ratio 0.0: must be in (0, 1]"),
     (["census", "--size", "8x8"], "--size 8x8: height and width must be positive multiples of 16"),
     (["census", "--size", "1000x1000"], "e.g. --size 992x992"),

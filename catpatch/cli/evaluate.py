@@ -23,7 +23,15 @@ from typing import Any
 
 from .. import __version__
 from .._quiet import quiet_loading
-from .common import CommandError, HelpFormatter, Parser, check_device, fail, plural
+from .common import (
+    CommandError,
+    HelpFormatter,
+    Parser,
+    check_device,
+    check_output_folder,
+    fail,
+    plural,
+)
 from .generate import MANIFEST, first_line, read_records
 from .timing import bound_note
 
@@ -342,6 +350,8 @@ def command(args: argparse.Namespace) -> int:
     """Run `catpatch eval` from parsed arguments; the exit code."""
     try:
         check_device(args.device)
+        if args.json:
+            check_output_folder(Path(args.json).expanduser().parent, "--json")
         result = evaluate(args.reference, args.candidate, args.clip_model, args.lpips, args.device)
     except CommandError as err:
         return fail("eval", err)
