@@ -163,7 +163,8 @@ def test_demo_command_model_toy_is_quiet(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stderr == ""
+    busy = "catpatch demo: warning: this machine was busy before timing began"
+    assert all(line.startswith(busy) for line in done.stderr.splitlines()), done.stderr
     assert "3 pruned" in done.stdout and "1 run of each after a warm-up run" in done.stdout
     assert sorted(p.name for p in (tmp_path / "demo").iterdir()) == [
         "clusters.png", "compare.png", "summary.json", "tokens.gif", "tokens.png"]  # fmt: skip

@@ -173,6 +173,15 @@ def test_a_disturbed_run_is_remeasured():
                      "unpatched"], "alternating order"  # fmt: skip
 
 
+def test_a_busy_machine_is_named():
+    from catpatch.cli.timing import busy_note, load_average
+
+    assert busy_note(None, 2) == "" and busy_note(1.5, 2) == ""
+    assert "load average 4.5 on 2 cores" in busy_note(4.5, 2)
+    load = load_average()
+    assert load is None or load >= 0
+
+
 def test_an_impossible_speedup_that_stays_is_flagged():
     costs = {"unpatched": [9.0] * 4, "cat": [0.5] * 4}
     timing = time_pair(*clock(costs, []), repeats=1, bound=1.72)

@@ -130,6 +130,8 @@ def _bench(args) -> int:
     print(result.to_json() if args.json else result.table())
     if not result.plausible:
         warn("bench", result.note())
+    elif result.busy:
+        warn("bench", result.busy)
     return 0
 
 
@@ -198,6 +200,8 @@ def _demo(args) -> int:
         )
         if not timing["plausible"]:
             warn("demo", bound_note(timing["speedup"], timing["bound"]))
+        elif timing["busy"]:
+            warn("demo", timing["busy"])
     else:
         print("no timing (--repeats 0): `catpatch bench` times the denoising loop")
     print(f"wrote {', '.join(summary['files'])} and summary.json to {args.out}")

@@ -37,7 +37,7 @@ from .common import (
     resolve_model,
 )
 from .generate.pipeline import first_line
-from .timing import bound_note, impossible, runs_label
+from .timing import bound_note, busy_note, impossible, load_average, runs_label
 
 
 @dataclass
@@ -89,6 +89,8 @@ class BenchResult:
     steps_pruned: int = 0
     steps_skipped: int = 0
     catpatch_version: str = __version__
+    load_average_before: float | None = None  # 1-minute load average when timing began
+    busy: str = ""  # the warning when that load already filled every core
 
     def table(self) -> str:
         s = self.settings
@@ -396,6 +398,7 @@ def _median_ms(values: list[float]) -> float:
 
 def run(settings: BenchSettings) -> BenchResult:
     """Time the unpatched and the CAT-patched loop, alternating; see the module docstring."""
+    load = load_average()  # before this run adds its own
     device = torch.device(settings.device)
     config = CATConfig(
         keep_ratio=settings.keep_ratio,
@@ -485,6 +488,8 @@ def run(settings: BenchSettings) -> BenchResult:
         steps_full=full_steps,
         steps_pruned=stats.pruned_steps,
         steps_skipped=stats.reused_steps,
+        load_average_before=load,
+        busy=busy_note(load) if device.type == "cpu" else "",
     )
 
 

@@ -37,7 +37,7 @@ from .pictures import (
     to_uint8,
     upscale,
 )
-from .timing import time_pair
+from .timing import busy_note, load_average, time_pair
 
 # Captions the toy model renders well with seeds 0, 1, 2, 3 (image i uses seed + i); the toy
 # only knows its procedural vocabulary (see `catpatch.toy.data`).
@@ -115,6 +115,7 @@ def run_demo(
 
     from .. import cat_stats
 
+    load = load_average()  # before this run adds its own
     pipe, call, source = load_demo_pipeline(model, device)
     call.update(call_overrides)
     config = config or CATConfig()
@@ -216,6 +217,8 @@ def run_demo(
             "bound": round(timing.bound, 3),
             "plausible": timing.plausible,
             "remeasured": timing.remeasured,
+            "load_average_before": None if load is None else round(load, 2),
+            "busy": busy_note(load),
             "how": TIMING_NOTE,
         }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))

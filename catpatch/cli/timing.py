@@ -6,6 +6,7 @@ One timed run is called "1 run", never a median.
 
 from __future__ import annotations
 
+import os
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,6 +34,27 @@ def bound_note(speedup: float, bound: float) -> str:
         f"the measured {speedup:.2f}x is more than CAT's arithmetic allows here (at most "
         f"{bound:.2f}x): another load on this machine disturbed the timing, so it is not a "
         f"measurement of CAT; rerun on an idle machine (or with more --repeats)"
+    )
+
+
+def load_average() -> float | None:
+    """The 1-minute load average (None where the system has none)."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+def busy_note(load: float | None, cores: int | None = None) -> str:
+    """A warning when other programs already kept every core busy before timing began (load
+    average >= cores): both sides then run at the scheduler's mercy, and the speed-up can
+    come out anywhere, below the bound too. Empty otherwise."""
+    cores = cores or os.cpu_count() or 1
+    if load is None or load < cores:
+        return ""
+    return (
+        f"this machine was busy before timing began (load average {load:.1f} on {cores} "
+        f"cores): the timings measure the contention more than CAT; rerun on an idle machine"
     )
 
 
