@@ -62,8 +62,9 @@ class CATConfig:
             across calls, which CUDA graphs need; costs the cache memory between calls.
         compile (str or None, default None): compile the patched transformer in place with
             `torch.compile` in this mode ("default", "reduce-overhead" for CUDA graphs,
-            "max-autotune"); implies `persistent_buffers`. Each phase (warm-up, recording,
-            pruned step) becomes one graph, compiled on first use. `remove_cat` undoes it.
+            "max-autotune"); implies `persistent_buffers`. Regional: one compiled function
+            serves every pruned or recording block, one the full steps' blocks, one the
+            selection, each compiled on first use. `remove_cat` undoes it.
         lean (bool, default True): keep no dense residual stream. Unselected tokens' drift
             (what the next selection reads) is then their last computed output instead of a
             fresh estimate from cached block outputs, the attention/FFN output caches go (about

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+import catpatch
 from catpatch import CATConfig, toy
 from catpatch.analysis.error_split import VARIANTS, error_split
 from catpatch.cli.study import fidelity, generate_images
@@ -123,7 +124,7 @@ def main() -> None:
         }  # fmt: skip
         rows.append(row)
         with open(out, "a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(json.dumps({**row, "catpatch_version": catpatch.__version__}) + "\n")
         print(
             f"{oracle.name} (left: {oracle.remaining}): PSNR {_number(p, 2, p_se)} dB, "
             f"latent err {_number(e, 4)}, step err {split['total']:.4f} "

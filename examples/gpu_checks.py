@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+import catpatch
 from catpatch import CATConfig, apply_cat, cat_generation
 from catpatch.cli.bench import BenchSettings, run
 from catpatch.models.shapes import build_transformer
@@ -124,7 +125,8 @@ def main(argv: list[str] | None = None) -> None:
             result, text = {"error": traceback.format_exc()}, traceback.format_exc()
         result["wall_s"] = round(time.time() - start, 1)
         with open(out / "results.jsonl", "a") as f:
-            f.write(json.dumps({"row": row, **result}) + "\n")
+            record = {"row": row, "catpatch_version": catpatch.__version__, **result}
+            f.write(json.dumps(record) + "\n")
         print(f"== {row} ({result['wall_s']} s)\n{text}", flush=True)
         if cuda:
             torch.cuda.empty_cache()

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+import catpatch
 from catpatch import CATConfig, apply_cat, cat_stats, remove_cat, toy
 from catpatch.cli.study import KEEP_RATIOS, STEPS, fidelity, generate_images
 
@@ -55,7 +56,8 @@ def main() -> None:
             }  # fmt: skip
             rows.append(row)
             print(json.dumps(row), flush=True)
-    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    version = {"catpatch_version": catpatch.__version__}
+    out.write_text("".join(json.dumps({**r, **version}) + "\n" for r in rows))
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+import catpatch
 from catpatch import CATConfig, apply_cat, cat_stats, remove_cat, toy
 from catpatch.cli.study import fidelity, generate_images
 
@@ -64,7 +65,7 @@ def main() -> None:
         }  # fmt: skip
         print(json.dumps(row), flush=True)
         with open(out, "a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(json.dumps({**row, "catpatch_version": catpatch.__version__}) + "\n")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
+import catpatch
 from catpatch import CATConfig, apply_cat, cat_stats, remove_cat, toy
 from catpatch.cli.study import fidelity, generate_images
 
@@ -48,7 +49,7 @@ def main() -> None:
             psnr = fidelity(images, reference)[0]
             row = {"config": name, "steps": args.steps, "images": args.images,
                    "macs": round(macs, 4), "psnr": round(float(psnr.mean()), 3)}  # fmt: skip
-            f.write(json.dumps(row) + "\n")
+            f.write(json.dumps({**row, "catpatch_version": catpatch.__version__}) + "\n")
             f.flush()
             print(json.dumps(row), flush=True)
 

@@ -16,7 +16,8 @@ def test_bench_json(capsys):
     assert code == 0
     result = json.loads(capsys.readouterr().out)
     assert result["tokens"] == 64 and result["budget"] == 19 and result["rows"] == 2
-    assert len(result["unpatched_s"]) == 1 and len(result["patched_s"]) == 1
+    runs = 4 if result["remeasured"] else 1  # re-measured if a busy machine disturbed it
+    assert len(result["unpatched_s"]) == runs and len(result["patched_s"]) == runs
     assert result["speedup"] > 0 and result["bound"] > 1.0
     assert abs(result["fraction_of_bound"] - result["speedup"] / result["bound"]) < 1e-9
     assert 0.4 < result["macs_ratio"] < 1.0

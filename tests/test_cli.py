@@ -67,7 +67,7 @@ BAD_INPUT = [
     (["bench", "--keep-ratio", "1.5"], "--keep-ratio 1.5: must be in (0, 1]"),
     (["bench", "--steps", "5"], "--steps 5 must be more than --warmup-steps 8"),
     (["bench", "--num-clusters", "2000", "--size", "256"], "exceeds the 256 image tokens"),
-    (["bench", "--model", "no/such-model"], "--model no/such-model: no SD3 transformer"),
+    (["bench", "--model", "no/such-model"], "--model no/such-model: not in the local Hugging"),
     (["bench", "--model", "toy", "--size", "512"], "at most 256 pixels per side"),
     (["bench", "--steps", "x"], "invalid int value: 'x'"),
     (["bench", "--repeats", "0"], "--repeats: must be >= 1"),
@@ -133,10 +133,10 @@ def test_demo_times_warm_runs_only_and_draws_explained_pictures(tmp_path, monkey
     config = CATConfig(keep_ratio=0.3, warmup_steps=3, num_clusters=8)
     summary = demo.run_demo(tmp_path / "d", prompts=PROMPTS, config=config, repeats=2,
                             num_inference_steps=6)  # fmt: skip
-    assert calls == ["base", "cat", "cat", "base", "cat", "base"]
+    assert calls == ["base", "cat", "base", "cat", "cat", "base"], "pictures, then alternating"
     timing = summary["timing"]
     assert timing["unpatched_s"] == timing["cat_s"] == [1.0, 1.0] and timing["warm_runs"] == 2
-    assert timing["speedup"] == 1.0 and "warm" in timing["how"]
+    assert timing["speedup"] == 1.0 and "warm" in timing["how"] and timing["plausible"]
     saved = json.loads((tmp_path / "d" / "summary.json").read_text())
     assert saved["timing"] == timing and "speedup_this_run" not in saved
     assert saved["seeds"] == [0, 1] and saved["prompts"] == PROMPTS
@@ -163,8 +163,9 @@ def test_demo_command_model_toy_is_quiet(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stderr == ""
-    assert "3 pruned" in done.stdout and "median of 1 warm run each" in done.stdout
+    busy = "catpatch demo: warning: this machine was busy before timing began"
+    assert all(line.startswith(busy) for line in done.stderr.splitlines()), done.stderr
+    assert "3 pruned" in done.stdout and "1 run of each after a warm-up run" in done.stdout
     assert sorted(p.name for p in (tmp_path / "demo").iterdir()) == [
         "clusters.png", "compare.png", "summary.json", "tokens.gif", "tokens.png"]  # fmt: skip
 

@@ -299,7 +299,7 @@ def test_user_errors_name_the_fix(model_dir, tmp_path, monkeypatch):
     with pytest.raises(GenerateError, match="no model_index.json"):
         run(settings(str(tmp_path / "empty"), out))
     for size, message in [
-        ((60, 64), "multiples of 8 .*e.g. 64x64"),
+        ((60, 64), "multiples of 8 .*e.g. --size 64x64"),
         ((1024, 1024), "at most 768 pixels"),
     ]:
         with pytest.raises(GenerateError, match=message):

@@ -1,25 +1,35 @@
 """The `catpatch` command line: `catpatch demo|generate|eval|bench|study|census|heterogeneity`.
 
 Bad input to any command ends in one line on stderr that names the fix and exit status 2
-(`common.CommandError`, `common.Parser`); `--help` shows every option with its default.
+(`common.CommandError`, `common.Parser`); `--help` shows every option with its default;
+`--version` prints the version. Output into a closed pipe (`catpatch census | head -3`) ends
+quietly with status 141, as a program killed by SIGPIPE does.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from .. import __version__
 from ..toy import TEXT_TOKENS as TOY_TEXT_TOKENS
 from .common import (
     MODEL_HELP,
+    PROGRESS_HELP,
     CommandError,
     HelpFormatter,
     Parser,
     add_cat_options,
+    check_output_folder,
     fail,
     nonnegative_int,
+    plural,
     positive_int,
+    show_progress,
+    warn,
 )
 
 
@@ -35,9 +45,9 @@ def _bench_parser(sub) -> None:
         formatter_class=HelpFormatter,
         help="time the denoising loop unpatched vs CAT, side by side",
         description="Time whole denoising loops of an SD3-family or PixArt-Σ transformer "
-        "unpatched and "
-        "CAT-patched, alternating in one process after warm-up; print medians, the speed-up, "
-        "the arithmetic bound of the config, MACs, cache memory and selection overhead.",
+        "unpatched and CAT-patched, alternating in one process after warm-up; print medians, "
+        "the speed-up checked against the arithmetic bound of the run (timed again, then "
+        "flagged, when above it), MACs, cache memory and selection overhead.",
     )
     p.add_argument(
         "--shape", default="cpu-256x8", choices=sorted(SHAPES),
@@ -51,7 +61,8 @@ def _bench_parser(sub) -> None:
     p.add_argument(
         "--size", type=parse_size,
         help="HxW in pixels of an SD3 VAE (latents are 1/8 of it), multiples of 16 (default: "
-        "512x512 with --shape; the model's sample size x 8 with --model, 256x256 for toy)",
+        "512x512 with --shape; the model's sample size x 8 with --model: 256x256 for toy, whose "
+        "own VAE makes the same 256 tokens from 64x64 px)",
     )  # fmt: skip
     p.add_argument("--steps", type=positive_int, default=28, help="denoising steps per loop")
     p.add_argument("--batch", type=positive_int, default=1, help="prompts per loop")
@@ -65,12 +76,10 @@ def _bench_parser(sub) -> None:
         "32 with --model toy)",
     )  # fmt: skip
     add_cat_options(p)
-    # Policies that skip whole steps ("step", "cat+reuse") are left out: the bound of the
-    # table is for pruned steps.
-    selections = [name for name, (_, step) in policies.REGISTRY.items() if not step.skips]
     p.add_argument(
-        "--selection", default="cat", choices=selections,
-        help="token selection: CAT or a same-budget ablation",
+        "--selection", default="cat", choices=list(policies.names()),
+        help="token selection: CAT or a same-budget ablation; 'step' and 'cat+reuse' skip "
+        "whole steps (the bound counts a skipped step as free)",
     )  # fmt: skip
     p.add_argument("--dtype", choices=list(DTYPE_NAMES), help="default: bf16 on cuda, fp32 on cpu")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
@@ -80,7 +89,8 @@ def _bench_parser(sub) -> None:
     )  # fmt: skip
     p.add_argument(
         "--repeats", type=positive_int, default=3,
-        help="timed loops of each side after two warm-up loops; medians are reported",
+        help="timed loops of each side after two warm-up loops; their medians are reported (more "
+        "are timed when the speed-up is above the bound)",
     )  # fmt: skip
     p.add_argument(
         "--lean", action=argparse.BooleanOptionalAction, default=True,
@@ -122,6 +132,10 @@ def _bench(args) -> int:
     check_settings(settings, device_given=args.device is not None)
     result = run(settings)
     print(result.to_json() if args.json else result.table())
+    if not result.plausible:
+        warn("bench", result.note())
+    elif result.busy:
+        warn("bench", result.busy)
     return 0
 
 
@@ -149,19 +163,21 @@ def _demo_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="image i of the prompts uses seed + i")
     p.add_argument(
         "--repeats", type=nonnegative_int, default=3,
-        help="warm timed runs of each side, alternating, after one warm-up run each (0: no "
-        "timing)",
+        help="warm timed runs of each side, alternating, after one warm-up run each; more are "
+        "timed when the speed-up is above the bound (0: no timing)",
     )  # fmt: skip
     p.add_argument("--device", default=None, help="default: cpu for toy, else cuda if available")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help=PROGRESS_HELP)
     p.set_defaults(func=_demo)
 
 
 def _demo(args) -> int:
     from .common import cat_config, check_device, warn_if_nothing_pruned
     from .demo import DEMO_PROMPTS, run_demo
+    from .timing import bound_note, runs_label
 
     check_device(args.device)
+    check_output_folder(args.out)
     config = cat_config(
         keep_ratio=args.keep_ratio, warmup_steps=args.warmup_steps, num_clusters=args.num_clusters
     )
@@ -169,19 +185,27 @@ def _demo(args) -> int:
     extra = {} if args.steps is None else {"num_inference_steps": args.steps}
     summary = run_demo(
         args.out, prompts=args.prompt or DEMO_PROMPTS, config=config, seed=args.seed,
-        device=args.device, model=args.model, repeats=args.repeats, progress=args.progress,
+        device=args.device, model=args.model, repeats=args.repeats,
+        progress=show_progress(args.progress),
         **extra,
     )  # fmt: skip
     print(summary["summary_text"])
+    psnr = ", ".join("identical" if p is None else f"{p:.1f} dB" for p in summary["psnr_db"])
+    print(f"PSNR of each CAT image against its unpatched one: {psnr}")
     timing = summary.get("timing")
     if timing:
-        runs = timing["warm_runs"]
+        images = len(summary["prompts"])
         print(
-            f"time per run of {len(summary['prompts'])} images, median of {runs} warm "
-            f"run{'s' if runs > 1 else ''} each: unpatched {timing['median_unpatched_s']:.2f} s, "
-            f"CAT {timing['median_cat_s']:.2f} s ({timing['speedup']:.2f}x; the whole pipeline on "
-            f"this machine: `catpatch bench` times the denoising loop alone)"
+            f"time per run of {plural(images, 'image')}, {runs_label(timing['warm_runs'])} of "
+            f"each after a warm-up run: unpatched {timing['median_unpatched_s']:.2f} s, CAT "
+            f"{timing['median_cat_s']:.2f} s ({timing['speedup']:.2f}x; at most "
+            f"{timing['bound']:.2f}x by the MACs; the whole pipeline on this machine: `catpatch "
+            f"bench` times the denoising loop alone)"
         )
+        if not timing["plausible"]:
+            warn("demo", bound_note(timing["speedup"], timing["bound"]))
+        elif timing["busy"]:
+            warn("demo", timing["busy"])
     else:
         print("no timing (--repeats 0): `catpatch bench` times the denoising loop")
     print(f"wrote {', '.join(summary['files'])} and summary.json to {args.out}")
@@ -206,7 +230,7 @@ def _study_parser(sub) -> None:
     )  # fmt: skip
     p.add_argument("--images", type=positive_int, default=64, help="caption/seed pairs")
     p.add_argument("--quick", action="store_true", help="28 steps, keep ratio 0.3 only")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help=PROGRESS_HELP)
     p.set_defaults(func=_study)
 
 
@@ -214,14 +238,16 @@ def _study(args) -> int:
     from .study import check_model, run_study
 
     check_model(args.model)
+    check_output_folder(args.out)
     run_study(args.out, images=args.images, quick=args.quick, model=args.model,
-              progress=args.progress)  # fmt: skip
+              progress=show_progress(args.progress))  # fmt: skip
     print(Path(args.out, "study.md").read_text())
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="catpatch", description="CAT pruning for Stable Diffusion 3 pipelines")
+    parser.add_argument("--version", action="version", version=f"catpatch {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     from .census import add_parser as add_census
     from .evaluate import add_parser as add_eval
@@ -238,9 +264,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+EXIT_BROKEN_PIPE = 128 + 13  # as a program killed by SIGPIPE: the reader stopped reading
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """`catpatch ...`; the exit status."""
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        status = args.func(args)
+        sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+        return status
     except CommandError as err:
         return fail(args.command, err)
+    except BrokenPipeError:
+        # `catpatch census | head -3`: the reader is gone; say nothing, and point stdout at
+        # /dev/null so that the interpreter's own flush at exit does not complain either
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE

@@ -3,10 +3,12 @@
 Builds an SD3-family or PixArt-Σ transformer from a named shape with random weights (speed does
 not depend on weight values) or loads a user's transformer, and times whole denoising loops of
 the two, alternating, after warm-up, reporting medians, their ratio, the arithmetic bound of the
-config (the family's cost model), MACs, the memory the caches hold and the selection time per
-pruned step.
-`check_settings` rejects what cannot be timed (sizes that are not multiples of 16, loops no
-longer than the warm-up, ...) with one line that names the fix.
+run (the family's cost model over the steps it ran full, pruned and skipped), MACs, the memory
+the caches hold and the selection time per pruned step. A speed-up above the bound is
+re-measured once and flagged (`plausible`) if it still is (`timing.py`). `check_settings`
+rejects what cannot be timed (sizes that are not multiples of 16, loops no longer than the
+warm-up, ...) with one line
+that names the fix; a hub id is looked up once, so an offline machine fails in seconds.
 """
 
 from __future__ import annotations
@@ -21,13 +23,23 @@ from typing import Any
 
 import torch
 
+from .. import __version__
 from ..config import CATConfig
 from ..dtypes import torch_dtype
 from ..families import family_of
 from ..patching import apply_cat, cat_generation, get_patch
-from ..stats import run_macs
-from .common import CommandError, cat_config, check_device, resolve_model
+from ..stats import collect
+from .common import (
+    CommandError,
+    cat_config,
+    check_device,
+    check_image_size,
+    is_builtin,
+    looks_like_path,
+    resolve_model,
+)
 from .generate.pipeline import first_line
+from .timing import bound_note, busy_note, impossible, load_average, runs_label
 
 
 @dataclass
@@ -73,9 +85,18 @@ class BenchResult:
     pruned_step_ms: float = 0.0
     selection_ms: float = 0.0
     selection_share: float = 0.0
+    plausible: bool = True  # the speed-up is within the arithmetic bound (+5%)
+    remeasured: bool = False  # it was not at first: more runs were timed
+    steps_full: int = 0  # the CAT loop's steps by mode: full (and recording), pruned, skipped
+    steps_pruned: int = 0
+    steps_skipped: int = 0
+    catpatch_version: str = __version__
+    load_average_before: float | None = None  # 1-minute load average when timing began
+    busy: str = ""  # the warning when that load already filled every core
 
     def table(self) -> str:
         s = self.settings
+        runs = runs_label(len(self.patched_s))
         rows = [
             ("device", self.device_name),
             ("model", s["model"] or f"{s['shape']} (random weights)"),
@@ -90,15 +111,24 @@ class BenchResult:
                 f"keep_ratio {s['keep_ratio']} (S={self.budget}), warmup {s['warmup_steps']}, "
                 f"{s['num_clusters']} clusters, selection={s['selection']}",
             ),
-            ("loop unpatched (median)", f"{statistics.median(self.unpatched_s) * 1e3:.1f} ms"),
-            ("loop CAT (median)", f"{statistics.median(self.patched_s) * 1e3:.1f} ms"),
-            ("speed-up", f"{self.speedup:.2f}x"),
+            ("catpatch", self.catpatch_version),
+            (f"loop unpatched ({runs})", f"{statistics.median(self.unpatched_s) * 1e3:.1f} ms"),
+            (f"loop CAT ({runs})", f"{statistics.median(self.patched_s) * 1e3:.1f} ms"),
+            (
+                "speed-up",
+                f"{self.speedup:.2f}x"
+                + ("" if self.plausible else "  IMPOSSIBLE: above the bound, see the warning"),
+            ),
             *(
                 [("speed-up vs eager unpatched", f"{self.speedup_vs_eager:.2f}x")]
                 if self.speedup_vs_eager
                 else []
             ),
             ("arithmetic bound", f"{self.bound:.2f}x  (reached {self.fraction_of_bound:.0%})"),
+            (
+                "steps full / pruned / skipped",
+                f"{self.steps_full} / {self.steps_pruned} / {self.steps_skipped}",
+            ),
             ("MACs ratio", f"{self.macs_ratio:.3f}"),
             ("full / pruned step", f"{self.full_step_ms:.1f} / {self.pruned_step_ms:.1f} ms"),
             (
@@ -111,6 +141,10 @@ class BenchResult:
             rows.append(("extra peak memory", f"{self.peak_extra_bytes / 2**20:.1f} MiB"))
         width = max(len(k) for k, _ in rows)
         return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+    def note(self) -> str:
+        """The warning for an impossible speed-up; empty if the timing is plausible."""
+        return bound_note(self.speedup, self.bound)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -129,6 +163,7 @@ def transformer_config(shape: str, model: str | None) -> dict[str, Any]:
     from diffusers import SD3Transformer2DModel
 
     path = resolve_model(model)
+    _check_reachable(model, path)
     for kwargs in ({"subfolder": "transformer"}, {}):
         try:
             with warnings.catch_warnings():  # huggingface_hub's deprecation notices
@@ -142,6 +177,44 @@ def transformer_config(shape: str, model: str | None) -> dict[str, Any]:
         f"pass 'toy', a pipeline "
         f"or transformer folder, or a hub id (offline: a local folder)"
     )
+
+
+def _check_reachable(model: str, path: str) -> None:
+    """BenchError at once for a folder that is not there or a hub id that cannot be looked up
+    (no network, no such repository), instead of huggingface_hub's minute and a half of
+    retries; a hub model already in the local cache passes offline."""
+    import os
+
+    from huggingface_hub import constants, model_info, try_to_load_from_cache
+
+    if is_builtin(model) or os.path.exists(os.path.expanduser(path)):
+        return
+    if looks_like_path(path):
+        raise BenchError(
+            f"--model {model}: no such folder; pass 'toy', a pipeline or transformer folder, "
+            f"or a hub id (owner/name)"
+        )
+    for name in ("transformer/config.json", "config.json"):
+        if isinstance(try_to_load_from_cache(path, name), str):
+            return  # cached: loads offline
+    if constants.HF_HUB_OFFLINE:
+        raise BenchError(
+            f"--model {model}: not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
+            f"download it first or pass a local folder"
+        )
+    try:
+        model_info(path, timeout=10)
+    except Exception as err:  # network errors come from httpx, hub errors from huggingface_hub
+        reason = first_line(err)
+        if "not found" in reason.lower() or "404" in reason or "401" in reason:
+            raise BenchError(
+                f"--model {model}: no such model on the Hugging Face hub (or it is gated: "
+                f"`hf auth login`); pass 'toy', a local folder or a hub id (owner/name)"
+            ) from None
+        raise BenchError(
+            f"--model {model}: cannot reach the Hugging Face hub ({reason}); offline, pass a "
+            f"local folder or 'toy'"
+        ) from None
 
 
 def default_size(shape: str, model: str | None) -> tuple[int, int]:
@@ -160,32 +233,13 @@ def check_settings(settings: BenchSettings, device_given: bool = True) -> None:
     if device_given:
         check_device(settings.device)
     config = transformer_config(settings.shape, settings.model)
-    patch = int(config.get("patch_size") or 2)
-    unit = 8 * patch  # the SD3 VAE's 8x, then patch x patch latents per token
-    height, width = settings.height, settings.width
-    if height <= 0 or width <= 0 or height % unit or width % unit:
-        fit = "x".join(str(max(unit, round(v / unit) * unit)) for v in (height, width))
-        raise BenchError(
-            f"--size {height}x{width}: height and width must be positive multiples of {unit} "
-            f"for SD3 (latents are 1/8 of the image, tokens are {patch}x{patch} latents), "
-            f"e.g. --size {fit}"
-        )
-    limit = config.get("pos_embed_max_size")
-    if limit and max(height, width) > limit * unit:
-        raise BenchError(
-            f"--size {height}x{width}: this transformer's position embedding allows at most "
-            f"{limit * unit} pixels per side, e.g. --size {limit * unit}x{limit * unit}"
-        )
-    tokens = (height // unit) * (width // unit)
     cat_config(
         keep_ratio=settings.keep_ratio, warmup_steps=settings.warmup_steps,
         num_clusters=settings.num_clusters, selection=settings.selection,
     )  # fmt: skip
-    if settings.num_clusters > tokens:
-        raise BenchError(
-            f"--num-clusters {settings.num_clusters} exceeds the {tokens} image tokens at "
-            f"{height}x{width}: lower --num-clusters or raise --size"
-        )
+    check_image_size(
+        config, settings.height, settings.width, settings.num_clusters, error=BenchError
+    )
     if settings.steps <= settings.warmup_steps:
         raise BenchError(
             f"--steps {settings.steps} must be more than --warmup-steps {settings.warmup_steps}:"
@@ -325,7 +379,7 @@ def _step_times(loop: Loop) -> tuple[float, float]:
         loop()
     finally:
         loop.forward = forward
-    return _median_ms([t for m, t in modes if m != "pruned"]), _median_ms(
+    return _median_ms([t for m, t in modes if m in ("full", "reference", "record")]), _median_ms(
         [t for m, t in modes if m == "pruned"]
     )
 
@@ -352,6 +406,7 @@ def _median_ms(values: list[float]) -> float:
 
 def run(settings: BenchSettings) -> BenchResult:
     """Time the unpatched and the CAT-patched loop, alternating; see the module docstring."""
+    load = load_average()  # before this run adds its own
     device = torch.device(settings.device)
     config = CATConfig(
         keep_ratio=settings.keep_ratio,
@@ -390,26 +445,34 @@ def run(settings: BenchSettings) -> BenchResult:
         peak_extra = peaks["patched"] - peaks["unpatched"]
 
     times: dict[str, list[float]] = {name: [] for name in loops}
-    for _ in range(settings.repeats):
-        for name, loop in loops.items():
-            times[name].append(_timed(loop, device))
 
-    patch = get_patch(patched)
-    log = patch.state.log
+    def measure(repeats: int) -> None:
+        for _ in range(repeats):
+            for name, loop in loops.items():
+                times[name].append(_timed(loop, device))
+
+    measure(settings.repeats)
+    stats = collect(get_patch(patched), patched)
+    log = get_patch(patched).state.log
     geo = log.geometry
-    dims = patch.adapter.cost_model()
-    pruned_steps = sum(s.mode.value == "pruned" for s in log.steps)
-    macs, macs_full = run_macs(
-        dims, geo.rows, geo.tokens, geo.text_tokens, log.budget, len(log.steps), pruned_steps
+    full_steps = stats.steps - stats.pruned_steps - stats.reused_steps
+    # N / (full + pruned·r), r a pruned step's cost by the family's cost model (for SD3 the
+    # spec's (S+T)/(L+T)): a skipped step costs nothing in this bound
+    ratio = 1 / get_patch(patched).adapter.cost_model().run_bound(
+        1, 0, geo.tokens, geo.text_tokens, log.budget
     )
+    bound = stats.steps / (full_steps + stats.pruned_steps * ratio)
+
+    def speedup() -> float:
+        return statistics.median(times["unpatched"]) / statistics.median(times["patched"])
+
+    remeasured = impossible(speedup(), bound)
+    if remeasured:  # a disturbed timing (another load on the machine): time more runs
+        measure(max(settings.repeats, 3))
     full_ms, pruned_ms = _step_times(loops["patched"])
-    select_ms = _selection_time(loops["patched"])
+    select_ms = _selection_time(loops["patched"]) if stats.pruned_steps else 0.0
     patched_median = statistics.median(times["patched"])
-    speedup = statistics.median(times["unpatched"]) / patched_median
     eager = times.get("eager")
-    bound = dims.run_bound(
-        settings.steps, settings.warmup_steps, geo.tokens, geo.text_tokens, log.budget
-    )
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
     return BenchResult(
         settings=asdict(settings),
@@ -420,17 +483,24 @@ def run(settings: BenchSettings) -> BenchResult:
         unpatched_s=times["unpatched"],
         patched_s=times["patched"],
         eager_unpatched_s=eager,
-        speedup=speedup,
+        speedup=speedup(),
         speedup_vs_eager=statistics.median(eager) / patched_median if eager else None,
         bound=bound,
-        fraction_of_bound=speedup / bound,
-        macs_ratio=macs / macs_full,
+        fraction_of_bound=speedup() / bound,
+        macs_ratio=stats.macs_ratio,
         cache_bytes=log.cache_bytes,
         peak_extra_bytes=peak_extra,
         full_step_ms=full_ms,
         pruned_step_ms=pruned_ms,
         selection_ms=select_ms,
         selection_share=select_ms / pruned_ms if pruned_ms else 0.0,
+        plausible=not impossible(speedup(), bound),
+        remeasured=remeasured,
+        steps_full=full_steps,
+        steps_pruned=stats.pruned_steps,
+        steps_skipped=stats.reused_steps,
+        load_average_before=load,
+        busy=busy_note(load) if device.type == "cpu" else "",
     )
 
 

@@ -19,7 +19,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     from ..config import CATConfig
     from ..dtypes import DTYPE_NAMES
     from ..models.shapes import SHAPES
-    from .common import HelpFormatter
+    from .common import HelpFormatter, positive_int
     from .generate import parse_size
 
     default = CATConfig()
@@ -31,14 +31,17 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("--shape", default="sd3-medium", choices=sorted(SHAPES), help="model shape")
     p.add_argument("--size", default="1024x1024", type=parse_size, help="HEIGHTxWIDTH in pixels")
-    p.add_argument("--batch", type=int, default=1, help="images per call")
+    p.add_argument("--batch", type=positive_int, default=1, help="images per call")
     p.add_argument("--no-cfg", action="store_true", help="no classifier-free guidance pair")
     p.add_argument(
-        "--text-tokens", type=int, default=None,
+        "--text-tokens", type=positive_int, default=None,
         help="text tokens T (default: what the family's pipelines pass: SD3 333, PixArt-Σ 300)",
     )  # fmt: skip
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPE_NAMES), help="weights dtype")
     p.add_argument("--keep-ratio", type=float, default=default.keep_ratio, help="α")
+    p.add_argument(
+        "--num-clusters", type=int, default=default.num_clusters, help="CAT spatial clusters"
+    )
     p.add_argument(
         "--lean", action=argparse.BooleanOptionalAction, default=True,
         help="CATConfig.lean (--no-lean: the dense residual stream)",
@@ -49,16 +52,21 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def command(args: argparse.Namespace) -> int:
+    """Run `catpatch census` from parsed arguments; the exit code. Bad settings are rejected
+    by the same checks as `catpatch bench` (`common.cat_config`, `common.check_image_size`)."""
     from ..census import census
-    from ..config import CATConfig
     from ..dtypes import torch_dtype
+    from ..models.shapes import transformer_config
+    from .common import cat_config, check_image_size
 
     height, width = args.size
+    config = cat_config(keep_ratio=args.keep_ratio, num_clusters=args.num_clusters, lean=args.lean)
+    check_image_size(transformer_config(args.shape), height, width, config.num_clusters)
     result = census(
         args.shape,
         height,
         width,
-        CATConfig(keep_ratio=args.keep_ratio, lean=args.lean),
+        config,
         batch=args.batch,
         cfg=not args.no_cfg,
         text_tokens=args.text_tokens,

@@ -1,12 +1,14 @@
 """What every `catpatch` command shares: one-line errors with exit status 2 (`CommandError`,
 `Parser`), help that shows each option's default (`HelpFormatter`), the built-in model names
-(`--model toy`), the device check, the `CATConfig` of a command line and one-line warnings.
+(`--model toy`), the device, output-folder and image-size checks, the `CATConfig` of a command
+line, progress bars only on a terminal, and one-line warnings.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import re
 import sys
 from collections.abc import Iterator
@@ -22,6 +24,7 @@ BUILTIN_MODELS = {
 MODEL_HELP = (
     "'toy' or 'scenes' (small SD3 pipelines shipped in catpatch, offline), a folder or a hub id"
 )
+PROGRESS_HELP = "no progress bars (there are none either when stderr is not a terminal)"
 EXIT_USAGE = 2  # bad input, as argparse exits
 
 
@@ -80,6 +83,86 @@ def warn_if_nothing_pruned(command: str, steps: int | None, warmup_steps: int) -
         f"in this run (raise --steps or lower --warmup-steps)",
     )
     return True
+
+
+def plural(count: int, noun: str) -> str:
+    """'1 image', '4 images'."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def show_progress(wanted: bool = True) -> bool:
+    """Progress bars only when wanted and stderr is a terminal: piped into a file or another
+    program, a bar's carriage returns and escape codes are noise."""
+    return wanted and sys.stderr.isatty()
+
+
+def looks_like_path(name: str) -> bool:
+    """True for what can only be a file or folder, never a hub id (`owner/name`)."""
+    return os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") != 1
+
+
+def check_output_folder(path: str | Path, option: str = "--out") -> None:
+    """CommandError unless the folder `path` exists or can be created (a file in its way, a
+    missing or read-only place); leaves behind nothing it created to find out."""
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise CommandError(f"{option} {path}: is a file, not a folder; pass a folder path")
+    for parent in path.parents:
+        if parent.exists() and not parent.is_dir():
+            raise CommandError(
+                f"{option} {path}: {parent} is a file, not a folder; pass a folder path"
+            )
+    created = [p for p in (path, *path.parents) if not p.exists()]
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".catpatch-write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as err:
+        why = err.strerror or type(err).__name__
+        raise CommandError(
+            f"{option} {path}: cannot write there ({why}); pass a folder you can write to"
+        ) from None
+    finally:
+        for folder in created:  # innermost first
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+
+
+def check_image_size(
+    config: Any,
+    height: int,
+    width: int,
+    num_clusters: int | None = None,
+    vae_scale: int = 8,
+    error: type[CommandError] = CommandError,
+) -> int:
+    """`error` unless HxW pixels fit an SD3-family transformer `config` (a dict or a config
+    object): positive multiples of VAE scale x patch size, within the position embedding, and
+    at least `num_clusters` image tokens. Returns the number of image tokens."""
+    get = config.get if isinstance(config, dict) else lambda k: getattr(config, k, None)
+    patch = int(get("patch_size") or 2)
+    unit = vae_scale * patch
+    if height <= 0 or width <= 0 or height % unit or width % unit:
+        fit = "x".join(str(max(unit, round(v / unit) * unit)) for v in (height, width))
+        raise error(
+            f"--size {height}x{width}: height and width must be positive multiples of {unit} "
+            f"for SD3 (latents are 1/{vae_scale} of the image, tokens are {patch}x{patch} "
+            f"latents), e.g. --size {fit}"
+        )
+    limit = get("pos_embed_max_size")
+    if limit and max(height, width) > limit * unit:
+        raise error(
+            f"--size {height}x{width}: this transformer's position embedding allows at most "
+            f"{limit * unit} pixels per side, e.g. --size {limit * unit}x{limit * unit}"
+        )
+    tokens = (height // unit) * (width // unit)
+    if num_clusters is not None and num_clusters > tokens:
+        raise error(
+            f"--num-clusters {num_clusters} exceeds the {plural(tokens, 'image token')} at "
+            f"{height}x{width}: lower --num-clusters or raise --size"
+        )
+    return tokens
 
 
 def is_builtin(model: str | None) -> bool:

@@ -2,17 +2,20 @@
 
 Generates the same prompts with and without CAT and writes, each picture with its title,
 headings, legend and caption:
-- `compare.png`: one row per prompt: unpatched | CAT | |difference| x4;
+- `compare.png`: one row per prompt: unpatched | CAT | |difference| x4, with the PSNR of the CAT
+  image against the unpatched one;
 - `tokens.png` / `tokens.gif`: which image tokens were recomputed at each pruned step;
 - `clusters.png`: the spatial clusters CAT made (over the CAT image);
-- `summary.json`: the savings (MACs, tokens), `cat_stats`, and the warm timings: medians of
-  `repeats` alternating runs of each side after one warm-up run of each (none with repeats=0).
+- `summary.json`: the savings (MACs, tokens), PSNR per image, `cat_stats`, the catpatch version
+  and the warm timings: `repeats` alternating runs of each side after one warm-up run of each
+  (none with repeats=0), checked against the arithmetic bound 1 / MACs ratio (`timing.py`).
+
+Steps are counted from 1 in every picture and line (step 1 is the first denoising step).
 """
 
 from __future__ import annotations
 
 import json
-import statistics
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -21,8 +24,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from .. import __version__
 from ..config import CATConfig
-from ..patching import apply_cat, get_patch, remove_cat
+from ..patching import apply_cat, get_patch, is_patched, remove_cat
 from ..schedule import Mode
 from .pictures import (
     Figure,
@@ -33,6 +37,7 @@ from .pictures import (
     to_uint8,
     upscale,
 )
+from .timing import busy_note, load_average, time_pair
 
 # Captions the toy model renders well with seeds 0, 1, 2, 3 (image i uses seed + i); the toy
 # only knows its procedural vocabulary (see `catpatch.toy.data`).
@@ -48,9 +53,10 @@ TOY_NOTE = (
     "image generator."
 )
 TIMING_NOTE = (
-    "medians of warm runs (after one warm-up run of each), unpatched and CAT alternating; the "
-    "whole pipeline (text encoders, denoising, VAE) on this machine. `catpatch bench` times the "
-    "denoising loop alone."
+    "warm runs (after one warm-up run of each), unpatched and CAT alternating, medians when "
+    "more than one; the whole pipeline (text encoders, denoising, VAE) on this machine. The "
+    "speed-up cannot exceed the bound 1 / macs_ratio; `plausible` is false when it did (a busy "
+    "machine), even after re-measuring. `catpatch bench` times the denoising loop alone."
 )
 
 
@@ -102,12 +108,14 @@ def run_demo(
     that is also saved as `summary.json` (plus `summary_text`).
 
     Image i of `prompts` is made from seed `seed + i`. `repeats` warm timed runs of each side
-    (0: no timing). `call_overrides` go to the pipeline call (e.g. `num_inference_steps`).
+    (0: no timing), re-measured once if their speed-up exceeds the arithmetic bound.
+    `call_overrides` go to the pipeline call (e.g. `num_inference_steps`).
     """
     from tqdm.auto import tqdm
 
     from .. import cat_stats
 
+    load = load_average()  # before this run adds its own
     pipe, call, source = load_demo_pipeline(model, device)
     call.update(call_overrides)
     config = config or CATConfig()
@@ -117,6 +125,8 @@ def run_demo(
 
     def generate(record=None) -> tuple[np.ndarray, float]:
         def on_step(p, step, timestep, kwargs):
+            if bar.n >= bar.total:  # re-measuring: more runs than planned
+                bar.total += steps
             bar.update(1)
             return record(p, step, timestep, kwargs) if record else kwargs
 
@@ -152,12 +162,19 @@ def run_demo(
 
         cat_images, _ = generate(record)  # the pictures; also the warm-up of the CAT path
         stats = cat_stats(pipe)
-        times: dict[str, list[float]] = {"unpatched": [], "cat": []}
-        for _ in range(repeats):  # warm, alternating: both sides see the same machine load
-            times["cat"].append(generate()[1])
-            remove_cat(pipe)
-            times["unpatched"].append(generate()[1])
-            apply_cat(pipe, config)
+
+        def unpatched() -> float:
+            if is_patched(pipe):
+                remove_cat(pipe)
+            return generate()[1]
+
+        def with_cat() -> float:
+            if not is_patched(pipe):
+                apply_cat(pipe, config)
+            return generate()[1]
+
+        # warm, alternating: both sides see the same machine load; checked against the bound
+        timing = time_pair(unpatched, with_cat, repeats, 1 / stats.macs_ratio) if repeats else None
     finally:
         bar.close()
         remove_cat(pipe)
@@ -168,13 +185,15 @@ def run_demo(
     )
     out = Path(out)  # made only now: a run that fails leaves no empty folder behind
     out.mkdir(parents=True, exist_ok=True)
-    saved = [_save_compare(out, prompts, seed, baseline, cat_images, settings, stats, source)]
+    psnr = [psnr_db(a, b) for a, b in zip(baseline, cat_images, strict=True)]
+    saved = [_save_compare(out, prompts, seed, baseline, cat_images, settings, stats, source, psnr)]
     if masks:
         saved += _save_token_maps(out, masks, pruned_steps, cat_images, steps, stats, source)
     if clusters:
         saved.append(_save_clusters(out, clusters[0], cat_images, config, source))
 
     summary: dict[str, Any] = {
+        "catpatch_version": __version__,
         "pipeline": source,
         "prompts": prompts,
         "seeds": [seed + i for i in range(len(prompts))],
@@ -183,29 +202,40 @@ def run_demo(
         "macs_ratio": round(stats.macs_ratio, 4),
         "image_tokens_computed": round(stats.computed_fraction, 4),
         "max_abs_pixel_difference": float(np.abs(baseline - cat_images).max()),
+        "psnr_db": [None if p == float("inf") else round(p, 2) for p in psnr],
         "files": saved,
         "stats": {k: v for k, v in asdict(stats).items() if k not in ("config", "per_step")},
     }
-    if repeats:
-        unpatched, cat = (statistics.median(times[k]) for k in ("unpatched", "cat"))
+    if timing is not None:
         summary["timing"] = {
-            "warm_runs": repeats,
-            "unpatched_s": [round(t, 4) for t in times["unpatched"]],
-            "cat_s": [round(t, 4) for t in times["cat"]],
-            "median_unpatched_s": round(unpatched, 4),
-            "median_cat_s": round(cat, 4),
-            "speedup": round(unpatched / cat, 3),
+            "warm_runs": timing.runs,
+            "unpatched_s": [round(t, 4) for t in timing.unpatched_s],
+            "cat_s": [round(t, 4) for t in timing.cat_s],
+            "median_unpatched_s": round(timing.unpatched, 4),
+            "median_cat_s": round(timing.cat, 4),
+            "speedup": round(timing.speedup, 3),
+            "bound": round(timing.bound, 3),
+            "plausible": timing.plausible,
+            "remeasured": timing.remeasured,
+            "load_average_before": None if load is None else round(load, 2),
+            "busy": busy_note(load),
             "how": TIMING_NOTE,
         }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary | {"summary_text": stats.summary()}
 
 
+def psnr_db(reference: np.ndarray, image: np.ndarray) -> float:
+    """PSNR in dB of `image` against `reference`, pixels in [0, 1]; inf if they are equal."""
+    mse = float(np.mean((np.asarray(reference, np.float64) - np.asarray(image, np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(1 / mse)
+
+
 def _tile_scale(side: int, target: int) -> int:
     return max(1, target // side)
 
 
-def _save_compare(out, prompts, seed, baseline, cat_images, settings, stats, source) -> str:
+def _save_compare(out, prompts, seed, baseline, cat_images, settings, stats, source, psnr) -> str:
     factor = _tile_scale(baseline.shape[1], 256)
     tiles = []
     for a, b in zip(baseline, cat_images, strict=True):
@@ -215,7 +245,10 @@ def _save_compare(out, prompts, seed, baseline, cat_images, settings, stats, sou
         tiles,
         title=f"Unpatched vs CAT ({settings})",
         columns=["unpatched", "CAT", "|difference| x4 (black: equal)"],
-        rows=[f'{i + 1}. "{p}" (seed {seed + i})' for i, p in enumerate(prompts)],
+        rows=[
+            f'{i + 1}. "{p}" (seed {seed + i}; CAT vs unpatched: PSNR {db:.1f} dB)'
+            for i, (p, db) in enumerate(zip(prompts, psnr, strict=True))
+        ],
         caption=f"CAT computed {stats.computed_fraction:.1%} of the image tokens over the run; "
         f"MACs {stats.macs_ratio:.3f} of the unpatched run. {source}",
     ).save(out / "compare.png")
@@ -252,7 +285,7 @@ def _save_token_maps(out, masks, pruned_steps, images, steps, stats, source) -> 
     explain = (
         f"Each pruned step recomputes {budget} of the {tokens} image tokens ({grid}x{grid} grid) "
         f"and reuses cached values for the rest; steps 1-{steps - len(masks)} are full warm-up "
-        f"steps. {source}"
+        f"steps (steps counted from 1). {source}"
     )
     Figure(
         rows,
@@ -304,7 +337,8 @@ def _save_clusters(out, labels: np.ndarray, images: np.ndarray, config, source) 
         title=f"The {count} spatial clusters CAT made for each image",
         columns=[f"prompt {g + 1}" for g in range(len(tiles))],
         legend=legend,
-        caption=f"Made once per image at step {config.warmup_steps - 1} (k-means on each "
+        caption=f"Made once per image at step {config.warmup_steps}, the last full step "
+        f"(steps counted from 1, as in tokens.png; k-means on each "
         f"token's position and model output; black lines: cluster borders; numbers: the "
         f"legend's clusters). Each pruned step "
         f"spreads part of its budget over these regions instead of piling it into one spot. "

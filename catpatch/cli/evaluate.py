@@ -21,9 +21,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .. import __version__
 from .._quiet import quiet_loading
-from .common import CommandError, HelpFormatter, Parser, check_device, fail
+from .common import (
+    CommandError,
+    HelpFormatter,
+    Parser,
+    check_device,
+    check_output_folder,
+    fail,
+    plural,
+)
 from .generate import MANIFEST, first_line, read_records
+from .timing import bound_note
 
 METRICS = {  # key: label in the table
     "psnr": "PSNR (dB)",
@@ -53,6 +63,7 @@ class EvalResult:
     def to_dict(self) -> dict[str, Any]:
         return _finite(
             {
+                "catpatch_version": __version__,
                 "reference": self.reference,
                 "candidate": self.candidate,
                 "counts": self.counts,
@@ -99,12 +110,17 @@ class EvalResult:
         differ = [k for k in keys if ref["settings"].get(k) != cand["settings"].get(k)]
         if differ:
             return f"time per image: not compared (the runs differ in {', '.join(differ)})"
-        return (
+        ratio = ref["time_s"] / cand["time_s"]
+        line = (
             f"time per image, warm batches only: reference {ref['time_s']:.3g} s "
-            f"({ref['timed']} images), candidate {cand['time_s']:.3g} s ({cand['timed']} "
-            f"images): {ref['time_s'] / cand['time_s']:.2f}x (from the manifests; `catpatch "
+            f"({plural(ref['timed'], 'image')}), candidate {cand['time_s']:.3g} s "
+            f"({plural(cand['timed'], 'image')}): {ratio:.2f}x (from the manifests; `catpatch "
             f"bench` times the denoising loop alone)"
         )
+        if cand.get("cat") and not ref.get("cat"):  # CAT against unpatched: bounded by MACs
+            note = bound_note(ratio, 1 / cand["cat"]["macs_ratio"])
+            line += f"\nwarning: {note}" if note else ""
+        return line
 
 
 def _finite(value: Any) -> Any:
@@ -334,6 +350,8 @@ def command(args: argparse.Namespace) -> int:
     """Run `catpatch eval` from parsed arguments; the exit code."""
     try:
         check_device(args.device)
+        if args.json:
+            check_output_folder(Path(args.json).expanduser().parent, "--json")
         result = evaluate(args.reference, args.candidate, args.clip_model, args.lpips, args.device)
     except CommandError as err:
         return fail("eval", err)

@@ -15,11 +15,14 @@ from ...dtypes import DTYPE_NAMES
 from ...toy import GUIDANCE_SCALE as TOY_GUIDANCE
 from ..common import (
     MODEL_HELP,
+    PROGRESS_HELP,
     HelpFormatter,
     Parser,
     add_cat_options,
     fail,
+    plural,
     positive_int,
+    show_progress,
     warn_if_nothing_pruned,
 )
 from .manifest import MANIFEST
@@ -81,7 +84,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--lora-scale", type=float, default=1.0, help="LoRA scale")
     p.add_argument("--compile", action="store_true", help="torch.compile the transformer")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help=PROGRESS_HELP)
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -115,7 +118,8 @@ def command(args: argparse.Namespace) -> int:
             num_clusters=args.num_clusters, steps=args.steps, guidance=guidance,
             size=args.size, seed=args.seed, images_per_prompt=args.images_per_prompt,
             batch_size=args.batch_size, dtype=args.dtype, device=args.device, lora=args.lora,
-            lora_scale=args.lora_scale, compile=args.compile, progress=args.progress,
+            lora_scale=args.lora_scale, compile=args.compile,
+            progress=show_progress(args.progress),
         )  # fmt: skip
         check(settings)
         if args.cat:
@@ -131,7 +135,7 @@ def command(args: argparse.Namespace) -> int:
     if result.rank != 0:
         return 0
     print(
-        f"{result.total - len(result.missing)} of {result.total} images in {result.out} "
+        f"{result.total - len(result.missing)} of {plural(result.total, 'image')} in {result.out} "
         f"({result.skipped} already there, {result.generated} made by process 0 of "
         f"{result.world_size}); manifest {result.out / MANIFEST}"
     )
@@ -140,7 +144,7 @@ def command(args: argparse.Namespace) -> int:
     if result.missing:
         shown = ", ".join(result.missing[:5]) + (" ..." if len(result.missing) > 5 else "")
         print(
-            f"catpatch generate: error: {len(result.missing)} images missing ({shown}); "
+            f"catpatch generate: error: {plural(len(result.missing), 'image')} missing ({shown}); "
             f"re-run the same command to make them",
             file=sys.stderr,
         )

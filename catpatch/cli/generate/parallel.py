@@ -11,10 +11,10 @@ from collections.abc import Callable
 from typing import Any
 
 from ...dtypes import DTYPE_NAMES, torch_dtype
-from ..common import CommandError, check_device, output_folder
+from ..common import CommandError, check_device, check_output_folder, output_folder
 from .loop import _generate_share
 from .manifest import _completed, _recorded, merge_manifest
-from .pipeline import _as_text_to_image, _cat_config, _prepare, load_pipeline
+from .pipeline import _as_text_to_image, _cat_config, _prepare, check_lora, load_pipeline
 from .prompts import SEED_STRIDE, jobs_for
 from .settings import GenerateError, GenerateResult, GenerateSettings
 
@@ -91,8 +91,11 @@ def check(settings: GenerateSettings) -> None:
         raise GenerateError(f"--dtype must be one of {', '.join(DTYPE_NAMES)}")
     if settings.cat:
         _cat_config(settings)
+    if settings.lora:
+        check_lora(settings.lora)
     try:
         check_device(settings.device)
+        check_output_folder(settings.out)
     except CommandError as err:
         raise GenerateError(str(err)) from None
 

@@ -17,9 +17,10 @@ Fidelity to the unpatched output: PSNR and SSIM in pixel space (torchmetrics), t
 error of the final latents; caption following: the toy detector's accuracy on the images
 (colour and position of the shape both right, and all six attributes right). Writes
 `study.csv`, `study.md` (a table), `study.png` (PSNR against MACs, one line per method) and
-`study.json`, and `targets.md` (the comparisons at equal MACs). Finished runs are kept in
-`rows.jsonl` (and the unpatched references in `reference-*.pt`), so rerunning into the same
-folder resumes an interrupted study; use a new folder after changing the model or the code.
+`study.json`, and `targets.md` (the comparisons at equal MACs), each naming the catpatch
+version. Finished runs are kept in `rows.jsonl` (and the unpatched references in
+`reference-*.pt`), so rerunning into the same folder resumes an interrupted study; use a new
+folder after changing the model or the code.
 
 Modules: `methods` (the methods and the configurations run), `rows` (`Row` and the resumable
 record), `runs` (`run_study`: generating and scoring), `tables` (the CSV / JSON / Markdown

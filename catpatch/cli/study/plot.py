@@ -28,7 +28,7 @@ def plot(rows: list[Row], path: Path) -> None:
                 color = plt.cm.tab20(i % 20)  # more methods than the default cycle's 10 colours
                 ax.plot(x, y, style, label=method, markersize=4, color=color)
         front = frontier([r for r in shown if r.method in CATPATCH_METHODS])
-        if front:
+        if len(front) > 1:  # one point draws no line: no legend entry for it either
             x, y = zip(*((r.macs_ratio, r.psnr) for r in front), strict=True)
             ax.step(x, y, "k:", where="post", label="catpatch frontier", linewidth=1)
         ax.set_title(f"{steps} steps (t0 8, 20 clusters)")

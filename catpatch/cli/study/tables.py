@@ -10,7 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ... import __version__
 from ...config import CATConfig
+from ..common import plural
 from .methods import CATPATCH_METHODS, COMBINED_METHODS, KEEP_RATIOS, PEERS, STEP_METHODS, in_sweep
 from .plot import plot
 from .rows import Row
@@ -24,7 +26,8 @@ def write_outputs(out: Path, rows: list[Row], images: int) -> None:
         writer.writeheader()
         writer.writerows(r.table() for r in rows)
     (out / "study.md").write_text(markdown_table(rows, images))
-    (out / "study.json").write_text(json.dumps([r.table() for r in rows], indent=1))
+    table = [{**r.table(), "catpatch_version": __version__} for r in rows]
+    (out / "study.json").write_text(json.dumps(table, indent=1))
     (out / "targets.md").write_text(targets(rows))
     plot(rows, out / "study.png")
 
@@ -54,19 +57,31 @@ def _interpolate(rows: list[Row], macs: float) -> float | None:
 
 def targets(rows: list[Row]) -> str:
     """The study's comparisons as markdown: each catpatch method against its peers at equal
-    MACs (issue #12's targets), with paired standard errors where the MACs are the same."""
+    MACs, with paired standard errors where the MACs are the same. A comparison whose methods
+    the study did not run (`--quick`) says so in one line instead of an empty table."""
     default = "cat" if CATConfig().token_order == 0 else "cat+forecast"
     if CATConfig().selection == "paper":
         default = default.replace("cat", "paper")
     main = [r for r in rows if not in_sweep(r) and r.method != "unpatched"]
-    out = [f"Default token policy: `{default}`. Differences in dB PSNR ± standard error.\n"]
+    out = [
+        f"catpatch {__version__}. Default token policy: `{default}`. Differences in dB PSNR "
+        f"± standard error.\n"
+    ]
 
     def find(steps, method, keep=None):
         found = [r for r in main if r.steps == steps and r.method == method]
         return next((r for r in found if keep is None or r.keep_ratio == keep), None)
 
-    out.append("| steps | α | MACs | default − random | − noise | − stale | forecast gain |")
-    out.append("|---|---|---|---|---|---|---|")
+    def table(title: str, header: list[str], lines: list[str], missing: str) -> None:
+        out.append(f"\n{title}\n")
+        if not lines:
+            out.append(f"Not in this study: {missing}.")
+            return
+        out.append("| " + " | ".join(header) + " |")
+        out.append("|" + "---|" * len(header))
+        out.extend(lines)
+
+    lines = []
     for steps in sorted({r.steps for r in main}):
         for keep in KEEP_RATIOS:
             base = find(steps, default, keep)
@@ -79,47 +94,57 @@ def targets(rows: list[Row]) -> str:
             zeroth = find(steps, default.replace("+forecast", ""), keep)
             forecast = find(steps, default.split("+")[0] + "+forecast", keep)
             gain = "-" if not (zeroth and forecast) else _difference(forecast, zeroth)
-            out.append(
+            lines.append(
                 f"| {steps} | {keep:g} | {base.macs_ratio:.3f} | "
                 + " | ".join(cells)
                 + f" | {gain} |"
             )
-    out.append(
-        "\nCombined policy against step reuse (the better of `step` / `step+forecast`, "
-        "interpolated at the same MACs):\n"
+    table(
+        "The default token policy against the ablations at the same MACs:",
+        ["steps", "α", "MACs", "default − random", "− noise", "− stale", "forecast gain"],
+        lines,
+        f"no `{default}` run",
     )
-    out.append("| steps | method | MACs | PSNR | step reuse at these MACs | margin |")
-    out.append("|---|---|---|---|---|---|")
+    lines = []
     for r in (r for r in main if r.method in COMBINED_METHODS):
         curves = [[s for s in main if s.steps == r.steps and s.method == m] for m in STEP_METHODS]
         peers = [v for v in (_interpolate(c, r.macs_ratio) for c in curves) if v is not None]
         peer = max(peers) if peers else None
         margin = "-" if peer is None else f"{r.psnr - peer:+.2f}"
         shown = "-" if peer is None else f"{peer:.2f}"
-        out.append(
+        lines.append(
             f"| {r.steps} | {r.method} | {r.macs_ratio:.3f} | {r.psnr:.2f} | {shown} | {margin} |"
         )
-    out.append(
-        "\ndiffusers' caches (TaylorSeerCache, MagCache) against catpatch's best run at no more "
-        "MACs (target: +1 dB):\n"
+    table(
+        "Combined policy against step reuse (the better of `step` / `step+forecast`, "
+        "interpolated at the same MACs):",
+        ["steps", "method", "MACs", "PSNR", "step reuse at these MACs", "margin"],
+        lines,
+        "no `cat+reuse` run (the full study has them; `--quick` does not)",
     )
-    out.append("| steps | peer | MACs | PSNR | catpatch best (method, MACs) | margin |")
-    out.append("|---|---|---|---|---|---|")
+    lines = []
     for r in (r for r in main if r.method in PEERS):
         ours = [c for c in main if c.steps == r.steps and c.method in CATPATCH_METHODS]
         cheaper = [c for c in ours if c.macs_ratio <= r.macs_ratio + 1e-9]
         best = max(cheaper, key=lambda c: c.psnr, default=None)
         if best is None:
-            out.append(
+            lines.append(
                 f"| {r.steps} | {r.method} {r.setting} | {r.macs_ratio:.3f} | "
                 f"{r.psnr:.2f} | none at these MACs | - |"
             )
             continue
-        out.append(
+        lines.append(
             f"| {r.steps} | {r.method} {r.setting} | {r.macs_ratio:.3f} | {r.psnr:.2f} | "
             f"{best.psnr:.2f} ({best.method} {best.setting or f'α {best.keep_ratio:g}'}, "
             f"{best.macs_ratio:.3f}) | {best.psnr - r.psnr:+.2f} |"
         )
+    table(
+        "diffusers' caches (TaylorSeerCache, MagCache) against catpatch's best run at no more "
+        "MACs:",
+        ["steps", "peer", "MACs", "PSNR", "catpatch best (method, MACs)", "margin"],
+        lines,
+        "no TaylorSeerCache or MagCache run (the full study has them; `--quick` does not)",
+    )
     out.append(
         "\nCaption following (detector: the label pair right, colour and position on the toy, "
         "left and right objects on scenes) below unpatched by "
@@ -151,4 +176,5 @@ def markdown_table(rows: list[Row], images: int) -> str:
             f"{r.latent_error:.4f} | {r.accuracy_colour_position:.3f} | {r.accuracy_all:.3f} | "
             f"{r.setting} |"
         )
-    return f"{images} images per configuration.\n\n" + head + "\n".join(lines) + "\n"
+    intro = f"catpatch {__version__}; {plural(images, 'image')} per configuration.\n\n"
+    return intro + head + "\n".join(lines) + "\n"
