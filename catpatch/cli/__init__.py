@@ -15,7 +15,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .. import __version__
-from ..toy import TEXT_TOKENS as TOY_TEXT_TOKENS
 from .common import (
     MODEL_HELP,
     PROGRESS_HELP,
@@ -31,6 +30,14 @@ from .common import (
     show_progress,
     warn,
 )
+
+
+def _builtin_text_tokens(model: str | None) -> int | None:
+    """T of a shipped model's calls (32 for toy, 48 for scenes), None for anything else."""
+    from ..toy.model import builtin_models
+
+    builtin = builtin_models().get(model) if model else None
+    return builtin.text_tokens if builtin is not None else None
 
 
 def _bench_parser(sub) -> None:
@@ -73,7 +80,7 @@ def _bench_parser(sub) -> None:
     p.add_argument(
         "--text-tokens", type=positive_int, default=None,
         help="text tokens T per row (default: 333, SD3's 77 CLIP + 256 T5; PixArt-Σ's 300 T5; "
-        "32 with --model toy)",
+        "32 with --model toy, 48 with scenes)",
     )  # fmt: skip
     add_cat_options(p)
     p.add_argument(
@@ -118,7 +125,7 @@ def _bench(args) -> int:
         steps=args.steps,
         batch=args.batch,
         cfg=args.cfg,
-        text_tokens=args.text_tokens or (TOY_TEXT_TOKENS if args.model == "toy" else None),
+        text_tokens=args.text_tokens or _builtin_text_tokens(args.model),
         keep_ratio=args.keep_ratio,
         warmup_steps=args.warmup_steps,
         num_clusters=args.num_clusters,
@@ -225,8 +232,9 @@ def _study_parser(sub) -> None:
     p.add_argument("--out", default="out/study", help="output folder")
     p.add_argument(
         "--model", default="toy",
-        help="'toy' (the pipeline shipped in catpatch) or a folder written by `python -m "
-        "catpatch.toy train` (pipeline and detector)",
+        help="'toy' or 'scenes' (the pipelines shipped in catpatch) or a folder written by "
+        "`python -m catpatch.toy train` / `python -m catpatch.scenes train` (pipeline and "
+        "detector)",
     )  # fmt: skip
     p.add_argument("--images", type=positive_int, default=64, help="caption/seed pairs")
     p.add_argument("--quick", action="store_true", help="28 steps, keep ratio 0.3 only")

@@ -63,13 +63,15 @@ TIMING_NOTE = (
 def load_demo_pipeline(
     model: str = "toy", device: str | None = None
 ) -> tuple[Any, dict[str, Any], str]:
-    """The pipeline of the demo: (pipeline, call kwargs, description). `model` is `toy` (the
-    pipeline shipped in catpatch) or an SD3-family pipeline folder / hub id."""
-    if model == "toy":
-        from .. import toy
+    """The pipeline of the demo: (pipeline, call kwargs, description). `model` is `toy` or
+    `scenes` (the pipelines shipped in catpatch) or an SD3-family pipeline folder / hub id."""
+    from ..toy.model import builtin_models
 
-        pipe = toy.load_pipeline(device=device)
-        return pipe, dict(toy.CALL_KWARGS), TOY_NOTE
+    builtin = builtin_models().get(model)
+    if builtin is not None:
+        pipe = builtin.load_pipeline(device=device)
+        note = TOY_NOTE if model == "toy" else f"Model: {builtin.description}."
+        return pipe, dict(builtin.call_kwargs), note
     from ..dtypes import default_dtype_name, torch_dtype
     from .generate import load_pipeline
     from .generate.pipeline import _as_text_to_image

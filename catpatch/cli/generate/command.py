@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 from ...dtypes import DTYPE_NAMES
 from ...toy import GUIDANCE_SCALE as TOY_GUIDANCE
+from ...toy.model import builtin_models
 from ..common import (
     MODEL_HELP,
     PROGRESS_HELP,
@@ -70,7 +71,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     p.add_argument(
         "--size", type=parse_size,
-        help="HxW in pixels (default: the model's own, 1024x1024 for SD3, 64x64 for toy)",
+        help="HxW in pixels (default: the model's own, 1024x1024 for SD3, 64x64 for toy, "
+        "96x96 for scenes)",
     )  # fmt: skip
     p.add_argument(
         "--seed", type=int, default=0, help=f"base seed; image j of prompt i: seed+{SEED_STRIDE}i+j"
@@ -108,7 +110,8 @@ def command(args: argparse.Namespace) -> int:
     """Run `catpatch generate` from parsed arguments; the exit code."""
     guidance = args.guidance
     if guidance is None:
-        guidance = TOY_GUIDANCE if args.model == "toy" else DEFAULT_GUIDANCE
+        builtin = builtin_models().get(args.model)
+        guidance = builtin.guidance_scale if builtin is not None else DEFAULT_GUIDANCE
     try:
         prompts = args.prompt or read_prompts(args.prompts_file)
         prompts = prompts[: args.limit] if args.limit is not None else prompts

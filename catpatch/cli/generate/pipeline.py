@@ -26,7 +26,7 @@ from .settings import GenerateError, GenerateSettings
 
 def load_pipeline(model: str, device: Any, dtype: Any):
     """`DiffusionPipeline.from_pretrained(model)` on `device` in `dtype`, with clear errors;
-    `model` may also be a built-in name (`toy`: the pipeline shipped in catpatch)."""
+    `model` may also be a built-in name (`toy`, `scenes`: the pipelines shipped in catpatch)."""
     from ..._quiet import quiet_loading
 
     builtin = is_builtin(model)
@@ -139,10 +139,11 @@ def _prepare(pipe, settings: GenerateSettings, height: int, width: int):
     """LoRA, then CAT or torch.compile; returns (pipeline, extra call kwargs)."""
     check_size(pipe, height, width, settings.num_clusters if settings.cat else None)
     extra: dict[str, Any] = {}
-    if settings.model == "toy":
-        from ...toy import MAX_SEQUENCE_LENGTH
+    from ...toy.model import builtin_models
 
-        extra["max_sequence_length"] = MAX_SEQUENCE_LENGTH  # the T5 length the toy learned
+    builtin = builtin_models().get(settings.model)
+    if builtin is not None:  # the T5 length the shipped model learned
+        extra["max_sequence_length"] = builtin.call_kwargs["max_sequence_length"]
     if "clean_caption" in inspect.signature(pipe.__call__).parameters:
         # PixArt's caption cleaning needs beautifulsoup4 and ftfy; without them the pipeline
         # warns on every call and turns it off anyway
