@@ -152,10 +152,10 @@ def run_study(
                 if steps not in ratios:  # calibrated on captions the study does not score
                     held_out = trained.eval_prompts(len(prompts) + MAGCACHE_CALIBRATION_IMAGES)
                     ratios[steps] = _calibrate(pipe, held_out[len(prompts) :], steps, trained)
-                config = dataclasses.replace(config, mag_ratios=ratios[steps])
+                calibrated = dataclasses.replace(config, mag_ratios=ratios[steps])
                 latents, imgs, macs = _run_peer(
                     pipe, prompts, steps, batch_size, unpatched_macs, trained,
-                    lambda c=config: apply_magcache(pipe, c), lambda: remove_magcache(pipe),
+                    lambda c=calibrated: apply_magcache(pipe, c), lambda: remove_magcache(pipe),
                 )  # fmt: skip
                 keep, t0 = 1.0, round(config.retention_ratio * steps)
                 clusters = 0
