@@ -199,6 +199,6 @@ def make_batch(
     n: int, rng: np.random.Generator, size: int = IMAGE_SIZE
 ) -> tuple[np.ndarray, np.ndarray]:
     """`n` random images (n, 3, size, size) in [0, 1] and their labels (n, 5) int64."""
-    labels = [random_labels(rng) for _ in range(n)]
-    images = np.stack([render(lab, rng, size) for lab in labels]).transpose(0, 3, 1, 2)
-    return np.ascontiguousarray(images), np.array(labels, dtype=np.int64)
+    from ..toy.data import draw_batch
+
+    return draw_batch(n, rng, size, random_labels, render)
