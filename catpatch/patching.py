@@ -1,7 +1,7 @@
 """`apply_cat`, `remove_cat`, `cat_generation`: put CAT on a pipeline or transformer, take it off.
 
 A patch touches only the given objects: hooks and per-instance `forward` overrides on the
-transformer (see `sd3.py`), and on a pipeline a wrapt wrapper around the instance's
+transformer (made by the adapter of its family: `FAMILIES`), and on a pipeline a wrapt wrapper around the instance's
 `progress_bar`, whose `with` block is exactly one denoising loop: entering it starts a run
 (state reset), leaving it, also by an exception or an interrupt, ends the run (caches freed).
 """
@@ -9,24 +9,86 @@ transformer (see `sd3.py`), and on a pipeline a wrapt wrapper around the instanc
 from __future__ import annotations
 
 import contextlib
+import importlib
 import weakref
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from .config import CATConfig
 from .hooks import PatchSet, wrap_denoising_loops
-from .sd3 import SD3Adapter, check_transformer
 from .state import CATState
 
 T = TypeVar("T")
 _ATTRIBUTE = "_catpatch"
-SUPPORTED_PIPELINES = (
-    "StableDiffusion3Pipeline",
-    "StableDiffusion3Img2ImgPipeline",
-    "StableDiffusion3InpaintPipeline",
-    "StableDiffusion3ControlNetPipeline",
-    "StableDiffusion3ControlNetInpaintingPipeline",
+
+
+@dataclass(frozen=True)
+class Family:
+    """A transformer family CAT serves: its diffusers transformer class, the adapter that
+    hooks into it (`module:Class`, imported on use) and the pipelines that run it.
+
+    The adapter class provides `check(transformer)` (raise naming the fix),
+    `num_blocks(transformer)`, `calls_per_step` (transformer calls per step in the family's
+    pipelines; None: as many as come before the progress bar advances, e.g. true CFG as two
+    calls), `install()`, `remove()` and `step_macs(tokens, text, computed, lean)`."""
+
+    name: str
+    transformer: str
+    adapter: str
+    pipelines: tuple[str, ...]
+    unsupported: tuple[tuple[str, str], ...] = ()  # (pipeline class, why not)
+
+    def adapter_class(self):
+        module, name = self.adapter.split(":")
+        return getattr(importlib.import_module(module), name)
+
+
+FAMILIES: tuple[Family, ...] = (
+    Family(
+        "SD3",
+        "SD3Transformer2DModel",
+        "catpatch.sd3:SD3Adapter",
+        (
+            "StableDiffusion3Pipeline",
+            "StableDiffusion3Img2ImgPipeline",
+            "StableDiffusion3InpaintPipeline",
+            "StableDiffusion3ControlNetPipeline",
+            "StableDiffusion3ControlNetInpaintingPipeline",
+        ),
+    ),
+    Family(
+        "FLUX",
+        "FluxTransformer2DModel",
+        "catpatch.flux:FluxAdapter",
+        (
+            "FluxPipeline",
+            "FluxImg2ImgPipeline",
+            "FluxInpaintPipeline",
+            "FluxControlNetPipeline",
+            "FluxFillPipeline",
+        ),
+        unsupported=(
+            (
+                "FluxKontextPipeline",
+                "it appends the reference image's tokens to the image sequence (extra position "
+                "ids, output cut to the first tokens), which CAT's token grid does not model",
+            ),
+            (
+                "FluxKontextInpaintPipeline",
+                "it appends the reference image's tokens to the image sequence, which CAT's "
+                "token grid does not model",
+            ),
+        ),
+    ),
 )
+SUPPORTED_PIPELINES = tuple(p for family in FAMILIES for p in family.pipelines)
+
+
+def family_of(transformer: Any) -> Family | None:
+    """The family of a (bare) transformer by its class, or None."""
+    names = {c.__name__ for c in type(transformer).__mro__}
+    return next((f for f in FAMILIES if f.transformer in names), None)
 
 
 class Patch:
@@ -34,10 +96,12 @@ class Patch:
 
     def __init__(self, transformer, config: CATConfig):
         self.config = config
+        self.family = family_of(transformer)
+        adapter = self.family.adapter_class()
         self.state = CATState(
-            config, len(transformer.transformer_blocks), persistent=config.keeps_buffers
+            config, adapter.num_blocks(transformer), persistent=config.keeps_buffers
         )
-        self.adapter = SD3Adapter(transformer, self.state)
+        self.adapter = adapter(transformer, self.state)
         self.pipeline_patches = PatchSet()
         self.pipelines: list[weakref.ref] = []
 
@@ -47,14 +111,17 @@ class Patch:
         self.pipelines.append(weakref.ref(pipe))
         state_ref = weakref.ref(self.state)
         pipe_ref = weakref.ref(pipe)
+        calls = self.adapter.calls_per_step
 
         def run(kwargs: dict):
-            """A bar with a `total` is one denoising loop: one CAT run."""
+            """A bar with a `total` is one denoising loop: one CAT run; each bar update ends
+            a step."""
             state, total = state_ref(), kwargs.get("total")
             if state is None or total is None:
                 return None
             cfg = bool(getattr(pipe_ref(), "do_classifier_free_guidance", False))
-            return (lambda: state.begin_run(total, cfg_rows=cfg)), state.end_run
+            begin = lambda: state.begin_run(total, cfg_rows=cfg, calls_per_step=calls)  # noqa: E731
+            return begin, state.end_run, state.end_step
 
         wrap_denoising_loops(self.pipeline_patches, pipe, run)
 
@@ -70,10 +137,14 @@ def _resolve(target: Any):
 
     if isinstance(target, DiffusionPipeline):
         name = type(target).__name__
+        why = {p: why for f in FAMILIES for p, why in f.unsupported}.get(name)
+        if why is not None:
+            raise TypeError(f"CAT does not support {name}: {why}")
         if not is_supported_pipeline(target):
+            transformers = ", ".join(f.transformer for f in FAMILIES)
             raise TypeError(
-                f"{name} is not a supported SD3-family pipeline; CAT supports "
-                f"{', '.join(SUPPORTED_PIPELINES)} (or a bare SD3Transformer2DModel)"
+                f"{name} is not a supported SD3-family or FLUX pipeline; CAT supports "
+                f"{', '.join(SUPPORTED_PIPELINES)} (or a bare {transformers})"
             )
         transformer = getattr(target, "transformer", None)
         if transformer is None:
@@ -92,7 +163,8 @@ def _unwrap(module):
 
 
 def apply_cat(target: T, config: CATConfig | None = None) -> T:
-    """Patch an SD3-family pipeline (or a bare `SD3Transformer2DModel`) with CAT pruning.
+    """Patch a pipeline of a supported family (SD3, FLUX; `SUPPORTED_PIPELINES`) or a bare
+    transformer of one (`SD3Transformer2DModel`, `FluxTransformer2DModel`) with CAT pruning.
 
     Returns `target`. Applying again replaces the previous config (hooks never stack). All
     checks run before anything is changed: on error the target is untouched.
@@ -101,7 +173,14 @@ def apply_cat(target: T, config: CATConfig | None = None) -> T:
     if not isinstance(config, CATConfig):
         raise TypeError(f"config must be a CATConfig, got {type(config).__name__}")
     transformer, pipe = _resolve(target)
-    check_transformer(transformer)
+    family = family_of(transformer)
+    if family is None:
+        raise TypeError(
+            f"expected a transformer CAT supports, got {type(transformer).__name__}; CAT "
+            f"supports SD3-family transformers (SD3-medium, SD3.5-medium, SD3.5-large) and "
+            f"FLUX.1 ({', '.join(f.transformer for f in FAMILIES)})"
+        )
+    family.adapter_class().check(transformer)
 
     patch: Patch | None = getattr(transformer, _ATTRIBUTE, None)
     pipes = [] if patch is None else [ref() for ref in patch.pipelines if ref() is not None]
@@ -143,7 +222,7 @@ def is_patched(target: Any) -> bool:
 
 @contextlib.contextmanager
 def cat_generation(
-    target: Any, num_inference_steps: int | None = None, cfg: bool = False
+    target: Any, num_inference_steps: int | None = None, cfg: bool = False, calls_per_step: int = 1
 ) -> Iterator[None]:
     """One generation of your own denoising loop with a CAT-patched transformer.
 
@@ -152,12 +231,16 @@ def cat_generation(
     no longer than the warm-up skip the cache recording. `cfg=True` says that each call's batch
     is a classifier-free-guidance pair, unconditional rows first then conditional (as diffusers
     pipelines stack it): with `cfg_selection="shared"` the conditional rows then choose the
-    tokens for both, which costs less and is what pipelines do.
+    tokens for both, which costs less and is what pipelines do. `calls_per_step=2`: each step
+    calls the transformer twice (true CFG as separate calls, conditional first): the second
+    call computes the tokens the first one chose, on caches of its own.
     """
     patch = get_patch(target)
     if patch is None:
         raise ValueError("cat_generation needs a CAT-patched model: call apply_cat first")
-    patch.state.begin_run(num_inference_steps, cfg_rows=cfg)
+    if isinstance(calls_per_step, bool) or not isinstance(calls_per_step, int) or calls_per_step < 1:
+        raise ValueError(f"calls_per_step={calls_per_step!r}: must be an int >= 1")
+    patch.state.begin_run(num_inference_steps, cfg_rows=cfg, calls_per_step=calls_per_step)
     try:
         yield
     finally:

@@ -1,4 +1,4 @@
-"""Named SD3-family transformer shapes, for benchmarks and tests with random weights.
+"""Named transformer shapes (SD3 family, FLUX.1), for benchmarks and tests with random weights.
 
 Speed does not depend on weight values, so a transformer built from one of these configs with
 random weights times the same as the released checkpoint of that shape.
@@ -69,19 +69,67 @@ SHAPES["tiny-sd3.5-medium"] = {
 }
 SHAPES["tiny-sd3.5-large"] = {**SHAPES["tiny-sd3"], "num_layers": 5, "qk_norm": "rms_norm"}
 
+# FLUX.1 (`FluxTransformer2DModel`), read off the released transformer configs: 19 double- and
+# 38 single-stream blocks, 24 heads x 128; dev is guidance-distilled (a guidance embedding).
+_FLUX_DEV: dict[str, Any] = dict(
+    patch_size=1,
+    in_channels=64,
+    out_channels=None,
+    num_layers=19,
+    num_single_layers=38,
+    attention_head_dim=128,
+    num_attention_heads=24,
+    joint_attention_dim=4096,
+    pooled_projection_dim=768,
+    guidance_embeds=True,
+    axes_dims_rope=(16, 56, 56),
+)
+FLUX_SHAPES: dict[str, dict[str, Any]] = {
+    "flux-dev": _FLUX_DEV,
+    "flux-schnell": {**_FLUX_DEV, "guidance_embeds": False},
+    # Tiny FLUX for tests: 2 double + 2 single blocks, width 32, 4 latent channels packed 2x2.
+    "tiny-flux": {
+        **_FLUX_DEV,
+        "in_channels": 16,
+        "num_layers": 2,
+        "num_single_layers": 2,
+        "attention_head_dim": 16,
+        "num_attention_heads": 2,
+        "joint_attention_dim": 32,
+        "pooled_projection_dim": 32,
+        "guidance_embeds": False,
+        "axes_dims_rope": (4, 6, 6),
+    },
+}
+FLUX_SHAPES["tiny-flux-dev"] = {**FLUX_SHAPES["tiny-flux"], "guidance_embeds": True}
+SHAPES.update(FLUX_SHAPES)
+
+
+def is_flux(shape: str) -> bool:
+    """Whether the named shape is a FLUX.1 transformer (else SD3-family)."""
+    return shape in FLUX_SHAPES
+
+
+def transformer_class(shape: str):
+    """The diffusers transformer class of a named shape."""
+    import diffusers
+
+    name = "FluxTransformer2DModel" if is_flux(shape) else "SD3Transformer2DModel"
+    return getattr(diffusers, name)
+
 
 def transformer_config(shape: str, **overrides: Any) -> dict[str, Any]:
-    """The `SD3Transformer2DModel` config of a named shape, with optional overrides."""
+    """The transformer config of a named shape, with optional overrides."""
     if shape not in SHAPES:
         raise ValueError(f"unknown shape {shape!r}; choose one of {sorted(SHAPES)}")
     return {**SHAPES[shape], **overrides}
 
 
 def build_transformer(shape: str, seed: int = 0, device=None, dtype=None, **overrides: Any):
-    """An `SD3Transformer2DModel` of a named shape with seeded random weights, initialised
-    directly on `device` (CPU by default: large shapes initialise much faster on a GPU)."""
+    """A transformer of a named shape (`SD3Transformer2DModel` or `FluxTransformer2DModel`)
+    with seeded random weights, initialised directly on `device` (CPU by default: large
+    shapes initialise much faster on a GPU)."""
     import torch
-    from diffusers import SD3Transformer2DModel
 
     device = torch.device(device or "cpu")
     devices = [device.index or 0] if device.type == "cuda" else []
@@ -91,7 +139,7 @@ def build_transformer(shape: str, seed: int = 0, device=None, dtype=None, **over
         # made in `dtype` directly: no fp32 copy first (SD3.5-large is 8B parameters)
         torch.set_default_dtype(dtype or default)
         try:
-            model = SD3Transformer2DModel(**transformer_config(shape, **overrides))
+            model = transformer_class(shape)(**transformer_config(shape, **overrides))
         finally:
             torch.set_default_dtype(default)
     return model.eval()

@@ -62,6 +62,21 @@ def _call_argument(args: tuple, kwargs: dict, name: str, position: int):
 class SD3Adapter:
     """Hooks CAT into one `SD3Transformer2DModel` instance; `remove()` undoes it exactly."""
 
+    check = staticmethod(check_transformer)
+    calls_per_step: int | None = 1  # one call per step (CFG batched; SLG calls pass through)
+
+    @staticmethod
+    def num_blocks(transformer) -> int:
+        return len(transformer.transformer_blocks)
+
+    def step_macs(
+        self, tokens: int, text: int, computed: int | None = None, lean: bool = False
+    ) -> int:
+        """MACs of one call per batch row (see `catpatch.stats.step_macs`)."""
+        from ..stats import ModelDims, step_macs
+
+        return step_macs(ModelDims.from_config(self.transformer.config), tokens, text, computed, lean)
+
     def __init__(self, transformer, state: CATState):
         self.transformer = transformer
         self.state = state
@@ -175,12 +190,10 @@ class SD3Adapter:
         )
 
     def _step_cost_ratio(self) -> float:
-        from ..stats import ModelDims, step_macs
-
-        geo, dims = self.state.schedule.geometry, ModelDims.from_config(self.transformer.config)
-        full = step_macs(dims, geo.tokens, geo.text_tokens)
+        geo = self.state.schedule.geometry
+        full = self.step_macs(geo.tokens, geo.text_tokens)
         budget, lean = self.state.log.budget, self.state.config.lean
-        return step_macs(dims, geo.tokens, geo.text_tokens, budget, lean) / full
+        return self.step_macs(geo.tokens, geo.text_tokens, budget, lean) / full
 
     def _features(self) -> int:
         config = self.transformer.config
