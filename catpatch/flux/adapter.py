@@ -357,4 +357,7 @@ class FluxAdapter:
         state = self.state
         if state.schedule.mode in (Mode.PASS, Mode.FULL):
             return None
-        return self._observe(state.schedule.mode, output, self.timestep)
+        # a follower call only writes its computed rows: eager, so that the compiled
+        # selection keeps one graph per phase
+        observe = state.observe_output if state.schedule.follower else self._observe
+        return observe(state.schedule.mode, output, self.timestep)
