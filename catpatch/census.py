@@ -144,8 +144,11 @@ def census(
     text_tokens: int = 333,
     dtype: torch.dtype = torch.bfloat16,
 ) -> Census:
-    """Count a full, a recording and a pruned step of the named shape on the meta device."""
-    from .models.shapes import build_transformer
+    """Count a full, a recording and a pruned step of the named shape on the meta device.
+
+    FLUX shapes: `cfg` is ignored (FLUX.1 is guidance-distilled: B rows per call; true CFG
+    makes two such calls per step, each counted the same)."""
+    from .models.shapes import build_transformer, is_flux
     from .patching import apply_cat, cat_generation, get_patch
     from .schedule import Mode
 
@@ -153,16 +156,25 @@ def census(
     model = build_transformer(shape, device="meta", dtype=dtype)
     apply_cat(model, config)
     state = get_patch(model).state
+    cfg = cfg and not is_flux(shape)
     rows = 2 * batch if cfg else batch
     meta = dict(device="meta", dtype=dtype)
-    inputs = dict(
-        hidden_states=torch.zeros(rows, model.config.in_channels, height // 8, width // 8, **meta),
-        encoder_hidden_states=torch.zeros(
-            rows, text_tokens, model.config.joint_attention_dim, **meta
-        ),
-        pooled_projections=torch.zeros(rows, model.config.pooled_projection_dim, **meta),
-        timestep=torch.full((rows,), 500.0, device="meta"),
-    )
+    if is_flux(shape):
+        from .flux.inputs import call_inputs
+
+        inputs = call_inputs(model.config, rows, height, width, text_tokens, "meta", dtype)
+        inputs["timestep"] = torch.full((rows,), 0.5, device="meta")
+    else:
+        inputs = dict(
+            hidden_states=torch.zeros(
+                rows, model.config.in_channels, height // 8, width // 8, **meta
+            ),
+            encoder_hidden_states=torch.zeros(
+                rows, text_tokens, model.config.joint_attention_dim, **meta
+            ),
+            pooled_projections=torch.zeros(rows, model.config.pooled_projection_dim, **meta),
+            timestep=torch.full((rows,), 500.0, device="meta"),
+        )
     recorder = _Recorder()
     next_selection = state.tokens.next
 

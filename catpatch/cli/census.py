@@ -2,6 +2,7 @@
 
     catpatch census --shape sd3-medium --size 1024x1024            # CFG pair, bf16
     catpatch census --shape sd3.5-large --size 1024x1024 --lean
+    catpatch census --shape flux-dev --size 1024x1024              # no CFG pair, T=512
 
 Builds the named transformer shape on the `meta` device at its real size and counts what one
 full, one recording and one pruned step dispatch (see `catpatch.census`): the tool to check a
@@ -31,8 +32,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--shape", default="sd3-medium", choices=sorted(SHAPES), help="model shape")
     p.add_argument("--size", default="1024x1024", type=parse_size, help="HEIGHTxWIDTH in pixels")
     p.add_argument("--batch", type=int, default=1, help="images per call")
-    p.add_argument("--no-cfg", action="store_true", help="no classifier-free guidance pair")
-    p.add_argument("--text-tokens", type=int, default=333, help="text tokens T (CLIP + T5)")
+    p.add_argument(
+        "--no-cfg", action="store_true",
+        help="no classifier-free guidance pair (FLUX shapes: always, one row per image)",
+    )  # fmt: skip
+    p.add_argument(
+        "--text-tokens", type=int, default=None,
+        help="text tokens T (default: 333 for SD3, CLIP + T5; 512 for FLUX, T5)",
+    )  # fmt: skip
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPE_NAMES), help="weights dtype")
     p.add_argument("--keep-ratio", type=float, default=default.keep_ratio, help="α")
     p.add_argument(
@@ -48,6 +55,7 @@ def command(args: argparse.Namespace) -> int:
     from ..census import census
     from ..config import CATConfig
     from ..dtypes import torch_dtype
+    from ..models.shapes import is_flux
 
     height, width = args.size
     result = census(
@@ -57,7 +65,7 @@ def command(args: argparse.Namespace) -> int:
         CATConfig(keep_ratio=args.keep_ratio, lean=args.lean),
         batch=args.batch,
         cfg=not args.no_cfg,
-        text_tokens=args.text_tokens,
+        text_tokens=args.text_tokens or (512 if is_flux(args.shape) else 333),
         dtype=torch_dtype(args.dtype),
     )
     if args.json:

@@ -32,7 +32,7 @@ from ..caches import gather_positions, gather_tokens, write_rows
 from ..hooks import PatchSet
 from ..schedule import Geometry, Mode
 from ..state import CATState
-from .block import double_block_forward, single_block_forward
+from .block import double_block_forward, joint_kv_rows, single_block_forward
 from .cost import FluxDims, step_macs
 
 # Attention processors whose computation our pruned attention reproduces.
@@ -92,6 +92,7 @@ class FluxAdapter:
         self.dims = FluxDims.from_config(transformer.config)
         self.controlnet: tuple | None = None  # this call's (double, single, repeat) residuals
         self.timestep: Tensor | None = None
+        self._kv_rows: Tensor | None = None  # this pruned step's K/V cache rows, FLUX order
         self._grid: tuple[int, int, int] | None = None  # (L, H', W') of the last run
         self._warned_outside = False
 
@@ -199,7 +200,10 @@ class FluxAdapter:
         self.timestep = _call_argument(args, kwargs, "timestep", 3)
         if mode is not Mode.PRUNED:
             return None
-        step = state.step_index if schedule.follower else state.begin_pruned_step()
+        if not schedule.follower:  # a follower computes the first call's tokens
+            step = state.begin_pruned_step()
+            self._kv_rows = joint_kv_rows(step, step.index.shape[0])
+        step = state.step_index
         samples = [kwargs.get(name) for name in _CONTROLNET]
         if all(s is None for s in samples):
             return None
@@ -309,6 +313,7 @@ class FluxAdapter:
                 rows=schedule.driver_slice,
                 keep_all=caches.keep,
                 output_caches=state.dense,
+                kv_rows=self._kv_rows if pruned else None,
             )
         if single in self._full and getattr(original, "__self__", None) is block:
             original = functools.partial(self._full[single], block)  # the class forward

@@ -28,14 +28,32 @@ Rope = tuple[Tensor, Tensor]
 
 def rotate(x: Tensor, rope: Rope) -> Tensor:
     """diffusers' `apply_rotary_emb(x, rope, sequence_dim=1)` (interleaved real pairs) for x
-    (R, N, H, d), with (N, d) or per-row (R, N, d) tables: the same float ops."""
+    (..., R, N, H, d), with (N, d) or per-row (R, N, d) tables: the same float ops, so the
+    same values (also for a stacked (2, R, N, H, d) query/key pair: one rotation for both)."""
     cos, sin = rope
     if cos.ndim == 2:
         cos, sin = cos[None], sin[None]
     cos, sin = cos[:, :, None, :].to(x.device), sin[:, :, None, :].to(x.device)
     real, imag = x.reshape(*x.shape[:-1], -1, 2).unbind(-1)
-    rotated = torch.stack([-imag, real], dim=-1).flatten(3)
+    rotated = torch.stack([-imag, real], dim=-1).flatten(-2)
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+def _rotated_pair(q_parts: tuple[Tensor, ...], k_parts: tuple[Tensor, ...], rope: Rope):
+    """rotate(cat(q_parts)), rotate(cat(k_parts)) along the tokens, as one rotation of the
+    stacked pair: the rotation's eight elementwise kernels once per block instead of twice."""
+    if len(q_parts) == 1:
+        pair = torch.stack([q_parts[0], k_parts[0]])
+    elif torch.compiler.is_compiling():
+        pair = torch.stack([torch.cat(q_parts, dim=1), torch.cat(k_parts, dim=1)])
+    else:  # each concatenation straight into its half
+        first = q_parts[0]
+        tokens = sum(p.shape[1] for p in q_parts)
+        pair = first.new_empty(2, first.shape[0], tokens, *first.shape[2:])
+        torch.cat(q_parts, dim=1, out=pair[0])
+        torch.cat(k_parts, dim=1, out=pair[1])
+    pair = rotate(pair, rope)
+    return pair[0], pair[1]
 
 
 def _projections(attn, x: Tensor, context: bool) -> tuple[Tensor, Tensor, Tensor]:
@@ -54,22 +72,44 @@ def _heads(attn, q: Tensor, k: Tensor, v: Tensor, context: bool) -> tuple[Tensor
     return norm_q(q), norm_k(k), v
 
 
+def joint_kv_rows(step: StepIndex, rows: int) -> Tensor:
+    """(2, R·(T+N)): the rows of the flattened (2·R·(L+T), D) K/V cache that this call's K and
+    V take in FLUX's token order, [text, computed image] per batch row (`StepIndex.kv` lists
+    them image first). A few small kernels: the adapter makes it once per step."""
+    k_image, k_text, v_image, v_text = (p.view(rows, -1) for p in step.kv_parts())
+    return torch.stack([torch.cat([k_text, k_image], 1), torch.cat([v_text, v_image], 1)]).view(
+        2, -1
+    )
+
+
 def _cached_attention(
-    q: Tensor, k: Tensor, v: Tensor, text: int, cache: BlockCache, step: StepIndex | None,
-    keep_all,
+    q: Tensor, k: Tensor, values: Tensor | tuple[Tensor, Tensor], text: int, cache: BlockCache,
+    step: StepIndex | None, kv_rows: Tensor | None, keep_all,
 ) -> Tensor:  # fmt: skip
     """Attention of the queries q (R, T+N, H, d) ([text, computed image], rotated) over the
-    cached K/V of all tokens, after writing this call's k, v (same order) into the cache;
-    -> (R, T+N, H·d)."""
+    cached K/V of all tokens, after writing this call's K `k` (same order) and V `values`
+    (R, T+N, H, d) or its (text, image) parts into the cache; -> (R, T+N, H·d)."""
     rows, heads = q.shape[0], q.shape[2]
+    joint = values if isinstance(values, Tensor) else None
     if step is None:
         # recording: the whole cache from this call, image first then text
-        joint = [torch.cat([t[:, text:], t[:, :text]], dim=1).flatten(2) for t in (k, v)]
-        cache.kv = keep_all(cache.kv, torch.stack(joint))
+        v = joint if joint is not None else torch.cat(values, dim=1)
+        halves = [torch.cat([t[:, text:], t[:, :text]], dim=1).flatten(2) for t in (k, v)]
+        cache.kv = keep_all(cache.kv, torch.stack(halves))
     else:
-        # one index_copy_ in `step.kv`'s order: K image, K text, V image, V text
-        parts = [p.reshape(-1, p.shape[-2] * p.shape[-1]) for t in (k, v) for p in (t[:, text:], t[:, :text])]
-        write_rows(cache.kv, step.kv, torch.cat(parts))
+        kv_rows = joint_kv_rows(step, rows) if kv_rows is None else kv_rows
+        if torch.compiler.is_compiling():
+            # one write (a second one into a graph input makes inductor copy the whole cache)
+            v = joint if joint is not None else torch.cat(values, dim=1)
+            write_rows(cache.kv, kv_rows.view(-1), torch.stack([k, v]).flatten(3))
+        else:  # eager: no concatenated copy, the parts go straight to their rows
+            write_rows(cache.kv, kv_rows[0], k.flatten(2))
+            if joint is not None:
+                write_rows(cache.kv, kv_rows[1], joint.flatten(2))
+            else:
+                _, _, v_image, v_text = step.kv_parts()
+                write_rows(cache.kv, v_text, values[0].flatten(2))
+                write_rows(cache.kv, v_image, values[1].flatten(2))
     keys, values = (t.view(rows, t.shape[1], heads, -1).transpose(1, 2) for t in cache.kv)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, dropout_p=0.0)
     return out.transpose(1, 2).flatten(2).to(q.dtype)
@@ -99,6 +139,7 @@ def double_block_forward(
     rows: slice = ALL_ROWS,
     keep_all=keep,
     output_caches: bool = True,
+    kv_rows: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """`FluxTransformerBlock.forward` for the computed image tokens, reading/writing `cache`.
 
@@ -106,7 +147,8 @@ def double_block_forward(
     `rope` the rotary rows of [text, computed image]. With `output_caches` the recording step
     keeps the driver rows' (`rows`) image attention / FFN outputs; on a pruned step with a
     dense `residual` stream (the driver rows of all L tokens) the gated cached outputs of every
-    token are added to it. -> (encoder_hidden_states, hidden_states), as diffusers.
+    token are added to it. `kv_rows`: `joint_kv_rows(step, R)` if already made for this step.
+    -> (encoder_hidden_states, hidden_states), as diffusers.
     """
     if step is not None:
         rows, output_caches = step.rows, residual is not None
@@ -117,8 +159,8 @@ def double_block_forward(
     attn, text = block.attn, encoder_hidden_states.shape[1]
     q, k, v = _heads(attn, *_projections(attn, normed, context=False), context=False)
     cq, ck, cv = _heads(attn, *_projections(attn, normed_context, context=True), context=True)
-    q, k = (rotate(torch.cat(pair, dim=1), rope) for pair in ((cq, q), (ck, k)))
-    out = _cached_attention(q, k, torch.cat([cv, v], dim=1), text, cache, step, keep_all)
+    q, k = _rotated_pair((cq, q), (ck, k), rope)
+    out = _cached_attention(q, k, (cv, v), text, cache, step, kv_rows, keep_all)
     context_attn_output, attn_output = out[:, :text], out[:, text:]
     attn_output = attn.to_out[1](attn.to_out[0](attn_output.contiguous()))
     context_attn_output = attn.to_add_out(context_attn_output.contiguous())
@@ -156,6 +198,7 @@ def single_block_forward(
     rows: slice = ALL_ROWS,
     keep_all=keep,
     output_caches: bool = True,
+    kv_rows: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """`FluxSingleTransformerBlock.forward` for all text tokens and the computed image tokens:
     one input [text, image] feeds the attention (queries of these tokens over the cached K/V of
@@ -169,8 +212,8 @@ def single_block_forward(
     mlp = block.act_mlp(block.proj_mlp(normed))
     attn = block.attn
     q, k, v = _heads(attn, *_projections(attn, normed, context=False), context=False)
-    q, k = rotate(q, rope), rotate(k, rope)
-    attn_output = _cached_attention(q, k, v, text, cache, step, keep_all)
+    q, k = _rotated_pair((q,), (k,), rope)
+    attn_output = _cached_attention(q, k, v, text, cache, step, kv_rows, keep_all)
     projected = block.proj_out(torch.cat([attn_output, mlp], dim=2))
     gate = gate.unsqueeze(1)
     x = x + gate * projected
