@@ -33,7 +33,7 @@ def _bench_parser(sub) -> None:
         "bench",
         formatter_class=HelpFormatter,
         help="time the denoising loop unpatched vs CAT, side by side",
-        description="Time whole denoising loops of an SD3-family transformer unpatched and "
+        description="Time whole denoising loops of an SD3-family or FLUX.1 transformer unpatched and "
         "CAT-patched, alternating in one process after warm-up; print medians, the speed-up, "
         "the arithmetic bound of the config, MACs, cache memory and selection overhead.",
     )
@@ -55,11 +55,13 @@ def _bench_parser(sub) -> None:
     p.add_argument("--batch", type=positive_int, default=1, help="prompts per loop")
     p.add_argument(
         "--no-cfg", dest="cfg", action="store_false",
-        help="no classifier-free guidance: batch rows instead of 2 x batch",
+        help="no classifier-free guidance: batch rows instead of 2 x batch (FLUX: one call per "
+        "step instead of true CFG's two)",
     )  # fmt: skip
     p.add_argument(
         "--text-tokens", type=positive_int, default=None,
-        help="text tokens T per row (default: 333, SD3's 77 CLIP + 256 T5; 32 with --model toy)",
+        help="text tokens T per row (default: 333, SD3's 77 CLIP + 256 T5; 512 for FLUX shapes; "
+        "32 with --model toy)",
     )  # fmt: skip
     add_cat_options(p)
     # "step" and "cat+reuse" skip whole steps: the bound of the table is for pruned steps
@@ -87,6 +89,15 @@ def _bench_parser(sub) -> None:
     p.set_defaults(func=_bench)
 
 
+def _default_text_tokens(args) -> int:
+    """T per row: 32 for the toy, 512 (T5) for FLUX shapes, else SD3's 77 CLIP + 256 T5."""
+    from ..models.shapes import is_flux
+
+    if args.model == "toy":
+        return TOY_TEXT_TOKENS
+    return 512 if args.model is None and is_flux(args.shape) else 333
+
+
 def _bench(args) -> int:
     import torch
 
@@ -104,7 +115,7 @@ def _bench(args) -> int:
         steps=args.steps,
         batch=args.batch,
         cfg=args.cfg,
-        text_tokens=args.text_tokens or (TOY_TEXT_TOKENS if args.model == "toy" else 333),
+        text_tokens=args.text_tokens or _default_text_tokens(args),
         keep_ratio=args.keep_ratio,
         warmup_steps=args.warmup_steps,
         num_clusters=args.num_clusters,

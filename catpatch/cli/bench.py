@@ -1,7 +1,7 @@
 """`catpatch bench`: the denoising loop unpatched vs CAT-patched, side by side in one process.
 
-Builds an SD3-family transformer from a named shape with random weights (speed does not depend
-on weight values) or loads a user's transformer, and times whole denoising loops of the two,
+Builds an SD3-family or FLUX.1 transformer from a named shape with random weights (speed does
+not depend on weight values) or loads a user's transformer, and times whole denoising loops of the two,
 alternating, after warm-up, reporting medians, their ratio, the arithmetic bound of the config
 (spec cost model), MACs, the memory the caches hold and the selection time per pruned step.
 `check_settings` rejects what cannot be timed (sizes that are not multiples of 16, loops no
@@ -23,7 +23,7 @@ import torch
 from ..config import CATConfig
 from ..dtypes import torch_dtype
 from ..patching import apply_cat, cat_generation, get_patch
-from ..stats import ModelDims, run_bound, run_macs
+from ..stats import collect, run_bound
 from .common import CommandError, cat_config, check_device, resolve_model
 from .generate.pipeline import first_line
 
@@ -131,13 +131,19 @@ def transformer_config(shape: str, model: str | None) -> dict[str, Any]:
         try:
             with warnings.catch_warnings():  # huggingface_hub's deprecation notices
                 warnings.simplefilter("ignore")
+                # load_config reads any model's config.json; `_class_name` names the family
                 return dict(SD3Transformer2DModel.load_config(path, **kwargs))
         except (OSError, ValueError) as err:
             reason = first_line(err)
     raise BenchError(
-        f"--model {model}: no SD3 transformer config there ({reason}); pass 'toy', a pipeline "
-        f"or transformer folder, or a hub id (offline: a local folder)"
+        f"--model {model}: no SD3 transformer config there, nor a FLUX one ({reason}); pass "
+        f"'toy', a pipeline or transformer folder, or a hub id (offline: a local folder)"
     )
+
+
+def is_flux_config(config: dict[str, Any]) -> bool:
+    """Whether a transformer config is FLUX's (single-stream blocks) rather than SD3's."""
+    return config.get("_class_name") == "FluxTransformer2DModel" or "num_single_layers" in config
 
 
 def default_size(shape: str, model: str | None) -> tuple[int, int]:
@@ -156,15 +162,16 @@ def check_settings(settings: BenchSettings, device_given: bool = True) -> None:
     if device_given:
         check_device(settings.device)
     config = transformer_config(settings.shape, settings.model)
-    patch = int(config.get("patch_size") or 2)
-    unit = 8 * patch  # the SD3 VAE's 8x, then patch x patch latents per token
+    flux = is_flux_config(config)
+    patch = 2 if flux else int(config.get("patch_size") or 2)  # FLUX packs 2x2 latents
+    unit = 8 * patch  # the VAE's 8x, then patch x patch latents per token
     height, width = settings.height, settings.width
     if height <= 0 or width <= 0 or height % unit or width % unit:
         fit = "x".join(str(max(unit, round(v / unit) * unit)) for v in (height, width))
         raise BenchError(
             f"--size {height}x{width}: height and width must be positive multiples of {unit} "
-            f"for SD3 (latents are 1/8 of the image, tokens are {patch}x{patch} latents), "
-            f"e.g. --size {fit}"
+            f"for {'FLUX' if flux else 'SD3'} (latents are 1/8 of the image, tokens are "
+            f"{patch}x{patch} latents), e.g. --size {fit}"
         )
     limit = config.get("pos_embed_max_size")
     if limit and max(height, width) > limit * unit:
@@ -208,20 +215,24 @@ def load_transformer(settings: BenchSettings):
             settings.shape, seed=settings.seed, device=settings.device, dtype=dtype
         )
     else:
-        from diffusers import SD3Transformer2DModel
+        from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
 
+        flux = is_flux_config(transformer_config(settings.shape, settings.model))
+        cls = FluxTransformer2DModel if flux else SD3Transformer2DModel
         path = resolve_model(settings.model)  # "toy": the pipeline shipped in catpatch
         try:
-            model = SD3Transformer2DModel.from_pretrained(path, subfolder="transformer")
+            model = cls.from_pretrained(path, subfolder="transformer")
         except (OSError, ValueError):
-            model = SD3Transformer2DModel.from_pretrained(path)
+            model = cls.from_pretrained(path)
     if model.dtype != dtype:
         model = model.to(dtype=dtype)
     return model.to(device=settings.device).eval()
 
 
 class Loop:
-    """A denoising loop (flow-matching Euler, CFG) around one transformer."""
+    """A denoising loop (flow-matching Euler, CFG) around one transformer. FLUX: packed
+    latents and position ids as its pipelines pass them; CFG is true CFG, two calls of B rows
+    per step (conditional, then unconditional), as `FluxPipeline` makes them."""
 
     def __init__(self, transformer, settings: BenchSettings, eager: bool = False):
         from diffusers import FlowMatchEulerDiscreteScheduler
@@ -233,17 +244,31 @@ class Loop:
         device, dtype = torch.device(settings.device), torch_dtype(settings.dtype)
         gen = torch.Generator().manual_seed(settings.seed)
         batch = settings.batch
-        rows = 2 * batch if settings.cfg else batch
+        self.flux = is_flux_config(dict(cfg))
+        rows = 2 * batch if settings.cfg and not self.flux else batch
+        self.scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+        self.device = device
+        self.rows = rows
+        self.forward = transformer
+        if self.flux:
+            from ..flux.inputs import call_inputs
+
+            h, w = settings.height, settings.width
+            calls = [
+                call_inputs(cfg, batch, h, w, settings.text_tokens, device, dtype, gen)
+                for _ in range(2 if settings.cfg else 1)
+            ]
+            self.latents = calls[0].pop("hidden_states")
+            for extra in calls[1:]:
+                extra.pop("hidden_states")
+            self.calls = calls
+            return
         latent = (batch, cfg.in_channels, settings.height // 8, settings.width // 8)
         self.latents = torch.randn(latent, generator=gen).to(device, dtype)
         self.context = torch.randn(
             rows, settings.text_tokens, cfg.joint_attention_dim, generator=gen
         ).to(device, dtype)
         self.pooled = torch.randn(rows, cfg.pooled_projection_dim, generator=gen).to(device, dtype)
-        self.scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
-        self.device = device
-        self.rows = rows
-        self.forward = transformer
 
     def __call__(self) -> torch.Tensor:
         modules = self.transformer.modules() if self.eager else ()
@@ -255,6 +280,8 @@ class Loop:
                 module._compiled_call_impl = call
 
     def _denoise(self) -> torch.Tensor:
+        if self.flux:
+            return self._denoise_flux()
         s = self.settings
         self.scheduler.set_timesteps(s.steps, device=self.device)
         latents = self.latents.clone()
@@ -273,6 +300,27 @@ class Loop:
                 if s.cfg:
                     uncond, cond = out.chunk(2)
                     out = uncond + 7.0 * (cond - uncond)
+                latents = self.scheduler.step(out, t, latents, return_dict=False)[0]
+        return latents
+
+
+    def _denoise_flux(self) -> torch.Tensor:
+        s = self.settings
+        self.scheduler.set_timesteps(s.steps, device=self.device)
+        latents = self.latents.clone()
+        patch = get_patch(self.transformer)
+        calls = len(self.calls)
+        scope = (
+            cat_generation(self.transformer, s.steps, calls_per_step=calls) if patch else _nothing()
+        )
+        with torch.no_grad(), scope:
+            for t in self.scheduler.timesteps:
+                sigma = (t / 1000).expand(self.rows).to(latents.dtype)
+                outs = [
+                    self.forward(hidden_states=latents, timestep=sigma, return_dict=False, **call)[0]
+                    for call in self.calls
+                ]
+                out = outs[0] if calls == 1 else outs[1] + 4.0 * (outs[0] - outs[1])
                 latents = self.scheduler.step(out, t, latents, return_dict=False)[0]
         return latents
 
@@ -359,7 +407,7 @@ def run(settings: BenchSettings) -> BenchResult:
         # (CATConfig.compile, with persistent buffers) and each block of the baseline in place.
         config = config.replace(compile=settings.compile)
         mode = None if settings.compile == "default" else settings.compile
-        for block in base.transformer_blocks:
+        for block in (*base.transformer_blocks, *getattr(base, "single_transformer_blocks", ())):
             block.compile(mode=mode, dynamic=False)
     apply_cat(patched, config)
     loops = {"unpatched": Loop(base, settings), "patched": Loop(patched, settings)}
@@ -389,11 +437,8 @@ def run(settings: BenchSettings) -> BenchResult:
     patch = get_patch(patched)
     log = patch.state.log
     geo = log.geometry
-    dims = ModelDims.from_config(patched.config)
-    pruned_steps = sum(s.mode.value == "pruned" for s in log.steps)
-    macs, macs_full = run_macs(
-        dims, geo.rows, geo.tokens, geo.text_tokens, log.budget, len(log.steps), pruned_steps
-    )
+    stats = collect(patch, patched)  # the family's cost model, every call of every step
+    macs, macs_full = stats.macs, stats.macs_unpatched
     full_ms, pruned_ms = _step_times(loops["patched"])
     select_ms = _selection_time(loops["patched"])
     patched_median = statistics.median(times["patched"])
