@@ -1,5 +1,5 @@
 """The pipeline of a run: `load_pipeline` loads a saved folder or hub id with errors that name
-the fix, `_as_text_to_image` turns any SD3-family pipeline into the text-to-image one,
+the fix, `_as_text_to_image` turns any SD3-family or FLUX pipeline into its text-to-image one,
 `check_size` checks HxW against the model, `_cat_config` builds the run's `CATConfig` and
 `_prepare` loads the LoRA and applies CAT (or torch.compile) before the first image.
 """
@@ -62,18 +62,22 @@ def first_line(err: BaseException) -> str:
 
 
 def _as_text_to_image(pipe):
-    """The SD3 text-to-image pipeline of `pipe`; GenerateError if it is not SD3-family."""
-    from diffusers import StableDiffusion3Pipeline
+    """The text-to-image pipeline of `pipe`'s family (SD3 or FLUX); GenerateError if CAT does
+    not support it."""
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline
 
     from ...patching import is_supported_pipeline
 
-    if isinstance(pipe, StableDiffusion3Pipeline):
+    if isinstance(pipe, (StableDiffusion3Pipeline, FluxPipeline)):
         return pipe
     if not is_supported_pipeline(pipe):
         raise GenerateError(
-            f"{type(pipe).__name__} is not a supported SD3-family pipeline; catpatch generate "
-            f"needs a StableDiffusion3Pipeline checkpoint (SD3-medium, SD3.5-medium/large)"
+            f"{type(pipe).__name__} is not a supported SD3-family or FLUX pipeline; catpatch "
+            f"generate needs a StableDiffusion3Pipeline checkpoint (SD3-medium, "
+            f"SD3.5-medium/large) or a FluxPipeline one (FLUX.1-dev, FLUX.1-schnell)"
         )
+    if type(pipe).__name__.startswith("Flux"):
+        return FluxPipeline.from_pipe(pipe)
     return StableDiffusion3Pipeline.from_pipe(pipe)
 
 
@@ -82,7 +86,8 @@ def check_size(pipe, height: int, width: int, num_clusters: int | None = None) -
     position embedding, and (for CAT) at least `num_clusters` image tokens."""
     vae = int(pipe.vae_scale_factor)
     config = pipe.transformer.config
-    patch = int(config.patch_size)
+    # FLUX packs 2x2 latents per token (its transformer's patch_size is 1)
+    patch = 2 if hasattr(config, "num_single_layers") else int(config.patch_size)
     unit = vae * patch
     if height % unit or width % unit or height <= 0 or width <= 0:
         fit = "x".join(str(max(unit, round(v / unit) * unit)) for v in (height, width))
