@@ -22,8 +22,8 @@ class BlockCache:
     (2, R, L+T, D) so that a pruned step writes both with one `index_copy_` (`key` and
     `value` are its two halves); attn/ff: the block's image attention and FFN outputs before
     gating (R, L, D) (a single-stream block, whose attention and MLP share one output
-    projection, keeps that projection's output in `attn`); key2/value2/attn2: the same for the second, image-only attention of
-    SD3.5 dual-attention blocks (no text).
+    projection, keeps that projection's output in `attn`); key2/value2/attn2: the same for
+    the second, image-only attention of SD3.5 dual-attention blocks (no text).
     """
 
     kv: Tensor | None = None

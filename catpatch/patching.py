@@ -1,9 +1,10 @@
 """`apply_cat`, `remove_cat`, `cat_generation`: put CAT on a pipeline or transformer, take it off.
 
 A patch touches only the given objects: hooks and per-instance `forward` overrides on the
-transformer (made by the adapter of its family: `FAMILIES`), and on a pipeline a wrapt wrapper around the instance's
-`progress_bar`, whose `with` block is exactly one denoising loop: entering it starts a run
-(state reset), leaving it, also by an exception or an interrupt, ends the run (caches freed).
+transformer (made by the adapter of its family: `FAMILIES`), and on a pipeline a wrapt wrapper
+around the instance's `progress_bar`, whose `with` block is exactly one denoising loop:
+entering it starts a run (state reset), leaving it, also by an exception or an interrupt, ends
+the run (caches freed), and each `update()` of the bar ends a step.
 """
 
 from __future__ import annotations
@@ -238,7 +239,11 @@ def cat_generation(
     patch = get_patch(target)
     if patch is None:
         raise ValueError("cat_generation needs a CAT-patched model: call apply_cat first")
-    if isinstance(calls_per_step, bool) or not isinstance(calls_per_step, int) or calls_per_step < 1:
+    if (
+        isinstance(calls_per_step, bool)
+        or not isinstance(calls_per_step, int)
+        or calls_per_step < 1
+    ):
         raise ValueError(f"calls_per_step={calls_per_step!r}: must be an int >= 1")
     patch.state.begin_run(num_inference_steps, cfg_rows=cfg, calls_per_step=calls_per_step)
     try:

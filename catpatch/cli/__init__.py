@@ -33,8 +33,8 @@ def _bench_parser(sub) -> None:
         "bench",
         formatter_class=HelpFormatter,
         help="time the denoising loop unpatched vs CAT, side by side",
-        description="Time whole denoising loops of an SD3-family or FLUX.1 transformer unpatched and "
-        "CAT-patched, alternating in one process after warm-up; print medians, the speed-up, "
+        description="Time whole denoising loops of an SD3-family or FLUX.1 transformer unpatched "
+        "and CAT-patched, alternating in one process after warm-up; print medians, the speed-up, "
         "the arithmetic bound of the config, MACs, cache memory and selection overhead.",
     )
     p.add_argument(

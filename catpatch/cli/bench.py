@@ -1,8 +1,8 @@
 """`catpatch bench`: the denoising loop unpatched vs CAT-patched, side by side in one process.
 
 Builds an SD3-family or FLUX.1 transformer from a named shape with random weights (speed does
-not depend on weight values) or loads a user's transformer, and times whole denoising loops of the two,
-alternating, after warm-up, reporting medians, their ratio, the arithmetic bound of the config
+not depend on weight values) or loads a user's transformer, and times whole denoising loops of
+the two, alternating, after warm-up, reporting medians, their ratio, the arithmetic bound of the config
 (spec cost model), MACs, the memory the caches hold and the selection time per pruned step.
 `check_settings` rejects what cannot be timed (sizes that are not multiples of 16, loops no
 longer than the warm-up, ...) with one line that names the fix.
@@ -303,7 +303,6 @@ class Loop:
                 latents = self.scheduler.step(out, t, latents, return_dict=False)[0]
         return latents
 
-
     def _denoise_flux(self) -> torch.Tensor:
         s = self.settings
         self.scheduler.set_timesteps(s.steps, device=self.device)
@@ -317,7 +316,9 @@ class Loop:
             for t in self.scheduler.timesteps:
                 sigma = (t / 1000).expand(self.rows).to(latents.dtype)
                 outs = [
-                    self.forward(hidden_states=latents, timestep=sigma, return_dict=False, **call)[0]
+                    self.forward(hidden_states=latents, timestep=sigma, return_dict=False, **call)[
+                        0
+                    ]
                     for call in self.calls
                 ]
                 out = outs[0] if calls == 1 else outs[1] + 4.0 * (outs[0] - outs[1])

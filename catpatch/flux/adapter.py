@@ -174,7 +174,9 @@ class FluxAdapter:
     def _geometry(self, args: tuple, kwargs: dict) -> Geometry:
         hidden = _call_argument(args, kwargs, "hidden_states", 0)
         context = _call_argument(args, kwargs, "encoder_hidden_states", 1)
-        height, width = self._token_grid(_call_argument(args, kwargs, "img_ids", 4), hidden.shape[1])
+        height, width = self._token_grid(
+            _call_argument(args, kwargs, "img_ids", 4), hidden.shape[1]
+        )
         return Geometry(
             rows=hidden.shape[0],
             height=height,

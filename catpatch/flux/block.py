@@ -68,7 +68,9 @@ def _projections(attn, x: Tensor, context: bool) -> tuple[Tensor, Tensor, Tensor
 def _heads(attn, q: Tensor, k: Tensor, v: Tensor, context: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(R, N, D) projections -> (R, N, H, d), q and k RMS-normed per head."""
     q, k, v = (t.unflatten(-1, (-1, attn.head_dim)) for t in (q, k, v))
-    norm_q, norm_k = (attn.norm_added_q, attn.norm_added_k) if context else (attn.norm_q, attn.norm_k)
+    norm_q, norm_k = (
+        (attn.norm_added_q, attn.norm_added_k) if context else (attn.norm_q, attn.norm_k)
+    )
     return norm_q(q), norm_k(k), v
 
 

@@ -75,7 +75,9 @@ class SD3Adapter:
         """MACs of one call per batch row (see `catpatch.stats.step_macs`)."""
         from ..stats import ModelDims, step_macs
 
-        return step_macs(ModelDims.from_config(self.transformer.config), tokens, text, computed, lean)
+        return step_macs(
+            ModelDims.from_config(self.transformer.config), tokens, text, computed, lean
+        )
 
     def __init__(self, transformer, state: CATState):
         self.transformer = transformer
