@@ -2,8 +2,9 @@
 
 Builds an SD3-family or FLUX.1 transformer from a named shape with random weights (speed does
 not depend on weight values) or loads a user's transformer, and times whole denoising loops of
-the two, alternating, after warm-up, reporting medians, their ratio, the arithmetic bound of the config
-(spec cost model), MACs, the memory the caches hold and the selection time per pruned step.
+the two, alternating, after warm-up, reporting medians, their ratio, the arithmetic bound of
+the config (spec cost model), MACs, the memory the caches hold and the selection time per
+pruned step.
 `check_settings` rejects what cannot be timed (sizes that are not multiples of 16, loops no
 longer than the warm-up, ...) with one line that names the fix.
 """
