@@ -67,7 +67,6 @@ FAMILIES: tuple[Family, ...] = (
             "FluxImg2ImgPipeline",
             "FluxInpaintPipeline",
             "FluxControlNetPipeline",
-            "FluxFillPipeline",
         ),
         unsupported=(
             (
