@@ -400,3 +400,22 @@ def test_macs_match_flop_counter(shape, lean):
     assert measured == stats.macs, f"{measured / stats.macs:.4f}x the cost model"
     dims = FluxDims.from_config(model.config)
     assert stats.macs_unpatched == 10 * step_macs(dims, 256, 32)
+
+
+@pytest.mark.parametrize("kind", ["img2img", "inpaint"])
+def test_true_cfg_in_image_pipelines(kind):
+    """The image pipelines run true CFG without diffusers' cache context: the progress bar
+    still ends each step, so both calls share it."""
+    cls = {"img2img": FluxImg2ImgPipeline, "inpaint": FluxInpaintPipeline}[kind]
+    pipe = flux_pipe(cls=cls)
+    kwargs = {**_image_inputs(kind), **TRUE_CFG}
+    a = run(pipe, **kwargs)
+    apply_cat(pipe, EXACT)
+    np.testing.assert_allclose(run(pipe, **kwargs), a, atol=1e-5)
+    apply_cat(pipe, CFG)
+    b = run(pipe, **kwargs)
+    stats = cat_stats(pipe)
+    steps = pipe._num_timesteps
+    assert (stats.steps, stats.calls_per_step) == (steps, 2)
+    assert stats.pruned_steps == steps - CFG.warmup_steps
+    assert 1e-4 < np.abs(a - b).max() < 0.2
