@@ -226,8 +226,8 @@ def cat_generation(
 ) -> Iterator[None]:
     """One generation of your own denoising loop with a CAT-patched transformer.
 
-    Every transformer call inside is one step (a call with `skip_layers=` is not); caches are
-    freed on exit. Pipelines do this themselves. `num_inference_steps`, when given, lets a run
+    Every transformer call inside is one step (a call with `skip_layers=` is not; with
+    `calls_per_step=n`, every n calls); caches are freed on exit. Pipelines do this themselves. `num_inference_steps`, when given, lets a run
     no longer than the warm-up skip the cache recording. `cfg=True` says that each call's batch
     is a classifier-free-guidance pair, unconditional rows first then conditional (as diffusers
     pipelines stack it): with `cfg_selection="shared"` the conditional rows then choose the
@@ -238,11 +238,7 @@ def cat_generation(
     patch = get_patch(target)
     if patch is None:
         raise ValueError("cat_generation needs a CAT-patched model: call apply_cat first")
-    if (
-        isinstance(calls_per_step, bool)
-        or not isinstance(calls_per_step, int)
-        or calls_per_step < 1
-    ):
+    if type(calls_per_step) is not int or calls_per_step < 1:
         raise ValueError(f"calls_per_step={calls_per_step!r}: must be an int >= 1")
     patch.state.begin_run(num_inference_steps, cfg_rows=cfg, calls_per_step=calls_per_step)
     try:
