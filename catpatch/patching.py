@@ -227,8 +227,9 @@ def cat_generation(
     """One generation of your own denoising loop with a CAT-patched transformer.
 
     Every transformer call inside is one step (a call with `skip_layers=` is not; with
-    `calls_per_step=n`, every n calls); caches are freed on exit. Pipelines do this themselves. `num_inference_steps`, when given, lets a run
-    no longer than the warm-up skip the cache recording. `cfg=True` says that each call's batch
+    `calls_per_step=n`, every n calls); caches are freed on exit. Pipelines do this themselves.
+    `num_inference_steps`, when given, lets a run no longer than the warm-up skip the cache
+    recording. `cfg=True` says that each call's batch
     is a classifier-free-guidance pair, unconditional rows first then conditional (as diffusers
     pipelines stack it): with `cfg_selection="shared"` the conditional rows then choose the
     tokens for both, which costs less and is what pipelines do. `calls_per_step=2`: each step
