@@ -67,6 +67,8 @@ FAMILIES: tuple[Family, ...] = (
             "FluxImg2ImgPipeline",
             "FluxInpaintPipeline",
             "FluxControlNetPipeline",
+            "FluxFillPipeline",
+            "FluxControlPipeline",
         ),
         unsupported=(
             (

@@ -419,3 +419,33 @@ def test_true_cfg_in_image_pipelines(kind):
     assert (stats.steps, stats.calls_per_step) == (steps, 2)
     assert stats.pruned_steps == steps - CFG.warmup_steps
     assert 1e-4 < np.abs(a - b).max() < 0.2
+
+
+@pytest.mark.parametrize("kind", ["fill", "control"])
+def test_fill_and_control_pipelines_three_way(kind):
+    """FluxFillPipeline / FluxControlPipeline: the condition is concatenated to the latents'
+    channels before the embedding (transformer in_channels 96 / 32, out 16), so the pruned
+    path is the same; unpatched a, keep 1.0 = a, pruned b, removed c = a bit for bit."""
+    from diffusers import FluxControlPipeline, FluxFillPipeline
+
+    image = torch.rand(1, 3, 128, 128, generator=torch.Generator().manual_seed(1))
+    if kind == "fill":
+        mask = torch.zeros(1, 1, 128, 128)
+        mask[..., 32:96, 16:80] = 1.0
+        cls, channels, extra = FluxFillPipeline, 96, dict(image=image, mask_image=mask)
+    else:
+        cls, channels, extra = FluxControlPipeline, 32, dict(control_image=image)
+    from catpatch.models.tiny import build_pipeline
+
+    pipe = build_pipeline("tiny-flux", pipeline_cls=cls, in_channels=channels, out_channels=16)
+    pipe.set_progress_bar_config(disable=True)
+    a = run(pipe, **extra)
+    apply_cat(pipe, EXACT)
+    np.testing.assert_allclose(run(pipe, **extra), a, atol=1e-5)
+    apply_cat(pipe, CFG)
+    b = run(pipe, **extra)
+    stats = cat_stats(pipe)
+    remove_cat(pipe)
+    assert np.array_equal(run(pipe, **extra), a)
+    assert (stats.pruned_steps, stats.tokens) == (6, 256)
+    assert 1e-4 < np.abs(a - b).max() < 0.2

@@ -309,7 +309,8 @@ def build_flux_pipeline(
         use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
         max_image_seq_len=4096, shift=3.0,
     )  # fmt: skip
-    latent_channels = cfg["in_channels"] // 4
+    # the transformer's output is the packed latents; its input may carry more (Fill, Control)
+    latent_channels = (cfg.get("out_channels") or cfg["in_channels"]) // 4
     autoencoder = vae(seed, vae_blocks, latent_channels=latent_channels, shift_factor=0.1159)
     return pipeline_cls(
         transformer=transformer,
