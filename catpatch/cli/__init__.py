@@ -34,15 +34,15 @@ def _bench_parser(sub) -> None:
         "bench",
         formatter_class=HelpFormatter,
         help="time the denoising loop unpatched vs CAT, side by side",
-        description="Time whole denoising loops of an SD3-family or PixArt-Σ transformer "
-        "unpatched and "
+        description="Time whole denoising loops of an SD3-family, FLUX.1 or PixArt-Σ "
+        "transformer unpatched and "
         "CAT-patched, alternating in one process after warm-up; print medians, the speed-up, "
         "the arithmetic bound of the config, MACs, cache memory and selection overhead.",
     )
     p.add_argument(
         "--shape", default="cpu-256x8", choices=sorted(SHAPES),
-        help="a named SD3-family or PixArt-Σ transformer shape with random weights (speed does "
-        "not depend on the weights)",
+        help="a named SD3-family, FLUX or PixArt-Σ transformer shape with random weights (speed "
+        "does not depend on the weights)",
     )  # fmt: skip
     p.add_argument(
         "--model",
@@ -57,11 +57,13 @@ def _bench_parser(sub) -> None:
     p.add_argument("--batch", type=positive_int, default=1, help="prompts per loop")
     p.add_argument(
         "--no-cfg", dest="cfg", action="store_false",
-        help="no classifier-free guidance: batch rows instead of 2 x batch",
+        help="no classifier-free guidance: batch rows instead of 2 x batch (FLUX: one call per "
+        "step instead of true CFG's two)",
     )  # fmt: skip
     p.add_argument(
         "--text-tokens", type=positive_int, default=None,
-        help="text tokens T per row (default: 333, SD3's 77 CLIP + 256 T5; PixArt-Σ's 300 T5; "
+        help="text tokens T per row (default: what the family's pipelines pass: 333, SD3's 77 "
+        "CLIP + 256 T5; FLUX's 512 T5; PixArt-Σ's 300 T5; "
         "32 with --model toy)",
     )  # fmt: skip
     add_cat_options(p)

@@ -1,9 +1,10 @@
 """`catpatch bench`: the denoising loop unpatched vs CAT-patched, side by side in one process.
 
-Builds an SD3-family or PixArt-Σ transformer from a named shape with random weights (speed does
-not depend on weight values) or loads a user's transformer, and times whole denoising loops of
-the two, alternating, after warm-up, reporting medians, their ratio, the arithmetic bound of the
-config (the family's cost model), MACs, the memory the caches hold and the selection time per
+Builds an SD3-family, FLUX.1 or PixArt-Σ transformer from a named shape with random weights
+(speed does not depend on weight values) or loads a user's transformer, and times whole
+denoising loops of the two, alternating, after warm-up, reporting medians, their ratio, the
+arithmetic bound of the config (the family's cost model), MACs, the memory the caches hold and
+the selection time per
 pruned step.
 `check_settings` rejects what cannot be timed (sizes that are not multiples of 16, loops no
 longer than the warm-up, ...) with one line that names the fix.
@@ -25,7 +26,7 @@ from ..config import CATConfig
 from ..dtypes import torch_dtype
 from ..families import family_of
 from ..patching import apply_cat, cat_generation, get_patch
-from ..stats import run_macs
+from ..stats import collect
 from .common import CommandError, cat_config, check_device, resolve_model
 from .generate.pipeline import first_line
 
@@ -39,7 +40,7 @@ class BenchSettings:
     steps: int = 28
     batch: int = 1
     cfg: bool = True
-    text_tokens: int | None = None  # None: what the family's pipelines pass (SD3 333, PixArt 300)
+    text_tokens: int | None = None  # None: the family's default (SD3 333, FLUX 512, PixArt 300)
     keep_ratio: float = 0.3
     warmup_steps: int = 8
     num_clusters: int = 20
@@ -138,10 +139,15 @@ def transformer_config(shape: str, model: str | None) -> dict[str, Any]:
         except (OSError, ValueError) as err:
             reason = first_line(err)
     raise BenchError(
-        f"--model {model}: no SD3 transformer or PixArt-Σ transformer config there ({reason}); "
-        f"pass 'toy', a pipeline "
-        f"or transformer folder, or a hub id (offline: a local folder)"
+        f"--model {model}: no SD3 transformer config there, nor a FLUX or PixArt-Σ one "
+        f"({reason}); pass 'toy', a pipeline or transformer folder, or a hub id (offline: a "
+        f"local folder)"
     )
+
+
+def is_flux_config(config: dict[str, Any]) -> bool:
+    """Whether a transformer config is FLUX's (single-stream blocks) rather than SD3's."""
+    return config.get("_class_name") == "FluxTransformer2DModel" or "num_single_layers" in config
 
 
 def default_size(shape: str, model: str | None) -> tuple[int, int]:
@@ -160,15 +166,16 @@ def check_settings(settings: BenchSettings, device_given: bool = True) -> None:
     if device_given:
         check_device(settings.device)
     config = transformer_config(settings.shape, settings.model)
-    patch = int(config.get("patch_size") or 2)
-    unit = 8 * patch  # the SD3 VAE's 8x, then patch x patch latents per token
+    flux = is_flux_config(config)
+    patch = 2 if flux else int(config.get("patch_size") or 2)  # FLUX packs 2x2 latents
+    unit = 8 * patch  # the VAE's 8x, then patch x patch latents per token
     height, width = settings.height, settings.width
     if height <= 0 or width <= 0 or height % unit or width % unit:
         fit = "x".join(str(max(unit, round(v / unit) * unit)) for v in (height, width))
         raise BenchError(
             f"--size {height}x{width}: height and width must be positive multiples of {unit} "
-            f"for SD3 (latents are 1/8 of the image, tokens are {patch}x{patch} latents), "
-            f"e.g. --size {fit}"
+            f"for {'FLUX' if flux else 'SD3'} (latents are 1/8 of the image, tokens are "
+            f"{patch}x{patch} latents), e.g. --size {fit}"
         )
     limit = config.get("pos_embed_max_size")
     if limit and max(height, width) > limit * unit:
@@ -215,7 +222,8 @@ def load_transformer(settings: BenchSettings):
         import diffusers
 
         config = transformer_config(settings.shape, settings.model)
-        cls = getattr(diffusers, config.get("_class_name") or "SD3Transformer2DModel")
+        default = "FluxTransformer2DModel" if is_flux_config(config) else "SD3Transformer2DModel"
+        cls = getattr(diffusers, config.get("_class_name") or default)
         path = resolve_model(settings.model)  # "toy": the pipeline shipped in catpatch
         try:
             model = cls.from_pretrained(path, subfolder="transformer")
@@ -228,7 +236,9 @@ def load_transformer(settings: BenchSettings):
 
 class Loop:
     """A denoising loop (CFG) around one transformer, with its family's scheduler: flow-matching
-    Euler for SD3, DPM-Solver++ for PixArt-Σ."""
+    Euler for SD3 and FLUX, DPM-Solver++ for PixArt-Σ. FLUX: packed latents and position ids as
+    its pipelines pass them; CFG is true CFG, two calls of B rows per step (conditional, then
+    unconditional), as `FluxPipeline` makes them."""
 
     def __init__(self, transformer, settings: BenchSettings, eager: bool = False):
         from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
@@ -241,18 +251,33 @@ class Loop:
         device, dtype = torch.device(settings.device), torch_dtype(settings.dtype)
         gen = torch.Generator().manual_seed(settings.seed)
         batch = settings.batch
-        rows = 2 * batch if settings.cfg else batch
+        # true CFG as separate calls of B rows (FLUX) rather than 2B rows of one call
+        self.flux = not adapter.batched_cfg
+        rows = 2 * batch if settings.cfg and not self.flux else batch
+        self.scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+        self.device = device
+        self.rows = rows
+        self.forward = transformer
+        if self.flux:
+            h, w = settings.height, settings.width
+            text = settings.text_tokens or adapter.text_tokens
+            calls = [
+                adapter.example_inputs(cfg, batch, h, w, text, device, dtype, gen)
+                for _ in range(2 if settings.cfg else 1)
+            ]
+            for call in calls:
+                del call["timestep"]  # the loop's
+            self.latents = calls[0].pop("hidden_states")
+            for extra in calls[1:]:
+                extra.pop("hidden_states")
+            self.calls = calls
+            return
         latent = (batch, cfg.in_channels, settings.height // 8, settings.width // 8)
         self.latents = torch.randn(latent, generator=gen).to(device, dtype)
         text = settings.text_tokens or adapter.text_tokens
         self.conditioning = adapter.example_conditioning(cfg, rows, text, device, dtype, gen)
         if family_of(transformer).name == "PixArt-Σ":
             self.scheduler = DPMSolverMultistepScheduler()
-        else:
-            self.scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
-        self.device = device
-        self.rows = rows
-        self.forward = transformer
 
     def __call__(self) -> torch.Tensor:
         modules = self.transformer.modules() if self.eager else ()
@@ -264,6 +289,8 @@ class Loop:
                 module._compiled_call_impl = call
 
     def _denoise(self) -> torch.Tensor:
+        if self.flux:
+            return self._denoise_flux()
         s = self.settings
         self.scheduler.set_timesteps(s.steps, device=self.device)
         latents = self.latents.clone()
@@ -281,6 +308,28 @@ class Loop:
                 if s.cfg:
                     uncond, cond = out.chunk(2)
                     out = uncond + 7.0 * (cond - uncond)
+                latents = self.scheduler.step(out, t, latents, return_dict=False)[0]
+        return latents
+
+    def _denoise_flux(self) -> torch.Tensor:
+        s = self.settings
+        self.scheduler.set_timesteps(s.steps, device=self.device)
+        latents = self.latents.clone()
+        patch = get_patch(self.transformer)
+        calls = len(self.calls)
+        scope = (
+            cat_generation(self.transformer, s.steps, calls_per_step=calls) if patch else _nothing()
+        )
+        with torch.no_grad(), scope:
+            for t in self.scheduler.timesteps:
+                sigma = (t / 1000).expand(self.rows).to(latents.dtype)
+                outs = [
+                    self.forward(hidden_states=latents, timestep=sigma, return_dict=False, **call)[
+                        0
+                    ]
+                    for call in self.calls
+                ]
+                out = outs[0] if calls == 1 else outs[1] + 4.0 * (outs[0] - outs[1])
                 latents = self.scheduler.step(out, t, latents, return_dict=False)[0]
         return latents
 
@@ -367,7 +416,7 @@ def run(settings: BenchSettings) -> BenchResult:
         # (CATConfig.compile, with persistent buffers) and each block of the baseline in place.
         config = config.replace(compile=settings.compile)
         mode = None if settings.compile == "default" else settings.compile
-        for block in base.transformer_blocks:
+        for block in (*base.transformer_blocks, *getattr(base, "single_transformer_blocks", ())):
             block.compile(mode=mode, dynamic=False)
     apply_cat(patched, config)
     loops = {"unpatched": Loop(base, settings), "patched": Loop(patched, settings)}
@@ -397,11 +446,9 @@ def run(settings: BenchSettings) -> BenchResult:
     patch = get_patch(patched)
     log = patch.state.log
     geo = log.geometry
+    stats = collect(patch, patched)  # the family's cost model, every call of every step
+    macs, macs_full = stats.macs, stats.macs_unpatched
     dims = patch.adapter.cost_model()
-    pruned_steps = sum(s.mode.value == "pruned" for s in log.steps)
-    macs, macs_full = run_macs(
-        dims, geo.rows, geo.tokens, geo.text_tokens, log.budget, len(log.steps), pruned_steps
-    )
     full_ms, pruned_ms = _step_times(loops["patched"])
     select_ms = _selection_time(loops["patched"])
     patched_median = statistics.median(times["patched"])
