@@ -4,7 +4,8 @@ The schedule (`schedule.py`) says what each call does, the caches (`caches.py`) 
 steps read, the policies (`policies/`) choose the tokens and steps; this class calls each at its
 point of the step and owns the selection that passes between them: `chosen` (G, S), one
 selection per group of rows, and `index` (R, S), the same per batch row for the current step.
-Knows nothing about diffusers: the model adapter (`sd3/`) feeds it the token-level model output.
+Knows nothing about diffusers: the model adapter (`sd3/`, `flux/`, `pixart/`) feeds it the
+token-level model output.
 All state hangs off the patched model; nothing is global.
 """
 
