@@ -1,5 +1,5 @@
-"""catpatch: CAT pruning (cluster-aware token pruning with feature caching) for SD3-family and
-PixArt-Σ pipelines.
+"""catpatch: CAT pruning (cluster-aware token pruning with feature caching) for SD3-family,
+FLUX.1 and PixArt-Σ pipelines.
 
 from catpatch import CATConfig, apply_cat, remove_cat, cat_stats
 apply_cat(pipe, CATConfig(keep_ratio=0.3, warmup_steps=8))

@@ -22,9 +22,10 @@ class BlockCache:
     (2, R, L+T, D) so that a pruned step writes both with one `index_copy_` (`key` and
     `value` are its two halves; T is `Geometry.kv_text_tokens`: 0 where the text is attended
     in a separate cross-attention, as in PixArt); attn/ff: the block's image attention and FFN
-    outputs before gating (R, L, D); key2/value2/attn2: the same for the block's second
-    attention (SD3.5 dual-attention blocks: image-only; PixArt: the cross-attention to the
-    text, whose output alone is kept).
+    outputs before gating (R, L, D) (a single-stream block, whose attention and MLP share one
+    output projection, keeps that projection's output in `attn`); key2/value2/attn2: the same
+    for the block's second attention (SD3.5 dual-attention blocks: image-only; PixArt: the
+    cross-attention to the text, whose output alone is kept).
     """
 
     kv: Tensor | None = None
@@ -80,6 +81,12 @@ def rows_index(index: Tensor, shape: torch.Size) -> Tensor:
 def gather_tokens(x: Tensor, index: Tensor) -> Tensor:
     """x[r, index[r]] for every row r. (R, L, ...) -> (R, S, ...)."""
     return x.gather(1, rows_index(index, x.shape))
+
+
+def gather_positions(table: Tensor, index: Tensor) -> Tensor:
+    """Rows of a per-position table shared by all batch rows (e.g. a rotary embedding,
+    (L, ...)) for each row's tokens: (R, S) -> (R, S, ...). Device-side, no host sync."""
+    return table[index]
 
 
 def write_rows(buffer: Tensor, rows: Tensor, values: Tensor) -> None:

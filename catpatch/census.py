@@ -145,7 +145,11 @@ def census(
     dtype: torch.dtype = torch.bfloat16,
 ) -> Census:
     """Count a full, a recording and a pruned step of the named shape on the meta device
-    (`text_tokens` None: what the family's pipelines pass, 333 for SD3, 300 for PixArt-Σ)."""
+    (`text_tokens` None: what the family's pipelines pass, 333 for SD3, 512 for FLUX, 300 for
+    PixArt-Σ).
+
+    A family whose pipelines do not batch CFG (`adapter.batched_cfg` False, FLUX.1: B rows per
+    call, true CFG as a second call counted the same) ignores `cfg`."""
     from .models.shapes import build_transformer
     from .patching import apply_cat, cat_generation, get_patch
     from .schedule import Mode
@@ -155,13 +159,12 @@ def census(
     apply_cat(model, config)
     patch = get_patch(model)
     state = patch.state
-    text_tokens = text_tokens or patch.adapter.text_tokens
+    adapter = patch.adapter
+    text_tokens = text_tokens or adapter.text_tokens
+    cfg = cfg and adapter.batched_cfg
     rows = 2 * batch if cfg else batch
-    meta = dict(device="meta", dtype=dtype)
-    inputs = dict(
-        hidden_states=torch.zeros(rows, model.config.in_channels, height // 8, width // 8, **meta),
-        timestep=torch.full((rows,), 500.0, device="meta"),
-        **patch.adapter.example_conditioning(model.config, rows, text_tokens, **meta),
+    inputs = adapter.example_inputs(
+        model.config, rows, height, width, text_tokens, device="meta", dtype=dtype
     )
     recorder = _Recorder()
     next_selection = state.tokens.next

@@ -1,12 +1,14 @@
 """Model families: which adapter serves which diffusers transformer, and which pipelines.
 
-One entry per family; the adapter package (`sd3/`, `pixart/`) holds everything that knows the
-family's layout. An adapter class is built as `Adapter(transformer, state)` and provides
-`check(transformer)` (static: `TypeError` naming the fix if CAT cannot serve it as set up now),
-`num_blocks(transformer)` (static), `install()`, `remove()`, `cost_model()` (a
-`stats.CostModel`) and `step_macs(tokens, text, computed=None, lean=False)` (its cost model's),
-`text_tokens` (what the family's pipelines pass) and `example_conditioning(...)` (random text
-inputs of a call, for the census and benchmarks). Adapters are imported on use.
+One entry per family; the adapter package (`sd3/`, `flux/`, `pixart/`) holds everything that
+knows the family's layout. An adapter class is built as `Adapter(transformer, state)` and
+provides `check(transformer)` (static: `TypeError` naming the fix if CAT cannot serve it as set
+up now), `num_blocks(transformer)` (static), `calls_per_step` (transformer calls per step in the
+family's pipelines; None: as many as come before the progress bar advances, e.g. FLUX's true CFG
+as two calls), `install()`, `remove()`, `cost_model()` (a `stats.CostModel`) and
+`step_macs(tokens, text, computed=None, lean=False)` (its cost model's, one call and one batch
+row), `text_tokens` (what the family's pipelines pass) and `example_conditioning(...)` (random
+text inputs of a call, for the census and benchmarks). Adapters are imported on use.
 """
 
 from __future__ import annotations
@@ -40,6 +42,31 @@ FAMILIES: tuple[Family, ...] = (
             "StableDiffusion3InpaintPipeline",
             "StableDiffusion3ControlNetPipeline",
             "StableDiffusion3ControlNetInpaintingPipeline",
+        ),
+    ),
+    Family(
+        "FLUX",
+        "FluxTransformer2DModel",
+        "catpatch.flux:FluxAdapter",
+        (
+            "FluxPipeline",
+            "FluxImg2ImgPipeline",
+            "FluxInpaintPipeline",
+            "FluxControlNetPipeline",
+            "FluxFillPipeline",
+            "FluxControlPipeline",
+        ),
+        unsupported=(
+            (
+                "FluxKontextPipeline",
+                "it appends the reference image's tokens to the image sequence (extra position "
+                "ids, output cut to the first tokens), which CAT's token grid does not model",
+            ),
+            (
+                "FluxKontextInpaintPipeline",
+                "it appends the reference image's tokens to the image sequence, which CAT's "
+                "token grid does not model",
+            ),
         ),
     ),
     Family(

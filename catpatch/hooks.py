@@ -54,15 +54,23 @@ Callback = Callable[[], Any]
 
 class LoopScope(wrapt.ObjectProxy):
     """A pipeline's progress bar whose `with` block (one denoising loop) also calls `enter()`
-    before it and `exit()` after it, also when the loop ends by an exception or interrupt."""
+    before it and `exit()` after it, also when the loop ends by an exception or interrupt;
+    and `step()`, if given, at each `update()` (the loop finished a step)."""
 
-    def __init__(self, bar, enter: Callback, exit: Callback):
+    def __init__(self, bar, enter: Callback, exit: Callback, step: Callback | None = None):
         super().__init__(bar)
-        self._self_enter, self._self_exit = enter, exit
+        self._self_enter, self._self_exit, self._self_step = enter, exit, step
+
+    def update(self, *args, **kwargs):
+        if self._self_step is not None:
+            self._self_step()
+        return self.__wrapped__.update(*args, **kwargs)
 
     def __enter__(self):
         self._self_enter()
-        return self.__wrapped__.__enter__()
+        entered = self.__wrapped__.__enter__()
+        # the loop's `as bar` must be this proxy, for its `update()` to reach `step()`
+        return self if entered is self.__wrapped__ else entered
 
     def __exit__(self, *exc):
         self._self_exit()
@@ -70,11 +78,11 @@ class LoopScope(wrapt.ObjectProxy):
 
 
 def wrap_denoising_loops(
-    patches: PatchSet, pipe: Any, scope: Callable[[dict], tuple[Callback, Callback] | None]
+    patches: PatchSet, pipe: Any, scope: Callable[[dict], tuple[Callback, ...] | None]
 ) -> None:
     """Wrap the instance's `pipe.progress_bar` (recorded in `patches`, so undone with them):
-    each bar it opens gets the (enter, exit) callbacks `scope(kwargs)` returns for the call's
-    keyword arguments; None leaves that bar as it is."""
+    each bar it opens gets the (enter, exit[, step]) callbacks `scope(kwargs)` returns for the
+    call's keyword arguments; None leaves that bar as it is."""
 
     def open_bar(wrapped, instance, args, kwargs):
         bar = wrapped(*args, **kwargs)

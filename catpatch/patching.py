@@ -1,10 +1,10 @@
 """`apply_cat`, `remove_cat`, `cat_generation`: put CAT on a pipeline or transformer, take it off.
 
 A patch touches only the given objects: hooks and per-instance `forward` overrides on the
-transformer (see its family's adapter in `families.py`), and on a pipeline a wrapt wrapper
-around the instance's `progress_bar`, whose `with` block is exactly one denoising loop:
+transformer (made by its family's adapter, see `families.py`), and on a pipeline a wrapt
+wrapper around the instance's `progress_bar`, whose `with` block is exactly one denoising loop:
 entering it starts a run (state reset), leaving it, also by an exception or an interrupt, ends
-the run (caches freed).
+the run (caches freed), and each `update()` of the bar ends a step.
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ def check_transformer(transformer) -> None:
     if family is None:
         raise TypeError(
             f"expected a transformer of a supported family, got {type(transformer).__name__}; "
-            f"CAT supports SD3-family transformers and PixArt-Σ: {supported_transformers()}"
+            f"CAT supports SD3-family transformers, FLUX.1 and PixArt-Σ: "
+            f"{supported_transformers()}"
         )
     family.adapter_class().check(transformer)
 
@@ -40,7 +41,8 @@ class Patch:
 
     def __init__(self, transformer, config: CATConfig):
         self.config = config
-        adapter = family_of(transformer).adapter_class()
+        self.family = family_of(transformer)
+        adapter = self.family.adapter_class()
         self.state = CATState(
             config, adapter.num_blocks(transformer), persistent=config.keeps_buffers
         )
@@ -54,9 +56,11 @@ class Patch:
         self.pipelines.append(weakref.ref(pipe))
         state_ref = weakref.ref(self.state)
         pipe_ref = weakref.ref(pipe)
+        calls = self.adapter.calls_per_step
 
         def run(kwargs: dict):
-            """A bar with a `total` is one denoising loop: one CAT run."""
+            """A bar with a `total` is one denoising loop: one CAT run; each bar update ends
+            a step."""
             state, total = state_ref(), kwargs.get("total")
             if state is None or total is None:
                 return None
@@ -64,7 +68,8 @@ class Patch:
             # adapter then tells from the run's first call
             cfg = getattr(pipe_ref(), "do_classifier_free_guidance", None)
             cfg = None if cfg is None else bool(cfg)
-            return (lambda: state.begin_run(total, cfg_rows=cfg)), state.end_run
+            begin = lambda: state.begin_run(total, cfg_rows=cfg, calls_per_step=calls)  # noqa: E731
+            return begin, state.end_run, state.end_step
 
         wrap_denoising_loops(self.pipeline_patches, pipe, run)
 
@@ -85,7 +90,7 @@ def _resolve(target: Any):
             raise TypeError(f"CAT does not support {name}: {why}")
         if not is_supported_pipeline(target):
             raise TypeError(
-                f"{name} is not a supported SD3-family or PixArt-Σ pipeline; CAT supports "
+                f"{name} is not a supported SD3-family, FLUX or PixArt-Σ pipeline; CAT supports "
                 f"{', '.join(SUPPORTED_PIPELINES)} (or a bare transformer: "
                 f"{supported_transformers()})"
             )
@@ -106,7 +111,9 @@ def _unwrap(module):
 
 
 def apply_cat(target: T, config: CATConfig | None = None) -> T:
-    """Patch an SD3-family or PixArt-Σ pipeline (or a bare transformer) with CAT pruning.
+    """Patch a pipeline of a supported family (SD3, FLUX, PixArt-Σ; `SUPPORTED_PIPELINES`) or a
+    bare transformer of one (`SD3Transformer2DModel`, `FluxTransformer2DModel`,
+    `PixArtTransformer2DModel`) with CAT pruning.
 
     Returns `target`. Applying again replaces the previous config (hooks never stack). All
     checks run before anything is changed: on error the target is untouched.
@@ -157,21 +164,26 @@ def is_patched(target: Any) -> bool:
 
 @contextlib.contextmanager
 def cat_generation(
-    target: Any, num_inference_steps: int | None = None, cfg: bool = False
+    target: Any, num_inference_steps: int | None = None, cfg: bool = False, calls_per_step: int = 1
 ) -> Iterator[None]:
     """One generation of your own denoising loop with a CAT-patched transformer.
 
-    Every transformer call inside is one step (a call with `skip_layers=` is not); caches are
-    freed on exit. Pipelines do this themselves. `num_inference_steps`, when given, lets a run
-    no longer than the warm-up skip the cache recording. `cfg=True` says that each call's batch
+    Every transformer call inside is one step (a call with `skip_layers=` is not; with
+    `calls_per_step=n`, every n calls); caches are freed on exit. Pipelines do this themselves.
+    `num_inference_steps`, when given, lets a run no longer than the warm-up skip the cache
+    recording. `cfg=True` says that each call's batch
     is a classifier-free-guidance pair, unconditional rows first then conditional (as diffusers
     pipelines stack it): with `cfg_selection="shared"` the conditional rows then choose the
-    tokens for both, which costs less and is what pipelines do.
+    tokens for both, which costs less and is what pipelines do. `calls_per_step=2`: each step
+    calls the transformer twice (true CFG as separate calls, conditional first): the second
+    call computes the tokens the first one chose, on caches of its own.
     """
     patch = get_patch(target)
     if patch is None:
         raise ValueError("cat_generation needs a CAT-patched model: call apply_cat first")
-    patch.state.begin_run(num_inference_steps, cfg_rows=cfg)
+    if type(calls_per_step) is not int or calls_per_step < 1:
+        raise ValueError(f"calls_per_step={calls_per_step!r}: must be an int >= 1")
+    patch.state.begin_run(num_inference_steps, cfg_rows=cfg, calls_per_step=calls_per_step)
     try:
         yield
     finally:

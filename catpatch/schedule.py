@@ -2,7 +2,10 @@
 
 `Schedule` counts the steps of one generation, checks that each call belongs to the run's
 geometry, and gives each call a `Mode` from the warm-up length and the step policy. It also
-knows which batch rows share a selection (a CFG pair). It holds no tensors.
+knows which batch rows share a selection (a CFG pair), and which calls share a step: a
+pipeline may call the transformer more than once per step (true CFG as two calls, conditional
+then unconditional); the later calls of a step "follow" its first one (same mode, same
+selection, caches of their own). It holds no tensors.
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ class StepRecord:
     mode: Mode
     selected: int  # image tokens computed per row
     tokens: int  # image tokens per row
+    calls: int = 1  # transformer calls of the step (2 for true CFG as separate calls)
 
 
 @dataclass
@@ -82,12 +86,19 @@ class Schedule:
         self.mode = Mode.PASS
         self.log = RunLog()
         self.geometry: Geometry | None = None
+        # Transformer calls per step; None: as many as come before the loop calls `end_step`.
+        self.calls_per_step: int | None = 1
+        self.call = 0  # calls of the current step so far
+        self.step_mode = Mode.PASS  # the mode the current step's first call got
 
-    def begin(self, num_steps: int | None, cfg_rows: bool | None) -> None:
+    def begin(
+        self, num_steps: int | None, cfg_rows: bool | None, calls_per_step: int | None = 1
+    ) -> None:
         self.in_run = True
         self.cfg_rows = cfg_rows
         self.planned_steps = num_steps
-        self.step = 0
+        self.calls_per_step = calls_per_step
+        self.step = self.call = 0
         self.mode = Mode.PASS
         self.log = RunLog()
 
@@ -121,15 +132,34 @@ class Schedule:
             return Mode.RECORD
         return Mode.PRUNED
 
+    @property
+    def follower(self) -> bool:
+        """Whether this call is a later call of a step whose first call already ran (e.g. the
+        unconditional call of true CFG): it takes that call's mode and selection."""
+        return self.call > 0
+
     def finish(self, mode: Mode) -> None:
-        """Log a call of this run and move to the next step."""
+        """Log a call of this run; the step ends after `calls_per_step` calls, or when the
+        loop says so (`end_step`)."""
         if mode is Mode.PASS:
             self.log.passthrough_calls += self.in_run  # calls outside a run belong to no run
             return
-        tokens = self.geometry.tokens
-        selected = {Mode.PRUNED: self.log.budget, Mode.REUSE: 0}.get(mode, tokens)
-        self.log.steps.append(StepRecord(mode, selected, tokens))
-        self.step += 1
+        if self.follower:
+            self.log.steps[-1].calls += 1
+        else:
+            tokens = self.geometry.tokens
+            selected = {Mode.PRUNED: self.log.budget, Mode.REUSE: 0}.get(mode, tokens)
+            self.log.steps.append(StepRecord(mode, selected, tokens))
+            self.step_mode = mode
+        self.call += 1
+        if self.calls_per_step is not None and self.call >= self.calls_per_step:
+            self.end_step()
+
+    def end_step(self) -> None:
+        """The denoising loop finished a step (a no-op when no call of it ran)."""
+        if self.call:
+            self.step += 1
+            self.call = 0
 
     # ---- groups: which rows share a selection ---------------------------------------------
     @property

@@ -4,7 +4,8 @@ The schedule (`schedule.py`) says what each call does, the caches (`caches.py`) 
 steps read, the policies (`policies/`) choose the tokens and steps; this class calls each at its
 point of the step and owns the selection that passes between them: `chosen` (G, S), one
 selection per group of rows, and `index` (R, S), the same per batch row for the current step.
-Knows nothing about diffusers: the model adapter (`sd3/`) feeds it the token-level model output.
+Knows nothing about diffusers: the model adapter (`sd3/`, `flux/`, `pixart/`) feeds it the
+token-level model output.
 All state hangs off the patched model; nothing is global.
 """
 
@@ -29,7 +30,10 @@ class CATState:
         self.config = config
         self.persistent = persistent
         self.schedule = Schedule(config)
-        self.caches = Caches(num_blocks, persistent)
+        # One set of caches per call of a step: a follower call (the unconditional call of true
+        # CFG) has K/V and outputs of its own, and the selection of the step's first call.
+        self.lanes = [Caches(num_blocks, persistent)]
+        self.caches = self.lanes[0]
         self.tokens, self.steps = policies.build(config, persistent)
         self.forecast = TokenForecast(persistent) if config.token_order else None
         # The part of the model output (R, L, F) the token policy reads (drift and clustering),
@@ -39,12 +43,23 @@ class CATState:
         self._free()
 
     # ---- run boundaries -------------------------------------------------------------------
-    def begin_run(self, num_steps: int | None = None, cfg_rows: bool | None = False) -> None:
+    def begin_run(
+        self,
+        num_steps: int | None = None,
+        cfg_rows: bool | None = False,
+        calls_per_step: int | None = 1,
+    ) -> None:
         """Start of a generation: forget everything of the previous one. `cfg_rows` None: not
-        known from the pipeline; the model adapter sets `schedule.cfg_rows` at the first call."""
+        known from the pipeline; the model adapter sets `schedule.cfg_rows` at the first call.
+        `calls_per_step`: transformer calls per denoising step (None: until the loop calls
+        `end_step`)."""
         if not self.persistent:
             self._free()
-        self.schedule.begin(num_steps, cfg_rows)
+        self.schedule.begin(num_steps, cfg_rows, calls_per_step)
+
+    def end_step(self) -> None:
+        """The denoising loop finished a step (see `Schedule.end_step`)."""
+        self.schedule.end_step()
 
     def end_run(self) -> None:
         """End of a generation (also after an exception or interrupt): release the caches
@@ -59,7 +74,9 @@ class CATState:
         self._free()
 
     def _free(self) -> None:
-        self.caches.free()
+        for lane in self.lanes:
+            lane.free()
+        self.caches = self.lanes[0]
         if self.tokens is not None:
             self.tokens.free()
         self.steps.free()
@@ -77,8 +94,14 @@ class CATState:
     def log(self):
         return self.schedule.log
 
+    @property
+    def dense(self) -> bool:
+        """Whether this call keeps the dense residual stream (not lean, and the call drives the
+        selection: a follower call's fresh estimates would reach nothing)."""
+        return not self.config.lean and not self.schedule.follower
+
     def state_tensors(self) -> list[Tensor]:
-        tensors = self.caches.tensors()
+        tensors = [t for lane in self.lanes for t in lane.tensors()]
         if self.tokens is not None:
             tensors += self.tokens.tensors()
         if self.step_index is not None:
@@ -99,6 +122,9 @@ class CATState:
         schedule = self.schedule
         if not schedule.in_run:
             return Mode.PASS
+        if schedule.follower:
+            return self._plan_follower(geometry)
+        self.caches = self.lanes[0]
         if schedule.step == 0:
             if schedule.geometry is not None and geometry != schedule.geometry:
                 self._free()  # persistent buffers of another geometry
@@ -111,6 +137,22 @@ class CATState:
             return Mode.PASS
         return schedule.mode_of_step(self.tokens is not None, self.steps.runs_model(schedule.step))
 
+    def _plan_follower(self, geometry: Geometry) -> Mode:
+        """A later call of the step: the first call's mode, on caches of its own."""
+        schedule, mode = self.schedule, self.schedule.step_mode
+        if geometry != schedule.geometry:
+            return Mode.PASS
+        if mode is Mode.REUSE or (self.forecast is not None and mode is not Mode.FULL):
+            raise NotImplementedError(
+                "catpatch: a denoising step with several transformer calls (true CFG as "
+                "separate calls) works with token pruning only; step reuse and token_order=1 "
+                "keep one output per step. Use selection='cat' and token_order=0, or no true CFG"
+            )
+        while len(self.lanes) <= schedule.call:
+            self.lanes.append(Caches(self.caches.num_blocks, self.persistent))
+        self.caches = self.lanes[schedule.call]
+        return mode
+
     def allocate(self, block_shapes: list[dict[str, tuple[int, ...]]], features: int) -> None:
         """Allocate every persistent tensor of a run now, outside any compiled graph, so that
         they have fixed, static addresses (graphs then only update them in place).
@@ -121,11 +163,13 @@ class CATState:
         drift_features = self.drift(torch.empty(0, 0, features, device="meta")).shape[-1]
         geo, budget, groups = self.schedule.geometry, self.log.budget, self.schedule.groups
         previous = self.caches.previous
-        if (
-            previous is not None
-            and previous.shape == (geo.rows, geo.tokens, features)
-            and self.chosen.shape == (groups, budget)
-        ):
+        ready = previous is not None and previous.shape == (geo.rows, geo.tokens, features)
+        if self.schedule.follower:  # its own caches; the selection is the first call's
+            if not ready:
+                shape = (geo.rows, geo.tokens, features)
+                self.caches.allocate(block_shapes, shape, geo.dtype, geo.device)
+            return
+        if ready and self.chosen.shape == (groups, budget):
             return
         self.caches.allocate(block_shapes, (geo.rows, geo.tokens, features), geo.dtype, geo.device)
         self.tokens.allocate(groups, geo, budget, drift_features)
@@ -173,6 +217,8 @@ class CATState:
         selection state, return the output the model should give (unselected tokens replaced by
         their previous output, or its forecast with `token_order=1`, which needs `time`)."""
         schedule, caches, p, forecast = self.schedule, self.caches, self.persistent, self.forecast
+        if schedule.follower:
+            return self._observe_follower(mode, output)
         if mode is Mode.REFERENCE:
             self.tokens.observe_reference(self.drift(schedule.driver_rows(output)))
             if forecast is not None:
@@ -203,3 +249,15 @@ class CATState:
         drift = self.drift(schedule.driver_rows(estimate))
         self.chosen.copy_(self.tokens.next(drift, self.chosen))
         return result
+
+    def _observe_follower(self, mode: Mode, output: Tensor) -> Tensor:
+        """A follower call's output: its own previous outputs stand in for the tokens it did
+        not compute; the selection stays the step's first call's (computed-only output: a
+        follower keeps no dense stream)."""
+        caches = self.caches
+        if mode is Mode.RECORD:
+            caches.previous = keep(caches.previous, output, self.persistent)
+        elif mode is Mode.PRUNED:
+            write_rows(caches.previous, self.step_index.image, output)
+            return caches.previous.clone()
+        return output

@@ -1,11 +1,15 @@
-"""Cost accounting: the MAC model of a transformer step, and `cat_stats` of the last run.
+"""Cost accounting: the MAC model of an SD3-family step, and `cat_stats` of the last run.
+
+`cat_stats` reads each family's cost model through its adapter's `step_macs` (one call, one
+batch row; every call of every step counts); the SD3 one is here:
 
 The model is the specification's (per block and sample, D hidden, L image, T text, S computed
 tokens): 12·D²·(S+T) for projections and FFNs plus 2·D·(S+T)·(L+T) for joint attention, made
 exact for what the spec leaves out: the last block has no text output projection or text FFN,
 SD3.5 dual-attention blocks add an image-only attention (4·D²·S + 2·D·S·L), and every step pays
 the embedders, the AdaLN modulation and the output projection of all L tokens. That is SD3's
-`ModelDims`; other families give their own `CostModel` (PixArt-Σ: `pixart/cost.py`).
+`ModelDims`; other families give their own `CostModel` (FLUX.1: `flux/cost.py`, PixArt-Σ:
+`pixart/cost.py`).
 """
 
 from __future__ import annotations
@@ -181,6 +185,7 @@ class CATStats:
     budget: int = 0  # S, tokens computed per pruned step
     text_tokens: int = 0
     rows: int = 0  # batch rows per transformer call (2B under CFG)
+    calls_per_step: int = 1  # transformer calls per step (2 under true CFG as two calls)
     computed_fraction: float = 1.0  # image tokens computed over the run / all
     macs: int = 0  # the run, all rows
     macs_unpatched: int = 0  # the same run unpatched
@@ -195,23 +200,24 @@ class CATStats:
     def summary(self) -> str:
         if not self.steps:
             return "CAT: no generation has run since apply_cat"
+        calls = f" x {self.calls_per_step} calls" if self.calls_per_step > 1 else ""
         return (
             f"CAT {self.config!r}: {self.steps} steps, {self.pruned_steps} pruned "
             f"(S={self.budget} of L={self.tokens} image tokens, T={self.text_tokens} text, "
-            f"{self.rows} rows); image tokens computed {self.computed_fraction:.1%}; "
+            f"{self.rows} rows{calls}); image tokens computed {self.computed_fraction:.1%}; "
             f"MACs {self.macs / 1e9:.3g} G vs {self.macs_unpatched / 1e9:.3g} G unpatched "
             f"({self.macs_ratio:.3f}); caches {self.cache_bytes / 2**20:.1f} MiB"
         )
 
 
 def collect(patch, transformer) -> CATStats:
-    """Build `CATStats` from a patch's run log."""
+    """Build `CATStats` from a patch's run log; the MACs from the cost model of the patch's
+    adapter (`step_macs`: one call, one batch row), for every call of every step."""
     log = patch.state.log
     stats = CATStats(config=patch.config, passthrough_calls=log.passthrough_calls)
     if log.geometry is None or not log.steps:
         return stats
     geo = log.geometry
-    dims = patch.adapter.cost_model()
     stats.steps = len(log.steps)
     stats.pruned_steps = sum(s.mode is Mode.PRUNED for s in log.steps)
     stats.reused_steps = sum(s.mode is Mode.REUSE for s in log.steps)
@@ -220,16 +226,12 @@ def collect(patch, transformer) -> CATStats:
     stats.per_step = [(s.mode.value, s.selected, s.tokens) for s in log.steps]
     computed = sum(s.selected for s in log.steps)
     stats.computed_fraction = computed / (geo.tokens * stats.steps)
-    stats.macs, stats.macs_unpatched = run_macs(
-        dims,
-        geo.rows,
-        geo.tokens,
-        geo.text_tokens,
-        log.budget,
-        stats.steps,
-        stats.pruned_steps,
-        stats.reused_steps,
-        patch.config.lean,
-    )
+    cost = patch.adapter.step_macs
+    full = cost(geo.tokens, geo.text_tokens)
+    cut = cost(geo.tokens, geo.text_tokens, log.budget, patch.config.lean)
+    per_mode = {Mode.PRUNED: cut, Mode.REUSE: 0}
+    stats.calls_per_step = max(s.calls for s in log.steps)
+    stats.macs = geo.rows * sum(s.calls * per_mode.get(s.mode, full) for s in log.steps)
+    stats.macs_unpatched = geo.rows * sum(s.calls * full for s in log.steps)
     stats.cache_bytes = log.cache_bytes
     return stats

@@ -375,3 +375,20 @@ def test_parser_prompt_files_and_compile_flag(tmp_path):
     (tmp_path / "bad.csv").write_text("id,category\n1,x\n")
     with pytest.raises(GenerateError, match="no prompt/caption/text field"):
         read_prompts(tmp_path / "bad.csv")
+
+
+def test_flux_pipeline_folder(tmp_path):
+    """`--model` takes a saved FLUX pipeline folder: CAT applies, and the images and figures
+    come out as for SD3."""
+    from catpatch.models.tiny import build_pipeline
+
+    folder = tmp_path / "tiny-flux"
+    build_pipeline("tiny-flux").save_pretrained(folder)
+    out = tmp_path / "out"
+    run(settings(str(folder), out, prompts=PROMPTS[:1], size=(64, 64)))
+    records = manifest(out)
+    assert len(records) == 1 and (out / records[0]["file"]).is_file()
+    assert records[0]["cat"]["pruned_steps"] == 4, records[0]
+    # tiny VAE: scale 4, then 2x2 latents per token -> multiples of 8
+    with pytest.raises(GenerateError, match="multiples of 8"):
+        run(settings(str(folder), tmp_path / "bad", size=(60, 60)))

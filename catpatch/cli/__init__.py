@@ -51,15 +51,15 @@ def _bench_parser(sub) -> None:
         "bench",
         formatter_class=HelpFormatter,
         help="time the denoising loop unpatched vs CAT, side by side",
-        description="Time whole denoising loops of an SD3-family or PixArt-Σ transformer "
+        description="Time whole denoising loops of an SD3-family, FLUX.1 or PixArt-Σ transformer "
         "unpatched and CAT-patched, alternating in one process after warm-up; print medians, "
         "the speed-up checked against the arithmetic bound of the run (timed again, then "
         "flagged, when above it), MACs, cache memory and selection overhead.",
     )
     p.add_argument(
         "--shape", default="cpu-256x8", choices=sorted(SHAPES),
-        help="a named SD3-family or PixArt-Σ transformer shape with random weights (speed does "
-        "not depend on the weights)",
+        help="a named SD3-family, FLUX or PixArt-Σ transformer shape with random weights (speed "
+        "does not depend on the weights)",
     )  # fmt: skip
     p.add_argument(
         "--model",
@@ -75,12 +75,13 @@ def _bench_parser(sub) -> None:
     p.add_argument("--batch", type=positive_int, default=1, help="prompts per loop")
     p.add_argument(
         "--no-cfg", dest="cfg", action="store_false",
-        help="no classifier-free guidance: batch rows instead of 2 x batch",
+        help="no classifier-free guidance: batch rows instead of 2 x batch (FLUX: one call per "
+        "step instead of true CFG's two)",
     )  # fmt: skip
     p.add_argument(
         "--text-tokens", type=positive_int, default=None,
-        help="text tokens T per row (default: 333, SD3's 77 CLIP + 256 T5; PixArt-Σ's 300 T5; "
-        "32 with --model toy, 48 with scenes)",
+        help="text tokens T per row (default: what the family's pipelines pass: SD3 333, FLUX "
+        "512, PixArt-Σ 300; 32 with --model toy, 48 with scenes)",
     )  # fmt: skip
     add_cat_options(p)
     p.add_argument(

@@ -1,13 +1,13 @@
 """`catpatch bench`: the denoising loop unpatched vs CAT-patched, side by side in one process.
 
-Builds an SD3-family or PixArt-Σ transformer from a named shape with random weights (speed does
-not depend on weight values) or loads a user's transformer, and times whole denoising loops of
-the two, alternating, after warm-up, reporting medians, their ratio, the arithmetic bound of the
-run (the family's cost model over the steps it ran full, pruned and skipped), MACs, the memory
-the caches hold and the selection time per pruned step. A speed-up above the bound is
-re-measured once and flagged (`plausible`) if it still is (`timing.py`). `check_settings`
-rejects what cannot be timed (sizes that are not multiples of 16, loops no longer than the
-warm-up, ...) with one line
+Builds an SD3-family, FLUX.1 or PixArt-Σ transformer from a named shape with random weights
+(speed does not depend on weight values) or loads a user's transformer, and times whole
+denoising loops of the two, alternating, after warm-up, reporting medians, their ratio, the
+arithmetic bound of the run (the family's cost model over the steps it ran full, pruned and
+skipped), MACs, the memory the caches hold and the selection time per pruned step. A speed-up
+above the bound is re-measured once and flagged (`plausible`) if it still is (`timing.py`).
+`check_settings` rejects what cannot be timed (sizes that are not multiples of 16, loops no
+longer than the warm-up, ...) with one line
 that names the fix; a hub id is looked up once, so an offline machine fails in seconds.
 """
 
@@ -51,7 +51,7 @@ class BenchSettings:
     steps: int = 28
     batch: int = 1
     cfg: bool = True
-    text_tokens: int | None = None  # None: what the family's pipelines pass (SD3 333, PixArt 300)
+    text_tokens: int | None = None  # None: the family's default (SD3 333, FLUX 512, PixArt 300)
     keep_ratio: float = 0.3
     warmup_steps: int = 8
     num_clusters: int = 20
@@ -173,9 +173,9 @@ def transformer_config(shape: str, model: str | None) -> dict[str, Any]:
         except (OSError, ValueError) as err:
             reason = first_line(err)
     raise BenchError(
-        f"--model {model}: no SD3 transformer or PixArt-Σ transformer config there ({reason}); "
-        f"pass 'toy', a pipeline "
-        f"or transformer folder, or a hub id (offline: a local folder)"
+        f"--model {model}: no SD3 transformer config there, nor a FLUX or PixArt-Σ one "
+        f"({reason}); pass 'toy', a pipeline or transformer folder, or a hub id (offline: a "
+        f"local folder)"
     )
 
 
@@ -215,6 +215,11 @@ def _check_reachable(model: str, path: str) -> None:
             f"--model {model}: cannot reach the Hugging Face hub ({reason}); offline, pass a "
             f"local folder or 'toy'"
         ) from None
+
+
+def is_flux_config(config: dict[str, Any]) -> bool:
+    """Whether a transformer config is FLUX's (single-stream blocks) rather than SD3's."""
+    return config.get("_class_name") == "FluxTransformer2DModel" or "num_single_layers" in config
 
 
 def default_size(shape: str, model: str | None) -> tuple[int, int]:
@@ -269,7 +274,8 @@ def load_transformer(settings: BenchSettings):
         import diffusers
 
         config = transformer_config(settings.shape, settings.model)
-        cls = getattr(diffusers, config.get("_class_name") or "SD3Transformer2DModel")
+        default = "FluxTransformer2DModel" if is_flux_config(config) else "SD3Transformer2DModel"
+        cls = getattr(diffusers, config.get("_class_name") or default)
         path = resolve_model(settings.model)  # "toy": the pipeline shipped in catpatch
         try:
             model = cls.from_pretrained(path, subfolder="transformer")
@@ -282,7 +288,9 @@ def load_transformer(settings: BenchSettings):
 
 class Loop:
     """A denoising loop (CFG) around one transformer, with its family's scheduler: flow-matching
-    Euler for SD3, DPM-Solver++ for PixArt-Σ."""
+    Euler for SD3 and FLUX, DPM-Solver++ for PixArt-Σ. FLUX: packed latents and position ids as
+    its pipelines pass them; CFG is true CFG, two calls of B rows per step (conditional, then
+    unconditional), as `FluxPipeline` makes them."""
 
     def __init__(self, transformer, settings: BenchSettings, eager: bool = False):
         from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
@@ -295,18 +303,33 @@ class Loop:
         device, dtype = torch.device(settings.device), torch_dtype(settings.dtype)
         gen = torch.Generator().manual_seed(settings.seed)
         batch = settings.batch
-        rows = 2 * batch if settings.cfg else batch
+        # true CFG as separate calls of B rows (FLUX) rather than 2B rows of one call
+        self.flux = not adapter.batched_cfg
+        rows = 2 * batch if settings.cfg and not self.flux else batch
+        self.scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+        self.device = device
+        self.rows = rows
+        self.forward = transformer
+        if self.flux:
+            h, w = settings.height, settings.width
+            text = settings.text_tokens or adapter.text_tokens
+            calls = [
+                adapter.example_inputs(cfg, batch, h, w, text, device, dtype, gen)
+                for _ in range(2 if settings.cfg else 1)
+            ]
+            for call in calls:
+                del call["timestep"]  # the loop's
+            self.latents = calls[0].pop("hidden_states")
+            for extra in calls[1:]:
+                extra.pop("hidden_states")
+            self.calls = calls
+            return
         latent = (batch, cfg.in_channels, settings.height // 8, settings.width // 8)
         self.latents = torch.randn(latent, generator=gen).to(device, dtype)
         text = settings.text_tokens or adapter.text_tokens
         self.conditioning = adapter.example_conditioning(cfg, rows, text, device, dtype, gen)
         if family_of(transformer).name == "PixArt-Σ":
             self.scheduler = DPMSolverMultistepScheduler()
-        else:
-            self.scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
-        self.device = device
-        self.rows = rows
-        self.forward = transformer
 
     def __call__(self) -> torch.Tensor:
         modules = self.transformer.modules() if self.eager else ()
@@ -318,6 +341,8 @@ class Loop:
                 module._compiled_call_impl = call
 
     def _denoise(self) -> torch.Tensor:
+        if self.flux:
+            return self._denoise_flux()
         s = self.settings
         self.scheduler.set_timesteps(s.steps, device=self.device)
         latents = self.latents.clone()
@@ -335,6 +360,28 @@ class Loop:
                 if s.cfg:
                     uncond, cond = out.chunk(2)
                     out = uncond + 7.0 * (cond - uncond)
+                latents = self.scheduler.step(out, t, latents, return_dict=False)[0]
+        return latents
+
+    def _denoise_flux(self) -> torch.Tensor:
+        s = self.settings
+        self.scheduler.set_timesteps(s.steps, device=self.device)
+        latents = self.latents.clone()
+        patch = get_patch(self.transformer)
+        calls = len(self.calls)
+        scope = (
+            cat_generation(self.transformer, s.steps, calls_per_step=calls) if patch else _nothing()
+        )
+        with torch.no_grad(), scope:
+            for t in self.scheduler.timesteps:
+                sigma = (t / 1000).expand(self.rows).to(latents.dtype)
+                outs = [
+                    self.forward(hidden_states=latents, timestep=sigma, return_dict=False, **call)[
+                        0
+                    ]
+                    for call in self.calls
+                ]
+                out = outs[0] if calls == 1 else outs[1] + 4.0 * (outs[0] - outs[1])
                 latents = self.scheduler.step(out, t, latents, return_dict=False)[0]
         return latents
 
@@ -422,7 +469,7 @@ def run(settings: BenchSettings) -> BenchResult:
         # (CATConfig.compile, with persistent buffers) and each block of the baseline in place.
         config = config.replace(compile=settings.compile)
         mode = None if settings.compile == "default" else settings.compile
-        for block in base.transformer_blocks:
+        for block in (*base.transformer_blocks, *getattr(base, "single_transformer_blocks", ())):
             block.compile(mode=mode, dynamic=False)
     apply_cat(patched, config)
     loops = {"unpatched": Loop(base, settings), "patched": Loop(patched, settings)}

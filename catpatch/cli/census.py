@@ -2,6 +2,7 @@
 
     catpatch census --shape sd3-medium --size 1024x1024            # CFG pair, bf16
     catpatch census --shape sd3.5-large --size 1024x1024 --lean
+    catpatch census --shape flux-dev --size 1024x1024              # no CFG pair, T=512
     catpatch census --shape pixart-sigma --size 1024x1024
 
 Builds the named transformer shape on the `meta` device at its real size and counts what one
@@ -32,10 +33,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--shape", default="sd3-medium", choices=sorted(SHAPES), help="model shape")
     p.add_argument("--size", default="1024x1024", type=parse_size, help="HEIGHTxWIDTH in pixels")
     p.add_argument("--batch", type=positive_int, default=1, help="images per call")
-    p.add_argument("--no-cfg", action="store_true", help="no classifier-free guidance pair")
+    p.add_argument(
+        "--no-cfg", action="store_true",
+        help="no classifier-free guidance pair (FLUX shapes: always, one row per image)",
+    )  # fmt: skip
     p.add_argument(
         "--text-tokens", type=positive_int, default=None,
-        help="text tokens T (default: what the family's pipelines pass: SD3 333, PixArt-Σ 300)",
+        help="text tokens T (default: what the family's pipelines pass: SD3 333, FLUX 512, "
+        "PixArt-Σ 300)",
     )  # fmt: skip
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPE_NAMES), help="weights dtype")
     p.add_argument("--keep-ratio", type=float, default=default.keep_ratio, help="α")

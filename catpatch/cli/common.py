@@ -137,18 +137,20 @@ def check_image_size(
     vae_scale: int = 8,
     error: type[CommandError] = CommandError,
 ) -> int:
-    """`error` unless HxW pixels fit an SD3-family transformer `config` (a dict or a config
-    object): positive multiples of VAE scale x patch size, within the position embedding, and
-    at least `num_clusters` image tokens. Returns the number of image tokens."""
+    """`error` unless HxW pixels fit a transformer `config` (a dict or a config object):
+    positive multiples of VAE scale x patch size, within the position embedding, and at least
+    `num_clusters` image tokens. Returns the number of image tokens."""
     get = config.get if isinstance(config, dict) else lambda k: getattr(config, k, None)
-    patch = int(get("patch_size") or 2)
+    # FLUX's pipelines pack 2x2 latents per token (its transformer's patch_size is 1)
+    flux = get("num_single_layers") is not None
+    patch = 2 if flux else int(get("patch_size") or 2)
     unit = vae_scale * patch
     if height <= 0 or width <= 0 or height % unit or width % unit:
         fit = "x".join(str(max(unit, round(v / unit) * unit)) for v in (height, width))
         raise error(
             f"--size {height}x{width}: height and width must be positive multiples of {unit} "
-            f"for SD3 (latents are 1/{vae_scale} of the image, tokens are {patch}x{patch} "
-            f"latents), e.g. --size {fit}"
+            f"for {'FLUX' if flux else 'SD3'} (latents are 1/{vae_scale} of the image, tokens "
+            f"are {patch}x{patch} latents), e.g. --size {fit}"
         )
     limit = get("pos_embed_max_size")
     if limit and max(height, width) > limit * unit:

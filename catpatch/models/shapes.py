@@ -1,4 +1,5 @@
-"""Named transformer shapes (SD3 family, PixArt-Σ), for benchmarks and tests with random weights.
+"""Named transformer shapes (SD3 family, FLUX.1, PixArt-Σ), for benchmarks and tests with
+random weights.
 
 Speed does not depend on weight values, so a transformer built from one of these configs with
 random weights times the same as the released checkpoint of that shape.
@@ -104,7 +105,49 @@ SHAPES["tiny-pixart-sigma"] = {
     "interpolation_scale": 1,
 }
 
+# FLUX.1 (`FluxTransformer2DModel`), read off the released transformer configs: 19 double- and
+# 38 single-stream blocks, 24 heads x 128; dev is guidance-distilled (a guidance embedding).
+_FLUX_DEV: dict[str, Any] = dict(
+    _class_name="FluxTransformer2DModel",
+    patch_size=1,
+    in_channels=64,
+    out_channels=None,
+    num_layers=19,
+    num_single_layers=38,
+    attention_head_dim=128,
+    num_attention_heads=24,
+    joint_attention_dim=4096,
+    pooled_projection_dim=768,
+    guidance_embeds=True,
+    axes_dims_rope=(16, 56, 56),
+)
+FLUX_SHAPES: dict[str, dict[str, Any]] = {
+    "flux-dev": _FLUX_DEV,
+    "flux-schnell": {**_FLUX_DEV, "guidance_embeds": False},
+    # Tiny FLUX for tests: 2 double + 2 single blocks, width 32, 4 latent channels packed 2x2.
+    "tiny-flux": {
+        **_FLUX_DEV,
+        "in_channels": 16,
+        "num_layers": 2,
+        "num_single_layers": 2,
+        "attention_head_dim": 16,
+        "num_attention_heads": 2,
+        "joint_attention_dim": 32,
+        "pooled_projection_dim": 32,
+        "guidance_embeds": False,
+        "axes_dims_rope": (4, 6, 6),
+    },
+}
+FLUX_SHAPES["tiny-flux-dev"] = {**FLUX_SHAPES["tiny-flux"], "guidance_embeds": True}
+SHAPES.update(FLUX_SHAPES)
+
+
 SD3_CLASS = "SD3Transformer2DModel"
+
+
+def is_flux(shape: str) -> bool:
+    """Whether the named shape is a FLUX.1 transformer."""
+    return shape in FLUX_SHAPES
 
 
 def transformer_class_name(shape: str) -> str:

@@ -1,8 +1,10 @@
-"""Complete SD3-family and PixArt-Σ pipelines built offline from small configs (no download).
+"""Complete SD3-family, FLUX.1 and PixArt-Σ pipelines built offline from small configs (no
+download).
 
-All nine components of `StableDiffusion3Pipeline` (five of `PixArtSigmaPipeline`) are real
-diffusers / transformers classes with seeded random weights; the tokenizers are built from an
-in-memory vocabulary. Used by the tests, the benchmark and as the untrained fallback of the demo.
+All nine components of `StableDiffusion3Pipeline` (seven of `FluxPipeline`, five of
+`PixArtSigmaPipeline`) are real diffusers / transformers classes with seeded random weights;
+the tokenizers are built from an in-memory vocabulary. Used by the tests, the benchmark and as
+the untrained fallback of the demo.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .shapes import SD3_CLASS, transformer_config
+from .shapes import SD3_CLASS, is_flux, transformer_config
 
 # Words the tokenizers know as whole tokens; anything else falls back to characters (CLIP) or
 # <unk> pieces (T5). Covers the toy captions and common prompt words.
@@ -241,6 +243,10 @@ def build_pipeline(
         StableDiffusion3Pipeline,
     )
 
+    if is_flux(shape):
+        return build_flux_pipeline(
+            shape, pipeline_cls, seed, vae_blocks, words, **transformer_overrides
+        )
     cfg = transformer_config(shape, **transformer_overrides)
     if cfg.get("_class_name", SD3_CLASS) == "PixArtTransformer2DModel":
         return build_pixart_pipeline(shape, pipeline_cls, seed, vae_blocks, words, **cfg)
@@ -303,4 +309,66 @@ def build_pixart_pipeline(
         vae=vae(seed, vae_blocks, latent_channels=cfg["in_channels"], scaling_factor=0.13025),
         transformer=transformer,
         scheduler=DPMSolverMultistepScheduler(),
+    )
+
+
+def build_flux_pipeline(
+    shape: str = "tiny-flux",
+    pipeline_cls: Any = None,
+    seed: int = 0,
+    vae_blocks: int = 3,
+    words: Iterable[str] = BASE_WORDS,
+    **transformer_overrides: Any,
+):
+    """A complete FLUX.1 pipeline with seeded random weights, built offline.
+
+    `pipeline_cls` defaults to `FluxPipeline` (any class taking the same components works,
+    e.g. `FluxImg2ImgPipeline`; a ControlNet pipeline also needs `controlnet=`, passed through
+    `transformer_overrides` is not: add it to the returned pipeline's components yourself).
+    Components: a 2-layer CLIP text model (hidden = the pooled projection width), a 2-layer T5
+    of width joint_attention_dim, a VAE with in_channels/4 latent channels (FLUX packs 2x2
+    latents per token), the dynamic-shift flow-matching scheduler of FLUX.1-dev.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    pipeline_cls = pipeline_cls or FluxPipeline
+    cfg = transformer_config(shape, **transformer_overrides)
+    cfg.pop("_class_name", None)
+    pooled, joint = cfg["pooled_projection_dim"], cfg["joint_attention_dim"]
+    text = text_components(words, seed, t5_dim=joint, t5_ff=2 * joint)
+    clip_tok = text["tokenizer"]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 1)
+        clip = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(clip_tok),
+                hidden_size=pooled,
+                intermediate_size=2 * pooled,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                max_position_embeddings=clip_tok.model_max_length,
+                bos_token_id=clip_tok.bos_token_id,
+                eos_token_id=clip_tok.eos_token_id,
+                pad_token_id=clip_tok.pad_token_id,
+            )
+        )
+        clip.requires_grad_(False).eval()
+        torch.manual_seed(seed + 5)
+        transformer = FluxTransformer2DModel(**cfg).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+        max_image_seq_len=4096, shift=3.0,
+    )  # fmt: skip
+    # the transformer's output is the packed latents; its input may carry more (Fill, Control)
+    latent_channels = (cfg.get("out_channels") or cfg["in_channels"]) // 4
+    autoencoder = vae(seed, vae_blocks, latent_channels=latent_channels, shift_factor=0.1159)
+    return pipeline_cls(
+        transformer=transformer,
+        scheduler=scheduler,
+        vae=autoencoder,
+        text_encoder=clip,
+        tokenizer=clip_tok,
+        text_encoder_2=text["text_encoder_3"],
+        tokenizer_2=text["tokenizer_3"],
     )

@@ -90,6 +90,8 @@ class PixArtAdapter:
     def num_blocks(transformer) -> int:
         return len(transformer.transformer_blocks)
 
+    calls_per_step: int | None = 1  # one call per step (CFG batched inside the call)
+    batched_cfg = True  # CFG as 2B rows of one call
     text_tokens = 300  # the PixArt-Σ pipeline's max_sequence_length (T5)
 
     @staticmethod
@@ -102,6 +104,20 @@ class PixArtAdapter:
         return dict(
             encoder_hidden_states=_randn(shape, generator, device=device, dtype=dtype),
             added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+        )
+
+    @classmethod
+    def example_inputs(
+        cls, config, rows: int, height: int, width: int, text_tokens: int, device=None,
+        dtype=None, generator=None,
+    ) -> dict:  # fmt: skip
+        """Random keyword arguments of one transformer call at `height` x `width` pixels
+        (latents of an 8x VAE, a mid-schedule timestep and `example_conditioning`)."""
+        latents = (rows, config.in_channels, height // 8, width // 8)
+        return dict(
+            hidden_states=_randn(latents, generator, device=device, dtype=dtype),
+            timestep=torch.full((rows,), 500.0, device=device),
+            **cls.example_conditioning(config, rows, text_tokens, device, dtype, generator),
         )
 
     def __init__(self, transformer, state: CATState):

@@ -71,6 +71,8 @@ class SD3Adapter:
     """Hooks CAT into one `SD3Transformer2DModel` instance; `remove()` undoes it exactly."""
 
     check = staticmethod(check_transformer)
+    calls_per_step: int | None = 1  # one call per step (CFG batched; SLG calls pass through)
+    batched_cfg = True  # CFG as 2B rows of one call
 
     @staticmethod
     def num_blocks(transformer) -> int:
@@ -90,6 +92,20 @@ class SD3Adapter:
                 (rows, text_tokens, config.joint_attention_dim), generator, **like
             ),
             pooled_projections=_randn((rows, config.pooled_projection_dim), generator, **like),
+        )
+
+    @classmethod
+    def example_inputs(
+        cls, config, rows: int, height: int, width: int, text_tokens: int, device=None,
+        dtype=None, generator=None,
+    ) -> dict:  # fmt: skip
+        """Random keyword arguments of one transformer call at `height` x `width` pixels
+        (latents of an 8x VAE, a mid-schedule timestep and `example_conditioning`)."""
+        latents = (rows, config.in_channels, height // 8, width // 8)
+        return dict(
+            hidden_states=_randn(latents, generator, device=device, dtype=dtype),
+            timestep=torch.full((rows,), 500.0, device=device),
+            **cls.example_conditioning(config, rows, text_tokens, device, dtype, generator),
         )
 
     def __init__(self, transformer, state: CATState):
@@ -217,12 +233,10 @@ class SD3Adapter:
         return self.cost_model().step_macs(tokens, text, computed, lean)
 
     def _step_cost_ratio(self) -> float:
-        from ..stats import step_macs
-
-        geo, dims = self.state.schedule.geometry, self.cost_model()
-        full = step_macs(dims, geo.tokens, geo.text_tokens)
+        geo = self.state.schedule.geometry
+        full = self.step_macs(geo.tokens, geo.text_tokens)
         budget, lean = self.state.log.budget, self.state.config.lean
-        return step_macs(dims, geo.tokens, geo.text_tokens, budget, lean) / full
+        return self.step_macs(geo.tokens, geo.text_tokens, budget, lean) / full
 
     def _features(self) -> int:
         config = self.transformer.config

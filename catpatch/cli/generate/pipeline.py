@@ -1,6 +1,6 @@
 """The pipeline of a run: `load_pipeline` loads a saved folder or hub id with errors that name
-the fix, `_as_text_to_image` turns any supported pipeline (SD3 family, PixArt-Σ) into its
-family's text-to-image one,
+the fix, `_as_text_to_image` turns any supported pipeline (SD3 family, FLUX.1, PixArt-Σ) into
+its family's text-to-image one,
 `check_size` checks HxW against the model, `_cat_config` builds the run's `CATConfig` and
 `_prepare` loads the LoRA and applies CAT (or torch.compile) before the first image.
 """
@@ -94,9 +94,10 @@ def _as_text_to_image(pipe):
     family = pipeline_family(pipe)
     if family is None:
         raise GenerateError(
-            f"{type(pipe).__name__} is not a supported SD3-family or PixArt-Σ pipeline; "
+            f"{type(pipe).__name__} is not a supported SD3-family, FLUX or PixArt-Σ pipeline; "
             f"catpatch generate needs a StableDiffusion3Pipeline checkpoint (SD3-medium, "
-            f"SD3.5-medium/large) or a PixArtSigmaPipeline checkpoint"
+            f"SD3.5-medium/large), a FluxPipeline one (FLUX.1-dev, FLUX.1-schnell) or a "
+            f"PixArtSigmaPipeline one"
         )
     text_to_image = getattr(diffusers, family.pipelines[0])
     return pipe if isinstance(pipe, text_to_image) else text_to_image.from_pipe(pipe)
