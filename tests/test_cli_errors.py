@@ -341,7 +341,7 @@ def test_quick_study_outputs_have_no_empty_tables_or_undrawn_legend_lines(tmp_pa
         if lines and lines[0].startswith("| steps"):
             assert len(lines) > 2, f"empty table: {block}"
     assert "Not in this study: no `cat+reuse` run" in targets
-    assert "Not in this study: no TaylorSeerCache run" in targets
+    assert "Not in this study: no TaylorSeerCache or MagCache run" in targets
     assert legends and all(
         points > 1 or marker not in ("None", "", None) for entries in legends
         for _, points, marker in entries
