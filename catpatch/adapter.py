@@ -35,6 +35,15 @@ def randn(shape: tuple[int, ...], generator, device=None, dtype=None) -> Tensor:
     return torch.randn(shape, generator=generator).to(device=device, dtype=dtype)
 
 
+def refuse_ip_adapter(transformer, attribute: str) -> None:
+    """Raise `TypeError` when an IP-Adapter is loaded (its projection at `attribute`)."""
+    if getattr(transformer, attribute, None) is not None:
+        raise TypeError(
+            "an IP-Adapter is loaded on this transformer; CAT does not support IP-Adapter yet. "
+            "Call pipe.unload_ip_adapter() first"
+        )
+
+
 def check_processors(transformer, known: tuple[str, ...], default: str) -> None:
     """Raise `TypeError` for an attention processor our pruned attention would bypass."""
     for name, proc in transformer.attn_processors.items():
@@ -61,6 +70,9 @@ class ModelAdapter:
     block_function = None  # the family's pruned block (a staticmethod)
     timestep_position = 3  # of `timestep` in the transformer's forward
     joint_text = True  # text tokens share the image tokens' K/V cache (joint attention)
+    # Whether a step's later calls (true CFG as calls) run as lean followers: no dense stream,
+    # the selection's observe eager. Families that batch CFG keep the dense path for every call.
+    lean_followers = False
 
     @staticmethod
     def num_blocks(transformer) -> int:
@@ -136,6 +148,26 @@ class ModelAdapter:
 
     def remove(self) -> None:
         self.patches.undo()
+
+    def _block_kwargs(self) -> dict | None:
+        """The cache arguments of the family's pruned block on this call; None when the blocks
+        run their own forward (neither a recording nor a pruned call)."""
+        state, caches, schedule = self.state, self.state.caches, self.state.schedule
+        if schedule.mode not in (Mode.PRUNED, Mode.RECORD):
+            return None
+        pruned = schedule.mode is Mode.PRUNED
+        return dict(
+            step=state.step_index if pruned else None,
+            residual=caches.residual if pruned else None,
+            rows=schedule.driver_slice,
+            keep_all=caches.keep,
+            output_caches=self._dense(),
+        )
+
+    def _dense(self) -> bool:
+        """Whether this call keeps the dense residual stream and the output caches."""
+        state = self.state
+        return state.dense if self.lean_followers else not state.config.lean
 
     # -- cost
     def step_macs(
@@ -243,7 +275,7 @@ class ModelAdapter:
         state = self.state
         if state.schedule.mode is not Mode.PRUNED:
             return None
-        if state.dense:
+        if self._dense():
             # The driver rows' dense residual stream, for this call only; contiguous (a
             # conv embedder leaves (R, D, L) memory order, which every update would read
             # across rows).
@@ -280,5 +312,6 @@ class ModelAdapter:
             return None
         # a follower call only writes its computed rows: eager, so that the compiled
         # selection keeps one graph per phase
-        observe = state.observe_output if state.schedule.follower else self._observe
+        follower = self.lean_followers and state.schedule.follower
+        observe = state.observe_output if follower else self._observe
         return observe(state.schedule.mode, output, self.timestep)

@@ -27,7 +27,13 @@ import math
 import torch
 from torch import Tensor
 
-from ..adapter import ModelAdapter, call_argument, check_processors, compiler
+from ..adapter import (
+    ModelAdapter,
+    call_argument,
+    check_processors,
+    compiler,
+    refuse_ip_adapter,
+)
 from ..caches import gather_positions, gather_tokens
 from ..schedule import Geometry, Mode
 from ..state import CATState
@@ -49,11 +55,7 @@ def check_transformer(transformer) -> None:
             f"expected a FluxTransformer2DModel, got {type(transformer).__name__}; CAT supports "
             f"FLUX.1 transformers (dev, schnell)"
         )
-    if getattr(transformer, "encoder_hid_proj", None) is not None:
-        raise TypeError(
-            "an IP-Adapter is loaded on this transformer; CAT does not support IP-Adapter yet. "
-            "Call pipe.unload_ip_adapter() first"
-        )
+    refuse_ip_adapter(transformer, "encoder_hid_proj")
     check_processors(transformer, KNOWN_PROCESSORS, "FluxAttnProcessor")
     for name, proc in transformer.attn_processors.items():
         if getattr(proc, "_parallel_config", None) is not None:
@@ -69,6 +71,7 @@ class FluxAdapter(ModelAdapter):
     check = staticmethod(check_transformer)
     calls_per_step: int | None = None  # true CFG: two calls per step, the bar ends a step
     batched_cfg = False  # B rows per call; true CFG is a second call, not 2B rows
+    lean_followers = True
 
     @staticmethod
     def num_blocks(transformer) -> int:
@@ -234,27 +237,23 @@ class FluxAdapter(ModelAdapter):
         image_rotary_emb=None,
         joint_attention_kwargs=None,
     ):
-        state, caches, schedule = self.state, self.state.caches, self.state.schedule
         t = self.transformer
         single = i >= len(t.transformer_blocks)
         block = t.single_transformer_blocks[i - len(t.transformer_blocks)] if single else (
             t.transformer_blocks[i]
         )  # fmt: skip
-        if schedule.mode in (Mode.PRUNED, Mode.RECORD):
-            pruned = schedule.mode is Mode.PRUNED
+        cache_kwargs = self._block_kwargs()
+        if cache_kwargs is not None:
+            pruned = self.state.schedule.mode is Mode.PRUNED
             return (self._single if single else self._double)(
                 block,
-                caches.blocks[i],
+                self.state.caches.blocks[i],
                 hidden_states,
                 encoder_hidden_states,
                 temb,
                 image_rotary_emb,
-                step=state.step_index if pruned else None,
-                residual=caches.residual if pruned else None,
-                rows=schedule.driver_slice,
-                keep_all=caches.keep,
-                output_caches=state.dense,
                 kv_rows=self._kv_rows if pruned else None,
+                **cache_kwargs,
             )
         return self._own_forward(original, block, self._full.get(single))(
             hidden_states=hidden_states,

@@ -27,7 +27,6 @@ import torch
 from torch import Tensor
 
 from ..adapter import ModelAdapter, call_argument, check_processors, randn
-from ..schedule import Mode
 from ..state import CATState
 from .block import cat_block_forward
 from .cost import PixArtDims
@@ -143,23 +142,18 @@ class PixArtAdapter(ModelAdapter):
         class_labels=None,
         added_cond_kwargs=None,
     ):
-        state, caches, schedule = self.state, self.state.caches, self.state.schedule
         block = self.transformer.transformer_blocks[i]
-        if schedule.mode in (Mode.PRUNED, Mode.RECORD):
-            pruned = schedule.mode is Mode.PRUNED
+        cache_kwargs = self._block_kwargs()
+        if cache_kwargs is not None:
             return self._block_fn(
                 block,
-                caches.blocks[i],
+                self.state.caches.blocks[i],
                 hidden_states,
                 encoder_hidden_states,
                 timestep,
                 encoder_attention_mask,
                 attention_mask,
-                step=state.step_index if pruned else None,
-                residual=caches.residual if pruned else None,
-                rows=schedule.driver_slice,
-                keep_all=caches.keep,
-                output_caches=not state.config.lean,
+                **cache_kwargs,
             )
         return self._own_forward(original, block, self._full_fn)(
             hidden_states,

@@ -17,17 +17,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..adapter import ModelAdapter, call_argument, check_processors, randn
+from ..adapter import ModelAdapter, call_argument, check_processors, randn, refuse_ip_adapter
 from ..caches import gather_tokens
-from ..schedule import Mode
 from ..state import CATState
 from .block import cat_block_forward
 
 # Attention processors whose computation our pruned attention reproduces.
 KNOWN_PROCESSORS = ("JointAttnProcessor2_0", "FusedJointAttnProcessor2_0")
-
-_randn = randn  # the name other modules imported before `catpatch.adapter` held it
-
 
 def check_transformer(transformer) -> None:
     """Raise `TypeError` if CAT cannot serve this transformer as it is set up now."""
@@ -38,11 +34,7 @@ def check_transformer(transformer) -> None:
             f"expected an SD3Transformer2DModel, got {type(transformer).__name__}; CAT supports "
             f"SD3-family transformers (SD3-medium, SD3.5-medium, SD3.5-large)"
         )
-    if getattr(transformer, "image_proj", None) is not None:
-        raise TypeError(
-            "an IP-Adapter is loaded on this transformer; CAT does not support IP-Adapter yet. "
-            "Call pipe.unload_ip_adapter() first"
-        )
+    refuse_ip_adapter(transformer, "image_proj")
     check_processors(transformer, KNOWN_PROCESSORS, "JointAttnProcessor2_0")
 
 
@@ -132,23 +124,18 @@ class SD3Adapter(ModelAdapter):
         temb=None,
         joint_attention_kwargs=None,
     ):
-        state, caches, schedule = self.state, self.state.caches, self.state.schedule
-        if schedule.mode in (Mode.PRUNED, Mode.RECORD):
-            pruned = schedule.mode is Mode.PRUNED
+        block = self.transformer.transformer_blocks[i]
+        cache_kwargs = self._block_kwargs()
+        if cache_kwargs is not None:
             return self._block_fn(
-                self.transformer.transformer_blocks[i],
-                caches.blocks[i],
+                block,
+                self.state.caches.blocks[i],
                 hidden_states,
                 encoder_hidden_states,
                 temb,
-                step=state.step_index if pruned else None,
-                residual=caches.residual if pruned else None,
-                rows=schedule.driver_slice,
-                keep_all=caches.keep,
-                output_caches=not state.config.lean,
                 temb_act=self._temb_act(temb),
+                **cache_kwargs,
             )
-        block = self.transformer.transformer_blocks[i]
         return self._own_forward(original, block, self._full_fn)(
             hidden_states=hidden_states,
             encoder_hidden_states=encoder_hidden_states,
