@@ -25,6 +25,7 @@ from .block import cat_block_forward
 # Attention processors whose computation our pruned attention reproduces.
 KNOWN_PROCESSORS = ("JointAttnProcessor2_0", "FusedJointAttnProcessor2_0")
 
+
 def check_transformer(transformer) -> None:
     """Raise `TypeError` if CAT cannot serve this transformer as it is set up now."""
     from diffusers import SD3Transformer2DModel
