@@ -63,7 +63,10 @@ def compiler(mode: str | None):
 
 
 class ModelAdapter:
-    """Hooks CAT into one transformer instance; `remove()` undoes it exactly."""
+    """Hooks CAT into one transformer instance; `remove()` undoes it exactly.
+
+    A family adds `check`, `text_tokens`, `example_conditioning`, `cost_model`, `_output`
+    (the transformer's return type), `_block_shapes` and `_block_forward`."""
 
     calls_per_step: int | None = 1  # one call per step (CFG batched inside the call)
     batched_cfg = True  # CFG as 2B rows of one call
