@@ -1,6 +1,7 @@
 """The FLUX.1 model adapter: where CAT plugs into `FluxTransformer2DModel`.
 
-All knowledge of diffusers' FLUX layout lives here. The transformer's own `forward` stays in
+All knowledge of diffusers' FLUX layout lives here (the hooks every family shares are in
+`catpatch.adapter`). The transformer's own `forward` stays in
 charge (LoRA scaling, guidance and text embeddings, ControlNet residuals); CAT changes it at
 six points, all on this model instance:
 
@@ -21,19 +22,23 @@ its own). Guidance-distilled FLUX.1-dev/schnell make one call per step and selec
 
 from __future__ import annotations
 
-import functools
 import math
-import warnings
 
 import torch
 from torch import Tensor
 
-from ..caches import gather_positions, gather_tokens, write_rows
-from ..hooks import PatchSet
+from ..adapter import (
+    ModelAdapter,
+    call_argument,
+    check_processors,
+    compiler,
+    refuse_ip_adapter,
+)
+from ..caches import gather_positions, gather_tokens
 from ..schedule import Geometry, Mode
 from ..state import CATState
 from .block import double_block_forward, joint_kv_rows, single_block_forward
-from .cost import FluxDims, step_macs
+from .cost import FluxDims
 from .inputs import call_inputs
 
 # Attention processors whose computation our pruned attention reproduces.
@@ -50,18 +55,9 @@ def check_transformer(transformer) -> None:
             f"expected a FluxTransformer2DModel, got {type(transformer).__name__}; CAT supports "
             f"FLUX.1 transformers (dev, schnell)"
         )
-    if getattr(transformer, "encoder_hid_proj", None) is not None:
-        raise TypeError(
-            "an IP-Adapter is loaded on this transformer; CAT does not support IP-Adapter yet. "
-            "Call pipe.unload_ip_adapter() first"
-        )
+    refuse_ip_adapter(transformer, "encoder_hid_proj")
+    check_processors(transformer, KNOWN_PROCESSORS, "FluxAttnProcessor")
     for name, proc in transformer.attn_processors.items():
-        if type(proc).__name__ not in KNOWN_PROCESSORS:
-            raise TypeError(
-                f"attention processor {type(proc).__name__} at {name} would be bypassed on "
-                f"pruned steps; CAT supports {', '.join(KNOWN_PROCESSORS)}. Restore the default "
-                f"with transformer.set_attn_processor(FluxAttnProcessor()) first"
-            )
         if getattr(proc, "_parallel_config", None) is not None:
             raise TypeError(
                 f"{name} runs context-parallel attention, which pruned steps do not shard; "
@@ -69,18 +65,13 @@ def check_transformer(transformer) -> None:
             )
 
 
-def _call_argument(args: tuple, kwargs: dict, name: str, position: int):
-    if name in kwargs:
-        return kwargs[name]
-    return args[position] if len(args) > position else None
-
-
-class FluxAdapter:
+class FluxAdapter(ModelAdapter):
     """Hooks CAT into one `FluxTransformer2DModel` instance; `remove()` undoes it exactly."""
 
     check = staticmethod(check_transformer)
     calls_per_step: int | None = None  # true CFG: two calls per step, the bar ends a step
     batched_cfg = False  # B rows per call; true CFG is a second call, not 2B rows
+    lean_followers = True
 
     @staticmethod
     def num_blocks(transformer) -> int:
@@ -110,34 +101,21 @@ class FluxAdapter:
         return inputs
 
     def __init__(self, transformer, state: CATState):
-        self.transformer = transformer
-        self.state = state
-        self.patches = PatchSet()
+        super().__init__(transformer, state)
         self.dims = FluxDims.from_config(transformer.config)
         self.controlnet: tuple | None = None  # this call's (double, single, repeat) residuals
-        self.timestep: Tensor | None = None
         self._kv_rows: Tensor | None = None  # this pruned step's K/V cache rows, FLUX order
         self._grid: tuple[int, int, int] | None = None  # (L, H', W') of the last run
-        self._warned_outside = False
 
-    # -- install / remove
-    def install(self) -> None:
-        t, p = self.transformer, self.patches
-        p.add_handle(t.register_forward_pre_hook(self._pre_call, with_kwargs=True))
-        p.add_handle(t.register_forward_hook(self._post_call, with_kwargs=True))
-        p.add_handle(t.x_embedder.register_forward_hook(self._after_embed))
-        p.add_handle(t.pos_embed.register_forward_hook(self._after_rope))
-        p.add_handle(t.norm_out.register_forward_pre_hook(self._before_norm_out))
-        p.add_handle(t.proj_out.register_forward_hook(self._after_proj_out))
-        if self.state.steps.skips:
-            forward = functools.partial(self._reusing_forward, t.forward)
-            p.set_attribute(t, "forward", functools.update_wrapper(forward, t.forward))
-        blocks = [(b, False) for b in t.transformer_blocks]
-        blocks += [(b, True) for b in t.single_transformer_blocks]
-        for i, (block, single) in enumerate(blocks):
-            forward = functools.partial(self._block_forward, i, single, block.forward)
-            p.set_attribute(block, "forward", functools.update_wrapper(forward, block.forward))
-        self._compile_regions()
+    # -- install
+    def _embed_hooks(self) -> list:
+        t = self.transformer
+        return [(t.x_embedder, self._after_embed), (t.pos_embed, self._after_rope)]
+
+    def _blocks(self) -> list:
+        """The double-stream blocks, then the single-stream ones."""
+        t = self.transformer
+        return [*t.transformer_blocks, *t.single_transformer_blocks]
 
     def _compile_regions(self) -> None:
         """`compile=`: regional compilation, one compiled function per block kind and phase
@@ -146,12 +124,9 @@ class FluxAdapter:
         self._double, self._single = double_block_forward, single_block_forward
         self._observe = self.state.observe_output
         self._full: dict[bool, object] = {}
-        mode = self.state.config.compile
-        if mode is None:
+        compile_ = compiler(self.state.config.compile)
+        if compile_ is None:
             return
-        compile_ = functools.partial(
-            torch.compile, mode=None if mode == "default" else mode, dynamic=False
-        )
         self._double, self._single = compile_(double_block_forward), compile_(single_block_forward)
         self._observe = compile_(self.state.observe_output)
         t = self.transformer
@@ -160,25 +135,10 @@ class FluxAdapter:
             True: compile_(type(t.single_transformer_blocks[0]).forward),
         }
 
-    def remove(self) -> None:
-        self.patches.undo()
-
     # -- cost
     def cost_model(self) -> FluxDims:
         """The MAC model of this transformer (`flux.cost.FluxDims`, a `stats.CostModel`)."""
         return self.dims
-
-    def step_macs(
-        self, tokens: int, text: int, computed: int | None = None, lean: bool = False
-    ) -> int:
-        """MACs of one call per batch row (see `catpatch.flux.cost`)."""
-        return step_macs(self.dims, tokens, text, computed, lean)
-
-    def _step_cost_ratio(self) -> float:
-        geo = self.state.schedule.geometry
-        full = self.step_macs(geo.tokens, geo.text_tokens)
-        budget, lean = self.state.log.budget, self.state.config.lean
-        return self.step_macs(geo.tokens, geo.text_tokens, budget, lean) / full
 
     # -- transformer call
     def _token_grid(self, img_ids: Tensor | None, tokens: int) -> tuple[int, int]:
@@ -200,11 +160,9 @@ class FluxAdapter:
         return height, width
 
     def _geometry(self, args: tuple, kwargs: dict) -> Geometry:
-        hidden = _call_argument(args, kwargs, "hidden_states", 0)
-        context = _call_argument(args, kwargs, "encoder_hidden_states", 1)
-        height, width = self._token_grid(
-            _call_argument(args, kwargs, "img_ids", 4), hidden.shape[1]
-        )
+        hidden = call_argument(args, kwargs, "hidden_states", 0)
+        context = call_argument(args, kwargs, "encoder_hidden_states", 1)
+        height, width = self._token_grid(call_argument(args, kwargs, "img_ids", 4), hidden.shape[1])
         return Geometry(
             rows=hidden.shape[0],
             height=height,
@@ -214,24 +172,16 @@ class FluxAdapter:
             dtype=hidden.dtype,
         )
 
-    # The step bookkeeping stays out of compiled graphs: it is Python state that changes every
-    # step, which a traced graph would have to guard on (one recompile per step).
-    @torch.compiler.disable
-    def _pre_call(self, module, args, kwargs):
-        state, schedule = self.state, self.state.schedule
-        if not schedule.in_run:
-            self._warn_outside()
-        elif schedule.cfg_rows is None:  # FLUX pipelines: B rows per call, true CFG as calls
+    def _features(self) -> int:
+        return self.transformer.proj_out.out_features
+
+    def _first_calls(self, args: tuple, kwargs: dict) -> None:
+        schedule = self.state.schedule
+        if schedule.cfg_rows is None:  # FLUX pipelines: B rows per call, true CFG as calls
             schedule.cfg_rows = False
-        mode = state.plan_call(self._geometry(args, kwargs), self._step_cost_ratio)
-        schedule.mode = mode
-        if mode is Mode.PASS or state.tokens is None:
-            return None
-        if state.persistent and schedule.step == 0 and schedule.prunes():
-            state.allocate(self._block_shapes(), self.transformer.proj_out.out_features)
-        self.timestep = _call_argument(args, kwargs, "timestep", 3)
-        if mode is not Mode.PRUNED:
-            return None
+
+    def _begin_pruned(self, args: tuple, kwargs: dict):
+        state, schedule = self.state, self.state.schedule
         if not schedule.follower:  # a follower computes the first call's tokens
             step = state.begin_pruned_step()
             self._kv_rows = joint_kv_rows(step, step.index.shape[0])
@@ -246,28 +196,10 @@ class FluxAdapter:
                 kwargs[name] = [gather_tokens(c, step.index) for c in group]
         return args, kwargs
 
-    @torch.compiler.disable
-    def _post_call(self, module, args, kwargs, output):
-        state, schedule = self.state, self.state.schedule
-        mode, schedule.mode = schedule.mode, Mode.PASS
-        if mode not in (Mode.PASS, Mode.REUSE) and state.steps.skips:
-            sample = output[0] if isinstance(output, tuple) else output.sample
-            state.steps.observe(sample, schedule.step)
-        self.controlnet = self.timestep = None
-        state.caches.residual = None
-        state.finish_call(mode)
-        return None
-
-    def _reusing_forward(self, original, *args, **kwargs):
-        """A step the step policy skips: its output without running the model."""
-        if self.state.schedule.mode is not Mode.REUSE:
-            return original(*args, **kwargs)
+    def _output(self, sample: Tensor):
         from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
-        sample = self.state.steps.output(self.state.schedule.step)
-        if kwargs.get("return_dict", True):
-            return Transformer2DModelOutput(sample=sample)
-        return (sample,)
+        return Transformer2DModelOutput(sample=sample)
 
     def _block_shapes(self) -> list[dict[str, tuple[int, ...]]]:
         """The cache shapes of each block for this run's geometry (see `BlockCache`)."""
@@ -280,27 +212,7 @@ class FluxAdapter:
         t = self.transformer
         return [double] * len(t.transformer_blocks) + [single] * len(t.single_transformer_blocks)
 
-    def _warn_outside(self) -> None:
-        if not self._warned_outside:
-            self._warned_outside = True
-            warnings.warn(
-                "catpatch: the transformer was called outside a generation, so CAT ran it "
-                "unpruned. Pipelines start a generation themselves; with your own denoising loop, "
-                "wrap it in `with catpatch.cat_generation(transformer, num_inference_steps=N):`",
-                stacklevel=4,
-            )
-
     # -- inside the call
-    def _after_embed(self, module, args, output: Tensor):
-        state = self.state
-        if state.schedule.mode is not Mode.PRUNED:
-            return None
-        if state.dense:
-            state.caches.residual = state.schedule.driver_rows(output).clone(
-                memory_format=torch.contiguous_format
-            )
-        return gather_tokens(output, state.index)
-
     def _after_rope(self, module, args, output):
         """Pruned step: the rotary rows of [all text, each row's selected image tokens]."""
         state = self.state
@@ -318,7 +230,6 @@ class FluxAdapter:
     def _block_forward(
         self,
         i: int,
-        single: bool,
         original,
         hidden_states,
         encoder_hidden_states=None,
@@ -326,52 +237,31 @@ class FluxAdapter:
         image_rotary_emb=None,
         joint_attention_kwargs=None,
     ):
-        state, caches, schedule = self.state, self.state.caches, self.state.schedule
         t = self.transformer
+        single = i >= len(t.transformer_blocks)
         block = t.single_transformer_blocks[i - len(t.transformer_blocks)] if single else (
             t.transformer_blocks[i]
         )  # fmt: skip
-        if schedule.mode in (Mode.PRUNED, Mode.RECORD):
-            pruned = schedule.mode is Mode.PRUNED
+        cache_kwargs = self._block_kwargs()
+        if cache_kwargs is not None:
+            pruned = self.state.schedule.mode is Mode.PRUNED
             return (self._single if single else self._double)(
                 block,
-                caches.blocks[i],
+                self.state.caches.blocks[i],
                 hidden_states,
                 encoder_hidden_states,
                 temb,
                 image_rotary_emb,
-                step=state.step_index if pruned else None,
-                residual=caches.residual if pruned else None,
-                rows=schedule.driver_slice,
-                keep_all=caches.keep,
-                output_caches=state.dense,
                 kv_rows=self._kv_rows if pruned else None,
+                **cache_kwargs,
             )
-        if single in self._full and getattr(original, "__self__", None) is block:
-            original = functools.partial(self._full[single], block)  # the class forward
-        return original(
+        return self._own_forward(original, block, self._full.get(single))(
             hidden_states=hidden_states,
             encoder_hidden_states=encoder_hidden_states,
             temb=temb,
             image_rotary_emb=image_rotary_emb,
             joint_attention_kwargs=joint_attention_kwargs,
         )
-
-    def _before_norm_out(self, module, args):
-        state = self.state
-        if state.schedule.mode is not Mode.PRUNED:
-            return None
-        dense = state.caches.residual
-        if dense is None:
-            return None  # lean: the final norm and projection run on the computed tokens only
-        hidden, rest = args[0], args[1:]
-        if self.controlnet is not None:
-            self._add_controlnet(dense)
-        if dense.shape[0] != hidden.shape[0]:
-            # Shared CFG pair in one call: the conditional rows' stream stands in for both.
-            dense = torch.cat([dense, dense])
-        write_rows(dense, state.step_index.image, hidden)
-        return (dense, *rest)
 
     def _add_controlnet(self, dense: Tensor) -> None:
         """The ControlNet residuals the transformer adds after its blocks, to the dense stream
@@ -389,12 +279,3 @@ class FluxAdapter:
             for i in range(count):
                 sample = samples[i % len(samples)] if repeats else samples[i // interval]
                 dense.add_(sample[rows])
-
-    def _after_proj_out(self, module, args, output: Tensor):
-        state = self.state
-        if state.schedule.mode in (Mode.PASS, Mode.FULL):
-            return None
-        # a follower call only writes its computed rows: eager, so that the compiled
-        # selection keeps one graph per phase
-        observe = state.observe_output if state.schedule.follower else self._observe
-        return observe(state.schedule.mode, output, self.timestep)

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..blocks import store
 from ..caches import ALL_ROWS, BlockCache, StepIndex, keep, write_rows
 
 Rope = tuple[Tensor, Tensor]
@@ -117,18 +118,6 @@ def _cached_attention(
     return out.transpose(1, 2).flatten(2).to(q.dtype)
 
 
-def _store(
-    cache: BlockCache, name: str, values: Tensor, step: StepIndex | None, rows: slice, keep_all
-) -> Tensor:
-    """Keep the driver rows' image output `values` in `cache.name` (all tokens at the
-    recording step, the computed ones in place on a pruned step); -> the cache."""
-    if step is None:
-        setattr(cache, name, keep_all(getattr(cache, name), values[rows]))
-    else:
-        write_rows(getattr(cache, name), step.out, values[rows])
-    return getattr(cache, name)
-
-
 def double_block_forward(
     block,
     cache: BlockCache,
@@ -167,12 +156,12 @@ def double_block_forward(
     attn_output = attn.to_out[1](attn.to_out[0](attn_output.contiguous()))
     context_attn_output = attn.to_add_out(context_attn_output.contiguous())
 
-    attn_all = _store(cache, "attn", attn_output, step, rows, keep_all) if output_caches else None
+    attn_all = store(cache, "attn", attn_output, step, rows, keep_all) if output_caches else None
     hidden_states = hidden_states + gate_msa.unsqueeze(1) * attn_output
     normed = block.norm2(hidden_states)
     normed = normed * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
     ff_output = block.ff(normed)
-    ff_all = _store(cache, "ff", ff_output, step, rows, keep_all) if output_caches else None
+    ff_all = store(cache, "ff", ff_output, step, rows, keep_all) if output_caches else None
     hidden_states = hidden_states + gate_mlp.unsqueeze(1) * ff_output
     if step is not None and residual is not None:
         residual.addcmul_(gate_msa[rows].unsqueeze(1), attn_all)
@@ -222,7 +211,7 @@ def single_block_forward(
     if x.dtype == torch.float16:
         x = x.clip(-65504, 65504)
     if output_caches:
-        out_all = _store(cache, "attn", projected[:, text:], step, rows, keep_all)
+        out_all = store(cache, "attn", projected[:, text:], step, rows, keep_all)
         if step is not None and residual is not None:
             residual.addcmul_(gate[rows], out_all)
     return x[:, :text], x[:, text:]

@@ -15,20 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..blocks import linear_into, store
 from ..caches import ALL_ROWS, BlockCache, StepIndex, keep, write_rows
-from ..sd3.block import _linear_into
-
-
-def _store(
-    cache: BlockCache, name: str, values: Tensor, step: StepIndex | None, rows: slice, keep_all
-) -> Tensor:
-    """Keep the driver rows' output `values` in `cache.name` (all tokens at the recording step,
-    the computed ones in place on a pruned step); return the cache."""
-    if step is None:
-        setattr(cache, name, keep_all(getattr(cache, name), values[rows]))
-    else:
-        write_rows(getattr(cache, name), step.out, values[rows])
-    return getattr(cache, name)
 
 
 def _mask(attn, mask: Tensor | None, keys: int, batch: int) -> Tensor | None:
@@ -42,9 +30,9 @@ def _mask(attn, mask: Tensor | None, keys: int, batch: int) -> Tensor | None:
 def _kv_into_cache(attn, x: Tensor, kv: Tensor, step: StepIndex) -> None:
     """The computed tokens' K and V written into the (2, R, L, D) cache `kv` with one
     `index_copy_`: computed straight into one (2, R·S, D) stage when the projections are plain
-    linears (see `sd3.block._linear_into`), else computed as usual and stacked."""
+    linears (see `catpatch.blocks.linear_into`), else computed as usual and stacked."""
     stage = x.new_empty(2, x.shape[0] * x.shape[1], kv.shape[-1])
-    if not (_linear_into(attn.to_k, x, stage[0]) and _linear_into(attn.to_v, x, stage[1])):
+    if not (linear_into(attn.to_k, x, stage[0]) and linear_into(attn.to_v, x, stage[1])):
         stage = torch.stack([attn.to_k(x), attn.to_v(x)]).view(stage.shape)
     write_rows(kv, step.kv, stage)
 
@@ -162,20 +150,20 @@ def cat_block_forward(
     normed = normed * scale_msa1 + shift_msa
 
     attn_output = self_attention(block.attn1, normed, cache, step, keep_all, attention_mask)
-    attn_all = _store(cache, "attn", attn_output, step, rows, keep_all) if output_caches else None
+    attn_all = store(cache, "attn", attn_output, step, rows, keep_all) if output_caches else None
     attn_output = gate_msa * attn_output
     hidden_states = attn_output + hidden_states
 
     cross = cross_attention(
         block.attn2, hidden_states, encoder_hidden_states, encoder_attention_mask
     )
-    cross_all = _store(cache, "attn2", cross, step, rows, keep_all) if output_caches else None
+    cross_all = store(cache, "attn2", cross, step, rows, keep_all) if output_caches else None
     hidden_states = cross + hidden_states
 
     normed = block.norm2(hidden_states)
     normed = normed * scale_mlp1 + shift_mlp
     ff_output = _feed_forward(block, normed)
-    ff_all = _store(cache, "ff", ff_output, step, rows, keep_all) if output_caches else None
+    ff_all = store(cache, "ff", ff_output, step, rows, keep_all) if output_caches else None
     ff_output = gate_mlp * ff_output
     hidden_states = ff_output + hidden_states
 

@@ -13,21 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..blocks import linear_into, store
 from ..caches import ALL_ROWS, BlockCache, StepIndex, keep, write_rows
-
-
-def _store(
-    cache: BlockCache, name: str, values: Tensor, step: StepIndex | None, rows: slice, keep_all
-) -> Tensor | None:
-    """Keep the driver rows' image attention / FFN output in `cache.name` (all tokens at the
-    recording step, the computed ones on a pruned step) and return the cache; None when the
-    run keeps no output caches (lean)."""
-    if step is None:
-        setattr(cache, name, keep_all(getattr(cache, name), values[rows]))
-        return getattr(cache, name)
-    buffer = getattr(cache, name)
-    write_rows(buffer, step.out, values[rows])
-    return buffer
 
 
 def _split_heads(x: Tensor, heads: int) -> Tensor:
@@ -43,26 +30,6 @@ def _projections(attn, x: Tensor, context: bool) -> tuple[Tensor, Tensor, Tensor
     return attn.to_q(x), attn.to_k(x), attn.to_v(x)
 
 
-def _linear_into(linear, x: Tensor, out: Tensor) -> bool:
-    """Compute `linear(x)` into `out` (a contiguous (R·N, D_out) slice) with the very op that
-    `F.linear` runs for a contiguous (R, N, D) input: `addmm(bias, x.view(-1, D), W.t())`,
-    here with `out=`, so the values are the same. False, and nothing computed, when `linear`
-    is not a plain `nn.Linear` with a bias (LoRA layers, hooks, ...) or autograd needs the
-    result: the caller then calls the module."""
-    weight, bias = getattr(linear, "weight", None), getattr(linear, "bias", None)
-    plain = (
-        type(linear) is torch.nn.Linear
-        and bias is not None
-        and not ("forward" in vars(linear) or linear._forward_hooks or linear._forward_pre_hooks)
-        and x.is_contiguous()
-        and x.dtype == weight.dtype == bias.dtype == out.dtype
-    )
-    if not plain or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
-        return False
-    torch.addmm(bias, x.view(-1, x.shape[-1]), weight.t(), out=out)
-    return True
-
-
 def _joint_kv_into_cache(
     attn, x: Tensor, context: Tensor, kv: Tensor, step: StepIndex
 ) -> tuple[Tensor, Tensor]:
@@ -70,7 +37,7 @@ def _joint_kv_into_cache(
     their K/V written into the cache `kv` (2, R, L+T, D) at `step.kv`; -> (q, text q).
 
     K/V are computed straight into one (2, R·S + R·T, D) buffer in `step.kv`'s order (K image,
-    K text, V image, V text; see `_linear_into`), which one `index_copy_` then writes: one
+    K text, V image, V text; see `linear_into`), which one `index_copy_` then writes: one
     write instead of four, and no concatenated temporary. A part that cannot be computed in
     place (qk-norm on K, a LoRA layer, fused projections) is computed as usual and written
     apart.
@@ -94,7 +61,7 @@ def _joint_kv_into_cache(
         for part, source in enumerate((x, context)):
             slot = stage[half, :split] if part == 0 else stage[half, split:]
             staged = ready is None and norms[part] is None
-            staged = staged and _linear_into(linears[part], source, slot)
+            staged = staged and linear_into(linears[part], source, slot)
             if staged:
                 value = slot
             else:
@@ -275,7 +242,6 @@ def cat_block_forward(
     """
     if step is not None:
         rows, output_caches = step.rows, residual is not None
-    store = output_caches  # this step keeps attention / FFN output caches
     if temb_act is None:
         temb_act = F.silu(temb)
     normed, gate_msa, shift_mlp, scale_mlp1, gate_mlp, *dual = _modulate(
@@ -293,18 +259,20 @@ def cat_block_forward(
     attn_output, context_attn_output = attention(
         block.attn, normed, normed_context, cache, "", step, keep_all
     )
-    attn_all = _store(cache, "attn", attn_output, step, rows, keep_all) if store else None
+    attn_all = store(cache, "attn", attn_output, step, rows, keep_all) if output_caches else None
     hidden_states = hidden_states + gate_msa.unsqueeze(1) * attn_output
     if block.use_dual_attention:
         normed2, gate_msa2 = dual
         attn_output2, _ = attention(block.attn2, normed2, None, cache, "2", step, keep_all)
-        attn2_all = _store(cache, "attn2", attn_output2, step, rows, keep_all) if store else None
+        attn2_all = (
+            store(cache, "attn2", attn_output2, step, rows, keep_all) if output_caches else None
+        )
         hidden_states = hidden_states + gate_msa2.unsqueeze(1) * attn_output2
 
     normed = block.norm2(hidden_states)
     normed = normed * scale_mlp1[:, None] + shift_mlp[:, None]
     ff_output = _feed_forward(block, block.ff, normed)
-    ff_all = _store(cache, "ff", ff_output, step, rows, keep_all) if store else None
+    ff_all = store(cache, "ff", ff_output, step, rows, keep_all) if output_caches else None
     hidden_states = hidden_states + gate_mlp.unsqueeze(1) * ff_output
 
     if step is not None and residual is not None:
