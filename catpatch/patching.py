@@ -174,15 +174,23 @@ def cat_generation(
     recording. `cfg=True` says that each call's batch
     is a classifier-free-guidance pair, unconditional rows first then conditional (as diffusers
     pipelines stack it): with `cfg_selection="shared"` the conditional rows then choose the
-    tokens for both, which costs less and is what pipelines do. `calls_per_step=2`: each step
-    calls the transformer twice (true CFG as separate calls, conditional first): the second
-    call computes the tokens the first one chose, on caches of its own.
+    tokens for both, which costs less and is what pipelines do. `calls_per_step=2` (FLUX only):
+    each step calls the transformer twice (true CFG as separate calls, conditional first): the
+    second call computes the tokens the first one chose, on caches of its own.
     """
     patch = get_patch(target)
     if patch is None:
         raise ValueError("cat_generation needs a CAT-patched model: call apply_cat first")
     if type(calls_per_step) is not int or calls_per_step < 1:
         raise ValueError(f"calls_per_step={calls_per_step!r}: must be an int >= 1")
+    if calls_per_step > 1 and not patch.adapter.lean_followers:
+        # Only FLUX's adapter runs a step's later calls on the first call's tokens (tested);
+        # elsewhere the second call would select tokens of its own.
+        raise NotImplementedError(
+            f"calls_per_step={calls_per_step} is supported on FLUX transformers only; for "
+            f"{type(patch.adapter).__name__} pass a CFG pair as one batch (unconditional rows "
+            f"first) with cat_generation(..., cfg=True), as its pipelines do"
+        )
     patch.state.begin_run(num_inference_steps, cfg_rows=cfg, calls_per_step=calls_per_step)
     try:
         yield

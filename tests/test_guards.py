@@ -343,3 +343,22 @@ def test_random_selection_follows_its_seed(pipe):
     assert (image == again).all(), "same seed, another image"
     other, _ = run(seed=1)
     assert not torch.equal(first[0], other[0]), "the seed does not reach the selection"
+
+
+def test_split_cfg_calls_are_refused_where_unsupported():
+    """`cat_generation(calls_per_step=2)` is FLUX's true CFG as separate calls; on SD3 a step's
+    second call selected tokens of its own (measured: the two calls of every pruned step
+    computed different tokens), so it is refused with the fix, and the model stays usable."""
+    from catpatch import CATConfig, apply_cat, cat_generation, remove_cat
+    from catpatch.models.shapes import build_transformer
+
+    model = build_transformer("tiny-sd3")
+    apply_cat(model, CATConfig(keep_ratio=0.3, warmup_steps=2, num_clusters=4))
+    with (
+        pytest.raises(NotImplementedError, match="cfg=True"),
+        cat_generation(model, num_inference_steps=4, calls_per_step=2),
+    ):
+        pass
+    with cat_generation(model, num_inference_steps=4, cfg=True):
+        pass
+    remove_cat(model)
