@@ -8,7 +8,6 @@ import torch
 
 from catpatch import toy
 from catpatch.toy import build, data
-from catpatch.toy import train as toy_train
 from catpatch.toy.detector import accuracy
 
 
@@ -104,7 +103,7 @@ def test_eval_prompts_are_fixed():
 def test_caption_words_are_single_tokens(pipe):
     for tok in (pipe.tokenizer, pipe.tokenizer_2):
         assert all(len(tok(w).input_ids) == 3 for w in data.WORDS)  # bos, word, eos
-        longest = max((data.caption(lab) for lab in toy_train.all_labels()), key=len)
+        longest = max((data.caption(lab) for lab in data.all_labels()), key=len)
         assert len(tok(longest).input_ids) <= tok.model_max_length
 
 
@@ -112,7 +111,7 @@ def test_captions_fit_the_toy_text_length(pipe):
     """Every caption fits the 16 T5 tokens the toy was trained on (nothing truncated), and the
     recommended call gives the transformer T = 32 text tokens (16 CLIP + 16 T5)."""
     t5 = pipe.tokenizer_3
-    longest = max((data.caption(lab) for lab in toy_train.all_labels()), key=len)
+    longest = max((data.caption(lab) for lab in data.all_labels()), key=len)
     assert len(t5(longest).input_ids) <= toy.MAX_SEQUENCE_LENGTH
     prompts = [p.prompt for p in toy.eval_prompts(2)]
     embeds, _, _, _ = pipe.encode_prompt(

@@ -15,12 +15,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-# Built-in model names every `--model` option takes besides a folder or a hub id.
-BUILTIN_MODELS = {
-    "toy": "the small SD3 pipeline trained for catpatch and shipped inside it (64x64 px, offline)",
-    "scenes": "the SD3 pipeline trained for catpatch on landscapes, shipped inside it (96x96 px, "
-    "576 image tokens, offline)",
-}
 MODEL_HELP = (
     "'toy' or 'scenes' (small SD3 pipelines shipped in catpatch, offline), a folder or a hub id"
 )
@@ -168,7 +162,10 @@ def check_image_size(
 
 
 def is_builtin(model: str | None) -> bool:
-    return model in BUILTIN_MODELS
+    """Whether `model` names a pipeline shipped in catpatch (`toy.model.builtin_models`)."""
+    from ..toy.model import builtin_models
+
+    return model in builtin_models()
 
 
 def resolve_model(model: str) -> str:

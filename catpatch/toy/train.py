@@ -27,12 +27,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import MODEL as TOY_MODEL
 from . import build as toy_build
 from . import data as toy_data
 from .detector import DETECTOR_FILE, train_detector
 from .model import MODEL_FILE, Recipe
 
-TOY = Recipe(toy_data, "catpatch.toy.build")
+TOY = TOY_MODEL.recipe
 
 
 @dataclass
@@ -107,11 +108,6 @@ def encode_dataset(vae, cfg: TrainConfig, recipe: Recipe = TOY) -> tuple[Tensor,
 
 
 # ---- text ------------------------------------------------------------------------------------
-def all_labels() -> list[toy_data.Labels]:
-    """Every valid label combination of the toy (see `catpatch.toy.data.all_labels`)."""
-    return toy_data.all_labels()
-
-
 def label_key(labels: np.ndarray, data: ModuleType = toy_data) -> np.ndarray:
     """A unique integer per label combination (mixed radix over `ATTRIBUTES`)."""
     key = np.zeros(len(labels), dtype=np.int64)

@@ -144,9 +144,10 @@ def run_study(
                 continue
             start = time.perf_counter()
             if isinstance(config, TaylorSeer):
-                latents, imgs, macs = _run_taylorseer(
-                    pipe, prompts, steps, batch_size, config, unpatched_macs, trained
-                )
+                latents, imgs, macs = _run_peer(
+                    pipe, prompts, steps, batch_size, unpatched_macs, trained,
+                    lambda c=config: apply_taylorseer(pipe, c), lambda: remove_taylorseer(pipe),
+                )  # fmt: skip
                 keep, t0, clusters = 1.0, config.warmup_steps, 0
             elif isinstance(config, MagCache):
                 if steps not in ratios:  # calibrated on captions the study does not score
@@ -184,22 +185,6 @@ def run_study(
         bar.close()
     write_outputs(out, rows, images)
     return rows
-
-
-def _run_taylorseer(
-    pipe,
-    prompts,
-    steps: int,
-    batch_size: int,
-    settings: TaylorSeer,
-    unpatched: dict[int, int],
-    trained: TrainedModel,
-) -> tuple[Tensor, np.ndarray, float]:
-    """Latents, images and MACs ratio of diffusers' TaylorSeerCache."""
-    return _run_peer(
-        pipe, prompts, steps, batch_size, unpatched, trained,
-        lambda: apply_taylorseer(pipe, settings), lambda: remove_taylorseer(pipe),
-    )  # fmt: skip
 
 
 def _run_peer(
