@@ -239,6 +239,10 @@ def _study_parser(sub) -> None:
     )  # fmt: skip
     p.add_argument("--images", type=positive_int, default=64, help="caption/seed pairs")
     p.add_argument("--quick", action="store_true", help="28 steps, keep ratio 0.3 only")
+    p.add_argument(
+        "--report", action="store_true",
+        help="run nothing: write the tables of the runs an interrupted study in --out finished",
+    )  # fmt: skip
     p.add_argument("--no-progress", dest="progress", action="store_false", help=PROGRESS_HELP)
     p.set_defaults(func=_study)
 
@@ -249,7 +253,7 @@ def _study(args) -> int:
     check_model(args.model)
     check_output_folder(args.out)
     run_study(args.out, images=args.images, quick=args.quick, model=args.model,
-              progress=show_progress(args.progress))  # fmt: skip
+              progress=show_progress(args.progress), report=args.report)  # fmt: skip
     print(Path(args.out, "study.md").read_text())
     return 0
 

@@ -82,12 +82,14 @@ def run_study(
     log=print,
     model: str = "toy",
     progress: bool = False,
+    report: bool = False,
 ) -> list[Row]:
     """Run the study into folder `out` (see `catpatch.cli.study`); returns its rows.
 
     `runs` replaces the configurations of the study (`configurations(quick)`). `model`: `toy`
     or a folder written by `python -m catpatch.toy train`. `progress`: a bar over the
-    configurations (log lines then print above it)."""
+    configurations (log lines then print above it). `report`: run nothing, write the tables
+    of the runs an interrupted study in `out` has finished."""
     from tqdm.auto import tqdm
 
     from ... import cat_stats
@@ -113,6 +115,15 @@ def run_study(
     references: dict[int, tuple[Tensor, np.ndarray]] = {}
     rows: list[Row] = []
     step_counts = sorted({s for s, _, _ in runs})
+    if report:  # only step counts whose references an earlier run generated
+        step_counts = [s for s in step_counts if _reference_path(out, images, s).exists()]
+        runs = [r for r in runs if r[0] in step_counts and _key(*r) in done]
+        if not runs:
+            raise CommandError(
+                f"{out}: no finished runs of a {images}-image study to report; run `catpatch "
+                f"study --out {out}` without --report first"
+            )
+        log(f"{len(runs)} of {len(configurations(quick))} runs finished")
     bar = tqdm(total=len(step_counts) + len(runs), desc="study", unit="run", disable=not progress)
     if progress:
         log = tqdm.write
@@ -137,7 +148,7 @@ def run_study(
         unpatched_macs: dict[int, int] = {}
         ratios: dict[int, list[float]] = {}  # MagCache's, per step count
         for steps, method, config in runs:
-            key = _key(steps, config)
+            key = _key(steps, method, config)
             if key in done:
                 rows.append(done[key])
                 bar.update(1)
@@ -229,16 +240,23 @@ def _describe(config: Setting) -> str:
     return ""
 
 
-def _key(steps: int, config: Setting) -> str:
-    return f"{steps} {config!r}"
+def _key(steps: int, method: str, config: Setting) -> str:
+    """The run's record key: every field spelt out (not only those off their defaults), so
+    a changed default never makes an old row answer for another configuration."""
+    fields = ", ".join(f"{f.name}={getattr(config, f.name)!r}" for f in dataclasses.fields(config))
+    return f"{steps} {method} {type(config).__name__}({fields})"
 
 
 def _reference(out: Path, images: int, steps: int, make) -> tuple[Tensor, np.ndarray]:
     """The unpatched latents and images for `steps`, generated once and kept in `out`."""
-    path = out / f"reference-{steps}-{images}.pt"
+    path = _reference_path(out, images, steps)
     if path.exists():
         saved = torch.load(path)
         return saved["latents"], saved["images"].numpy()
     latents, imgs = make()
     torch.save({"latents": latents, "images": torch.from_numpy(imgs)}, path)
     return latents, imgs
+
+
+def _reference_path(out: Path, images: int, steps: int) -> Path:
+    return out / f"reference-{steps}-{images}.pt"

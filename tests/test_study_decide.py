@@ -1,0 +1,130 @@
+"""The study's record keys and run order, `--report` of an interrupted study, and the rule
+that picks the defaults from the studies of both models (`catpatch.cli.study.decide`)."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+
+import numpy as np
+
+from catpatch import CATConfig
+from catpatch.cli.study import Row, configurations
+from catpatch.cli.study.decide import CHEAPER_TIE, LOSS, MISSING, TIE, WIN, decide, outcomes
+from catpatch.cli.study.methods import (
+    COMBINED_METHODS,
+    FIRST_METHODS,
+    KEEP_RATIOS,
+    STEP_METHODS,
+    STEPS,
+    TOKEN_METHODS,
+)
+from catpatch.cli.study.runs import _key
+
+
+def test_every_method_spells_out_what_the_defaults_would_set():
+    """The study decides the defaults, so a changed default must change none of its runs, and
+    no record key may then answer for another method's configuration."""
+    for method, spec in TOKEN_METHODS.items():
+        assert {"selection", "lean", "token_order", "reuse_order"} <= set(spec), method
+    for _, method, config in configurations():
+        if isinstance(config, CATConfig):  # each decided field set by the method, not defaulted
+            spec = {**TOKEN_METHODS, **STEP_METHODS, **COMBINED_METHODS}[method]
+            assert all(getattr(config, k) == v for k, v in spec.items()), (method, config)
+    keys = [_key(*run) for run in configurations()]
+    assert len(keys) == len(set(keys))
+    # Every field in the key, the default ones too: a changed default changes the key.
+    cat = _key(28, "cat", CATConfig(keep_ratio=0.3, selection="cat"))
+    assert cat.split()[1] == "cat" and "selection='cat'" in cat and "lean=True" in cat
+    assert "selection=" not in repr(CATConfig(keep_ratio=0.3, selection="cat"))
+
+
+def test_full_study_runs_the_comparisons_the_defaults_rest_on_first():
+    runs = configurations()
+    first = [(s, m, c.keep_ratio) for s, m, c in runs[: len(STEPS) * len(KEEP_RATIOS) * 4]]
+    assert {m for _, m, _ in first} == set(FIRST_METHODS)
+    assert {(s, k) for s, _, k in first} == {(s, k) for s in STEPS for k in KEEP_RATIOS}
+    assert len(runs) == len({_key(*r) for r in runs}) == 99
+
+
+def _row(steps, method, keep, psnr_each, macs=0.55):
+    each = tuple(float(v) for v in psnr_each)
+    return Row(steps, method, "", keep, 8, 20, macs, float(np.mean(each)), min(each), 0.99,
+               0.1, 1.0, 1.0, 1.0, each)  # fmt: skip
+
+
+def _study(offsets: dict[str, float], noise: float = 0.1, macs: dict[str, float] | None = None):
+    """Rows for every candidate in every group: 40 dB + the method's offset, ± `noise` in
+    turn over the images (the mean difference is the offset, its standard error not zero)."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for steps in STEPS:
+        for keep in KEEP_RATIOS:
+            base = 40 + rng.normal(0, 2, 16)  # images differ a lot; the pairing removes it
+            for i, (method, offset) in enumerate(offsets.items()):
+                each = base + offset + noise * (-1.0) ** (np.arange(16) + i)
+                rows.append(_row(steps, method, keep, each, (macs or {}).get(method, 0.55)))
+    return rows
+
+
+def test_the_rule_accepts_only_a_method_ahead_in_every_group_of_every_model():
+    winner = {"cat": 0, "stale": 1.0, "step": 3.0, "random": -2.0}
+    toy, scenes = _study(winner), _study(winner)
+    found = outcomes("toy", toy)
+    assert {o.verdict for o in found["step"]} == {WIN} and {o.verdict for o in found["random"]} == {
+        LOSS
+    }
+    assert {o.verdict for o in found["noise"]} == {MISSING}  # not run: never accepted
+    default, report = decide({"toy": toy, "scenes": scenes})
+    # step beats cat, then nothing beats step (stale was accepted against cat but loses to step)
+    assert default == "step"
+    assert "Accepted against `cat`: `step`, `stale`" in report
+    assert "No method beats `step` by the rule: **`step`** stays." in report
+
+    # One group on one model where step is behind: the rule keeps stale, not step.
+    losing = [
+        dataclasses.replace(r, psnr_each=tuple(v - 5 for v in r.psnr_each), psnr=r.psnr - 5)
+        if (r.method, r.steps, r.keep_ratio) == ("step", 50, 0.5)
+        else r
+        for r in scenes
+    ]
+    assert decide({"toy": toy, "scenes": losing})[0] == "stale"
+
+
+def test_a_tie_counts_for_a_method_only_at_fewer_macs():
+    tie = {"cat": 0, "stale": 0.0}
+    default, _ = decide({"toy": _study(tie, macs={"stale": 0.55})})
+    assert default == "cat"
+    assert {o.verdict for o in outcomes("toy", _study(tie))["stale"]} == {TIE}
+    cheaper = _study(tie, macs={"stale": 0.5})
+    assert {o.verdict for o in outcomes("toy", cheaper)["stale"]} == {CHEAPER_TIE}
+    assert decide({"toy": cheaper})[0] == "stale"
+
+
+def test_report_writes_the_tables_of_an_interrupted_study(tmp_path, capsys):
+    """`catpatch study --report` after a killed study: the finished rows' tables, nothing run."""
+    from catpatch.cli import main
+    from catpatch.cli.study import run_study
+
+    runs = [
+        (6, "cat", CATConfig(warmup_steps=3, num_clusters=8, selection="cat")),
+        (6, "stale", CATConfig(warmup_steps=3, num_clusters=8, selection="stale")),
+    ]
+    out = tmp_path / "s"
+    run_study(out, images=1, batch_size=1, runs=runs[:1], log=lambda *_: None)
+    (out / "study.csv").unlink()
+    rows_before = (out / "rows.jsonl").read_text()
+    logged = []
+    rows = run_study(out, images=1, runs=runs, log=logged.append, report=True)
+    assert [r.method for r in rows] == ["unpatched", "cat"]
+    assert (out / "rows.jsonl").read_text() == rows_before  # nothing generated
+    with open(out / "study.csv") as f:
+        assert [r["method"] for r in csv.DictReader(f)] == ["unpatched", "cat"]
+    assert not any("PSNR" in line for line in logged)
+    record = json.loads(rows_before.splitlines()[0])
+    assert record["key"].startswith("6 cat CATConfig(keep_ratio=0.3, warmup_steps=3")
+
+    # No finished run at this image count: one line naming the fix, nothing written.
+    assert main(["study", "--report", "--images", "3", "--out", str(out)]) == 2
+    assert "without --report first" in capsys.readouterr().err
