@@ -154,7 +154,7 @@ def census(
     from .patching import apply_cat, cat_generation, get_patch
     from .schedule import Mode
 
-    config = config or CATConfig()
+    config = config or CATConfig(selection="cat")
     model = build_transformer(shape, device="meta", dtype=dtype)
     apply_cat(model, config)
     patch = get_patch(model)

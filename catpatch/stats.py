@@ -201,8 +201,13 @@ class CATStats:
         if not self.steps:
             return "CAT: no generation has run since apply_cat"
         calls = f" x {self.calls_per_step} calls" if self.calls_per_step > 1 else ""
+        skipped = f", {self.reused_steps} skipped" if self.reused_steps else ""
+        # The selection always shows: the default is not the paper's token selection.
+        config = repr(self.config)
+        if "selection=" not in config:
+            config = config[:-1] + f", selection={self.config.selection!r})"
         return (
-            f"CAT {self.config!r}: {self.steps} steps, {self.pruned_steps} pruned "
+            f"CAT {config}: {self.steps} steps, {self.pruned_steps} pruned{skipped} "
             f"(S={self.budget} of L={self.tokens} image tokens, T={self.text_tokens} text, "
             f"{self.rows} rows{calls}); image tokens computed {self.computed_fraction:.1%}; "
             f"MACs {self.macs / 1e9:.3g} G vs {self.macs_unpatched / 1e9:.3g} G unpatched "

@@ -94,7 +94,8 @@ def main() -> None:
     ref_latents, reference = generate_images(pipe, prompts, args.steps, args.batch_size)
     ref_norm = ref_latents.flatten(1).norm(dim=1)
     print(f"unpatched: {time.perf_counter() - start:.0f} s", flush=True)
-    config = CATConfig(keep_ratio=args.keep_ratio, lean=False)  # the dense estimate: source (c)
+    # CAT with the dense estimate: source (c)
+    config = CATConfig(selection="cat", keep_ratio=args.keep_ratio, lean=False)
     rows, cat_psnr = [], None
     for oracle in VARIANTS:
         start = time.perf_counter()

@@ -58,7 +58,7 @@ ROWS = {  # most important first: a run cut short keeps what it measured
 
 def sync_check() -> dict:
     model = build_transformer("sd3-medium", device="cuda", dtype=torch.bfloat16)
-    apply_cat(model, CATConfig(keep_ratio=0.3, warmup_steps=2))
+    apply_cat(model, CATConfig(selection="cat", keep_ratio=0.3, warmup_steps=2))
     rows, args = (
         2,
         dict(

@@ -41,7 +41,7 @@ def main() -> None:
         for keep in args.keep_ratios:
             psnr, macs = {}, {}
             for lean in (False, True):
-                apply_cat(pipe, CATConfig(keep_ratio=keep, lean=lean))
+                apply_cat(pipe, CATConfig(selection="cat", keep_ratio=keep, lean=lean))
                 _, images = generate_images(pipe, prompts, steps, args.batch_size)
                 macs[lean] = cat_stats(pipe).macs_ratio
                 remove_cat(pipe)

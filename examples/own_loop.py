@@ -20,7 +20,8 @@ from catpatch.models.shapes import build_transformer
 
 def main(steps: int = 12) -> None:
     transformer = build_transformer("tiny-sd3")  # or SD3Transformer2DModel.from_pretrained(...)
-    apply_cat(transformer, CATConfig(keep_ratio=0.3, warmup_steps=4, num_clusters=8))
+    config = CATConfig(selection="cat", keep_ratio=0.3, warmup_steps=4, num_clusters=8)
+    apply_cat(transformer, config)
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
     scheduler.set_timesteps(steps)
     latents = torch.randn(1, 16, 32, 32)

@@ -45,7 +45,10 @@ def main() -> None:
     print(f"unpatched: {time.perf_counter() - start:.0f} s", flush=True)
     for keep in args.keep_ratios:
         psnr, macs = {}, {}
-        configs = {"cat": CATConfig(keep_ratio=keep), "paper": CATConfig.paper(keep_ratio=keep)}
+        configs = {
+            "cat": CATConfig(selection="cat", keep_ratio=keep),
+            "paper": CATConfig.paper(keep_ratio=keep),
+        }
         for name, config in configs.items():
             start = time.perf_counter()
             apply_cat(pipe, config)

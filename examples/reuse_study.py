@@ -18,7 +18,7 @@ from catpatch import CATConfig, apply_cat, cat_stats, remove_cat, toy
 from catpatch.cli.study import fidelity, generate_images
 
 CONFIGS = {
-    "cat a0.3": CATConfig(),
+    "cat a0.3": CATConfig(selection="cat"),
     "cat+reuse a0.3 macs0.6": CATConfig(selection="cat+reuse", reuse_macs=0.6),
     "cat+reuse a0.3 macs0.6 forecast": CATConfig(
         selection="cat+reuse", reuse_macs=0.6, reuse_order=1

@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     runs = configurations(quick=True) + [
         (28, "paper", CATConfig(keep_ratio=0.3, selection="paper", lean=False)),
-        (28, "cat+forecast", CATConfig(keep_ratio=0.3, token_order=1)),
+        (28, "cat+forecast", CATConfig(keep_ratio=0.3, selection="cat", token_order=1)),
         (28, "magcache", MagCache(threshold=0.06, num_inference_steps=28)),
         (28, "magcache", MagCache(threshold=0.24, num_inference_steps=28)),
         (28, "taylorseer-lite", TaylorSeer(cache_interval=3, lite=True)),
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     ]
     # The three policies that decide the default, at the other keep ratios and at 50 steps.
     for steps, keep in ((28, 0.2), (28, 0.5), (50, 0.2), (50, 0.3), (50, 0.5)):
-        for method, fields in (("cat", {}), ("stale", {"selection": "stale"})):
+        for method, fields in (("cat", {"selection": "cat"}), ("stale", {"selection": "stale"})):
             runs.append((steps, method, CATConfig(keep_ratio=keep, **fields)))
         runs.append((steps, "step", CATConfig(keep_ratio=keep, selection="step")))
     run_study(args.out, images=args.images, runs=runs, model="scenes")

@@ -159,7 +159,10 @@ def _literal_step(model, caches, index, latents, context, pooled, timestep, cont
 def test_pruned_step_matches_literal_spec(shape):
     torch.manual_seed(1)
     model = build_transformer(shape)
-    apply_cat(model, CATConfig(keep_ratio=0.3, warmup_steps=3, num_clusters=6, lean=False))
+    apply_cat(
+        model,
+        CATConfig(selection="cat", keep_ratio=0.3, warmup_steps=3, num_clusters=6, lean=False),
+    )
     state = get_patch(model).state
     rows = 3
     inputs = dict(
@@ -204,7 +207,10 @@ def _run_to_pruned_step(shape, controlnet_blocks=0, steps=5, seed=1):
     dense stream and caches for the same call."""
     torch.manual_seed(seed)
     model = build_transformer(shape)
-    apply_cat(model, CATConfig(keep_ratio=0.3, warmup_steps=3, num_clusters=6, lean=False))
+    apply_cat(
+        model,
+        CATConfig(selection="cat", keep_ratio=0.3, warmup_steps=3, num_clusters=6, lean=False),
+    )
     state = get_patch(model).state
     rows, tokens, dim = 3, 64, model.inner_dim
     inputs = dict(

@@ -130,7 +130,7 @@ def test_demo_times_warm_runs_only_and_draws_explained_pictures(tmp_path, monkey
 
     monkeypatch.setattr(StableDiffusion3Pipeline, "__call__", call)
     monkeypatch.setattr(demo, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
-    config = CATConfig(keep_ratio=0.3, warmup_steps=3, num_clusters=8)
+    config = CATConfig(selection="cat", keep_ratio=0.3, warmup_steps=3, num_clusters=8)
     summary = demo.run_demo(tmp_path / "d", prompts=PROMPTS, config=config, repeats=2,
                             num_inference_steps=6)  # fmt: skip
     assert calls == ["base", "cat", "base", "cat", "cat", "base"], "pictures, then alternating"
@@ -165,9 +165,11 @@ def test_demo_command_model_toy_is_quiet(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     busy = "catpatch demo: warning: this machine was busy before timing began"
     assert all(line.startswith(busy) for line in done.stderr.splitlines()), done.stderr
-    assert "3 pruned" in done.stdout and "1 run of each after a warm-up run" in done.stdout
+    # The default policy (step reuse): whole steps skipped, no token or cluster pictures.
+    assert "0 pruned, 2 skipped" in done.stdout and "selection='step'" in done.stdout
+    assert "1 run of each after a warm-up run" in done.stdout
     assert sorted(p.name for p in (tmp_path / "demo").iterdir()) == [
-        "clusters.png", "compare.png", "summary.json", "tokens.gif", "tokens.png"]  # fmt: skip
+        "compare.png", "summary.json"]  # fmt: skip
 
 
 def test_runs_no_longer_than_the_warm_up_warn_once(tmp_path, capsys):
@@ -190,7 +192,8 @@ def test_runs_no_longer_than_the_warm_up_warn_once(tmp_path, capsys):
 def test_generate_model_toy_and_eval_times_warm_images_only(tmp_path, capsys):
     common = ["--model", "toy", "--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--prompt",
               "a small green cross at the bottom on a dotted white background", "--steps", "5",
-              "--warmup-steps", "2", "--num-clusters", "8", "--no-progress"]  # fmt: skip
+              "--warmup-steps", "2", "--num-clusters", "8", "--no-progress",
+              "--selection", "cat"]  # fmt: skip
     assert run_cli(["generate", *common, "--out", str(tmp_path / "cat")]) == 0
     assert run_cli(["generate", *common, "--no-cat", "--out", str(tmp_path / "base")]) == 0
     assert capsys.readouterr().err == ""
@@ -268,7 +271,7 @@ def test_examples_run(script, argv, tmp_path, monkeypatch, capsys):
     if script == "quickstart.py":
         assert sorted(p.name for p in (tmp_path / "out" / "quickstart").iterdir()) == [
             "base.png", "cat.png"]  # fmt: skip
-        assert "3 pruned" in out
+        assert "0 pruned, 2 skipped" in out and "selection='step'" in out  # the default
     elif script == "own_loop.py":
         assert "2 pruned" in out
     elif script.endswith("_study.py"):

@@ -15,7 +15,7 @@ from catpatch.patching import get_patch
 from catpatch.schedule import Mode
 from catpatch.sd3 import cat_block_forward, gather_tokens
 
-CFG = CATConfig(keep_ratio=0.3, warmup_steps=4, num_clusters=8)
+CFG = CATConfig(selection="cat", keep_ratio=0.3, warmup_steps=4, num_clusters=8)
 
 
 @pytest.fixture(autouse=True)

@@ -36,16 +36,19 @@ def test_config_validation(field, value, message):
 
 
 def test_config_repr_presets_and_budget():
-    assert repr(CATConfig()) == "CATConfig(keep_ratio=0.3, warmup_steps=8)"
+    assert repr(CATConfig(selection="cat")) == "CATConfig(keep_ratio=0.3, warmup_steps=8)"
     assert repr(CATConfig(num_clusters=12, selection="stale")) == (
         "CATConfig(keep_ratio=0.3, warmup_steps=8, num_clusters=12, selection='stale')"
     )
     paper = CATConfig.paper()
     assert (paper.keep_ratio, paper.warmup_steps, paper.num_clusters) == (0.3, 8, 20)
     assert paper.selection == "paper" and CATConfig.paper(keep_ratio=0.5).keep_ratio == 0.5
-    assert CATConfig().budget(4096) == 1228 and CATConfig(keep_ratio=1.0).budget(10) == 10
+    assert (
+        CATConfig(selection="cat").budget(4096) == 1228
+        and CATConfig(selection="cat", keep_ratio=1.0).budget(10) == 10
+    )
     with pytest.raises(ValueError):
-        CATConfig().replace(keep_ratio=2.0)
+        CATConfig(selection="cat").replace(keep_ratio=2.0)
 
 
 class Dummy(torch.nn.Module):
@@ -122,7 +125,10 @@ def _bare_inputs(rows=2, seed=None):
 def test_bare_transformer_with_own_loop():
     torch.manual_seed(0)
     model = build_transformer("tiny-sd3")
-    assert apply_cat(model, CATConfig(keep_ratio=0.3, warmup_steps=2, num_clusters=4)) is model
+    assert (
+        apply_cat(model, CATConfig(selection="cat", keep_ratio=0.3, warmup_steps=2, num_clusters=4))
+        is model
+    )
     inputs, latents = _bare_inputs(), torch.randn(2, 16, 16, 16)
     with torch.no_grad():
         ref = model(hidden_states=latents, **inputs).sample  # outside a run: unpruned + warning
@@ -147,8 +153,8 @@ def test_bare_transformer_with_own_loop():
 
 
 @pytest.mark.parametrize("config", [
-    CATConfig(warmup_steps=2, num_clusters=4),
-    CATConfig(warmup_steps=2, persistent_buffers=True),
+    CATConfig(selection="cat", warmup_steps=2, num_clusters=4),
+    CATConfig(selection="cat", warmup_steps=2, persistent_buffers=True),
     CATConfig(warmup_steps=2, selection="step"),
 ])  # fmt: skip
 def test_outside_a_run_warns_once_and_runs_unpruned(config):

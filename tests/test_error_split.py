@@ -11,7 +11,7 @@ from catpatch import CATConfig, apply_cat, remove_cat
 from catpatch.analysis.error_split import VARIANTS, Oracle, error_split
 from catpatch.patching import get_patch
 
-CFG = CATConfig(keep_ratio=0.3, warmup_steps=4, num_clusters=8, lean=False)
+CFG = CATConfig(selection="cat", keep_ratio=0.3, warmup_steps=4, num_clusters=8, lean=False)
 STEPS = 10  # 6 pruned steps after a 4-step warm-up
 
 

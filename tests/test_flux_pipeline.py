@@ -19,7 +19,7 @@ from catpatch.models.shapes import build_transformer
 from catpatch.patching import get_patch
 from catpatch.stats import count_cpu_attention, measured_macs
 
-CFG = CATConfig(keep_ratio=0.3, warmup_steps=4, num_clusters=8)
+CFG = CATConfig(selection="cat", keep_ratio=0.3, warmup_steps=4, num_clusters=8)
 EXACT = CFG.replace(keep_ratio=1.0)
 TRUE_CFG = dict(true_cfg_scale=2.0, negative_prompt="a blue square")
 
@@ -333,7 +333,7 @@ def test_bad_input_leaves_pipe_untouched():
         apply_cat(pipe, CFG)
     pipe.transformer.set_attn_processor(dict(original))
     with pytest.raises(ValueError, match="keep_ratio"):
-        apply_cat(pipe, CATConfig(keep_ratio=0))
+        apply_cat(pipe, CATConfig(selection="cat", keep_ratio=0))
     assert _instance_state(pipe) == before
     # a step policy keeps one output per step: refused on the second call of a true-CFG step
     apply_cat(pipe, CFG.replace(selection="step"))

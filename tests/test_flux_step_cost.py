@@ -15,14 +15,21 @@ from catpatch.cli import main
 @pytest.fixture(scope="module")
 def flux_dev():
     return {
-        lean: census("flux-dev", 1024, 1024, CATConfig(lean=lean), cfg=False, text_tokens=512)
+        lean: census(
+            "flux-dev",
+            1024,
+            1024,
+            CATConfig(selection="cat", lean=lean),
+            cfg=False,
+            text_tokens=512,
+        )
         for lean in (True, False)
     }
 
 
 def test_pruned_step_targets_at_flux_dev_1024(flux_dev):
     lean, dense = flux_dev[True], flux_dev[False]
-    tokens, text, budget = 4096, 512, CATConfig().budget(4096)
+    tokens, text, budget = 4096, 512, CATConfig(selection="cat").budget(4096)
     for c in (lean, dense):
         assert c.rows == 1 and c.full.flops > 0
         # attention and projections scale with (S+T)/(L+T) = 0.377; embedders do not

@@ -56,7 +56,7 @@ def test_a_repeated_timestep_gives_finite_outputs():
     assert torch.isfinite(forecast.apply(output, torch.tensor([400.0]))).all()
 
 
-CFG = CATConfig(keep_ratio=0.3, warmup_steps=4, num_clusters=4)
+CFG = CATConfig(selection="cat", keep_ratio=0.3, warmup_steps=4, num_clusters=4)
 
 
 def test_forecast_in_a_pipeline_changes_only_what_zeroth_order_reuses():

@@ -29,7 +29,8 @@ from catpatch.cli.generate import (
 from catpatch.cli.generate.manifest import read_records
 from catpatch.cli.generate.pipeline import _cat_config
 
-FAST = dict(size=(64, 64), steps=6, warmup_steps=2, num_clusters=4, progress=False)
+# CAT's figures are what these tests read (the default policy has its own test file)
+FAST = dict(size=(64, 64), steps=6, warmup_steps=2, num_clusters=4, progress=False, selection="cat")
 PROMPTS = ["a red circle", "a small blue square on a tree"]
 
 
@@ -198,6 +199,7 @@ def test_resume_after_sigkill(model_dir, tmp_path, capsys):
     args += [
         "--images-per-prompt", "2", "--out", str(out), "--size", "64x64", "--steps", "12",
         "--warmup-steps", "2", "--num-clusters", "4", "--device", "cpu", "--no-progress",
+        "--selection", "cat",
     ]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     every = [f"{i:05d}_{j:03d}.png" for i in range(3) for j in range(2)]
@@ -250,6 +252,7 @@ def test_two_processes_split_the_work(model_dir, tmp_path):
         "--master-port", str(free_port()), "-m", "catpatch.cli.generate", "--model", model_dir,
         "--prompts-file", str(prompts), "--out", str(out), "--size", "64x64", "--steps", "6",
         "--warmup-steps", "2", "--num-clusters", "4", "--device", "cpu", "--no-progress",
+        "--selection", "cat",
     ]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)

@@ -62,7 +62,9 @@ def test_pruned_step_has_no_host_sync(shape, token_order):
     forecast, recency update and the next selection) reads no tensor value on the host."""
     torch.manual_seed(0)
     model = build_transformer(shape)
-    config = CATConfig(keep_ratio=0.3, warmup_steps=2, num_clusters=4, token_order=token_order)
+    config = CATConfig(
+        selection="cat", keep_ratio=0.3, warmup_steps=2, num_clusters=4, token_order=token_order
+    )
     apply_cat(model, config)
     rows, steps = 2, 5
     inputs = _inputs(rows)
@@ -120,7 +122,7 @@ def test_conditional_row_drives_the_shared_selection(pipe):
     identically (rows never mix), so the shared selection made after step t0-1 (the first,
     from the clusters) and after step t0 (the first pruned step's `next`) must equal the
     per-row selection of the conditional row, and differ from the unconditional row's."""
-    config = CATConfig(keep_ratio=0.3, warmup_steps=4, num_clusters=8)
+    config = CATConfig(selection="cat", keep_ratio=0.3, warmup_steps=4, num_clusters=8)
     state = get_patch(apply_cat(pipe, config)).state
     steps = (config.warmup_steps - 1, config.warmup_steps)
 
@@ -250,7 +252,7 @@ def test_skip_layer_calls_with_the_same_rows_pass_through():
     would pass it through there; here only the `skip_layers` check can.)"""
     torch.manual_seed(0)
     model = build_transformer("tiny-sd3.5-medium")
-    config = CATConfig(keep_ratio=0.3, warmup_steps=3, num_clusters=4)
+    config = CATConfig(selection="cat", keep_ratio=0.3, warmup_steps=3, num_clusters=4)
     apply_cat(model, config)
     inputs, steps = _inputs(2), 7
     start = torch.randn(2, 16, 16, 16, generator=torch.Generator().manual_seed(2))
@@ -287,7 +289,9 @@ def test_step_policies_plan_the_steps_img2img_runs(selection):
     pipe = make_pipe(pipeline_cls=StableDiffusion3Img2ImgPipeline)
     image = torch.rand(1, 3, 128, 128, generator=torch.Generator().manual_seed(1))
     kwargs = dict(image=image, strength=0.6, num_inference_steps=20, output_type="latent")
-    config = CATConfig(keep_ratio=0.3, warmup_steps=4, num_clusters=8, reuse_macs=0.5)
+    config = CATConfig(
+        selection="cat", keep_ratio=0.3, warmup_steps=4, num_clusters=8, reuse_macs=0.5
+    )
     apply_cat(pipe, config.replace(selection=selection))
     generate(pipe, **kwargs)
     stats = cat_stats(pipe)
@@ -353,7 +357,7 @@ def test_split_cfg_calls_are_refused_where_unsupported():
     from catpatch.models.shapes import build_transformer
 
     model = build_transformer("tiny-sd3")
-    apply_cat(model, CATConfig(keep_ratio=0.3, warmup_steps=2, num_clusters=4))
+    apply_cat(model, CATConfig(selection="cat", keep_ratio=0.3, warmup_steps=2, num_clusters=4))
     with (
         pytest.raises(NotImplementedError, match="cfg=True"),
         cat_generation(model, num_inference_steps=4, calls_per_step=2),

@@ -135,7 +135,7 @@ def test_recorded_velocity_is_what_the_sampler_integrates(guidance):
 
 def test_recorder_refuses_a_patched_pipeline():
     pipe = make_pipe()
-    apply_cat(pipe, CATConfig(warmup_steps=2, num_clusters=4))
+    apply_cat(pipe, CATConfig(selection="cat", warmup_steps=2, num_clusters=4))
     with pytest.raises(ValueError, match="unpatched"):
         het.record_velocities(pipe, ["a"], [0], num_inference_steps=3)
     remove_cat(pipe)

@@ -10,7 +10,7 @@ from conftest import generate, make_pipe
 from catpatch import CATConfig, apply_cat, cat_stats, remove_cat
 from catpatch.patching import get_patch
 
-CFG = CATConfig(keep_ratio=0.3, warmup_steps=4, num_clusters=8)
+CFG = CATConfig(selection="cat", keep_ratio=0.3, warmup_steps=4, num_clusters=8)
 EXACT = CFG.replace(keep_ratio=1.0)
 
 

@@ -13,7 +13,7 @@ from diffusers import StableDiffusion3Img2ImgPipeline, StableDiffusion3InpaintPi
 from catpatch import CATConfig, apply_cat, cat_stats, remove_cat
 from catpatch.patching import get_patch
 
-CFG = CATConfig(keep_ratio=0.3, warmup_steps=4, num_clusters=8)
+CFG = CATConfig(selection="cat", keep_ratio=0.3, warmup_steps=4, num_clusters=8)
 
 
 def _instance_state(pipe) -> dict:
@@ -344,7 +344,7 @@ def test_bad_input_leaves_pipe_untouched(pipe):
     with pytest.raises(TypeError, match="CATConfig"):
         apply_cat(pipe, {"keep_ratio": 0.3})
     with pytest.raises(ValueError, match="keep_ratio"):
-        apply_cat(pipe, CATConfig(keep_ratio=1.5))
+        apply_cat(pipe, CATConfig(selection="cat", keep_ratio=1.5))
     skip = ("image_encoder", "feature_extractor")
     parts = {k: v for k, v in pipe.components.items() if k not in skip}
     pag = StableDiffusion3PAGPipeline(**parts)
@@ -357,7 +357,7 @@ def test_bad_input_leaves_pipe_untouched(pipe):
     apply_cat(pipe, CFG)
     patched = _instance_state(pipe)
     with pytest.raises(ValueError):
-        apply_cat(pipe, CATConfig(warmup_steps=1))
+        apply_cat(pipe, CATConfig(selection="cat", warmup_steps=1))
     assert _instance_state(pipe) == patched and get_patch(pipe).config == CFG
 
 

@@ -25,7 +25,7 @@ from catpatch.pixart.adapter import _noise_channels
 from catpatch.stats import count_cpu_attention
 
 SHAPE = "tiny-pixart-sigma"
-CFG = CATConfig(keep_ratio=0.3, warmup_steps=4, num_clusters=8)
+CFG = CATConfig(selection="cat", keep_ratio=0.3, warmup_steps=4, num_clusters=8)
 EXACT = CFG.replace(keep_ratio=1.0)
 TOL = dict(atol=2e-5, rtol=1e-4)
 
@@ -355,7 +355,7 @@ def test_bad_input_leaves_pipe_untouched(pipe):
     with pytest.raises(TypeError, match="CATConfig"):
         apply_cat(pipe, {"keep_ratio": 0.3})
     with pytest.raises(ValueError, match="keep_ratio"):
-        apply_cat(pipe, CATConfig(keep_ratio=1.5))
+        apply_cat(pipe, CATConfig(selection="cat", keep_ratio=1.5))
     alpha = PixArtAlphaPipeline(**pipe.components)
     with pytest.raises(TypeError, match="PixArtSigmaPipeline"):
         apply_cat(alpha, CFG)
@@ -521,7 +521,9 @@ def test_pruned_step_has_no_host_sync(cfg, lean):
 
     torch.manual_seed(0)
     model = build_transformer(SHAPE)
-    apply_cat(model, CATConfig(keep_ratio=0.3, warmup_steps=2, num_clusters=4, lean=lean))
+    apply_cat(
+        model, CATConfig(selection="cat", keep_ratio=0.3, warmup_steps=2, num_clusters=4, lean=lean)
+    )
     rows, steps = 2, 5
     inputs = _model_inputs(rows)
     with torch.no_grad(), cat_generation(model, num_inference_steps=steps, cfg=cfg):
@@ -572,7 +574,7 @@ count_cpu_attention()
 def test_macs_match_flop_counter(masked):
     torch.manual_seed(0)
     model = build_transformer(SHAPE)
-    config = CATConfig(keep_ratio=0.3, warmup_steps=2, num_clusters=4)
+    config = CATConfig(selection="cat", keep_ratio=0.3, warmup_steps=2, num_clusters=4)
     apply_cat(model, config)
     rows, text = 2, 40
     inputs = _model_inputs(rows, text)
@@ -600,7 +602,7 @@ def test_pixart_sigma_headline_ratio():
     from catpatch.stats import run_macs
 
     dims = PixArtDims.from_config(SHAPES["pixart-sigma"])
-    budget = CATConfig().budget(4096)
+    budget = CATConfig(selection="cat").budget(4096)
     cut, full = run_macs(dims, 2, 4096, 300, budget, 28, 20)
     assert 0.45 < cut / full < 0.55
     assert dims.run_bound(28, 8, 4096, 300, budget) == pytest.approx(full / cut)
@@ -612,7 +614,8 @@ def sigma_census():
     from catpatch.census import census
 
     return {
-        lean: census("pixart-sigma", 1024, 1024, CATConfig(lean=lean)) for lean in (True, False)
+        lean: census("pixart-sigma", 1024, 1024, CATConfig(selection="cat", lean=lean))
+        for lean in (True, False)
     }
 
 
@@ -660,7 +663,7 @@ def test_generate_command_takes_a_pixart_sigma_folder(tmp_path, capsys):
     code = main([
         "generate", "--model", str(tmp_path / "model"), "--prompt", "a red circle",
         "--size", "128x128", "--steps", "6", "--warmup-steps", "2", "--num-clusters", "4",
-        "--out", str(out), "--device", "cpu",
+        "--out", str(out), "--device", "cpu", "--selection", "cat",
     ])  # fmt: skip
     assert code == 0
     record = json.loads((out / "manifest.jsonl").read_text().splitlines()[0])

@@ -16,7 +16,7 @@ import torch
 
 from catpatch import CATConfig, apply_cat, cat_stats, remove_cat
 
-CFG = CATConfig(keep_ratio=0.3, warmup_steps=2, num_clusters=4)
+CFG = CATConfig(selection="cat", keep_ratio=0.3, warmup_steps=2, num_clusters=4)
 EXACT = CFG.replace(keep_ratio=1.0)
 STEPS = 6
 

@@ -177,7 +177,7 @@ def test_cat_policy_picks_what_the_spec_says():
     selection holds the 3k top-drift tokens of the best cluster and the 2k of the second
     (spec §3 step 3, even though they were just computed), and the stalest tokens elsewhere
     (step 4) — so it is not the staleness-only selection, which never revisits them."""
-    config = CATConfig(keep_ratio=0.25, num_clusters=4, cluster_feature_scale=0.0)
+    config = CATConfig(selection="cat", keep_ratio=0.25, num_clusters=4, cluster_feature_scale=0.0)
     geometry = Geometry(1, 16, 16, 9, torch.device("cpu"), torch.float32)
     budget = config.budget(geometry.tokens)
     cluster_budget = int(config.cluster_fraction * budget)
@@ -437,7 +437,7 @@ def test_paper_preset_drift_reads_the_dense_estimate():
     (the driver rows), not the unselected tokens' last output that the step gives back. With
     `lean=True` the step's output holds only the S computed tokens and the Δ input of the
     unselected ones is what the step gives back."""
-    assert CATConfig.paper().lean is False and CATConfig().lean is True
+    assert CATConfig.paper().lean is False and CATConfig(selection="cat").lean is True
 
     def record(config):
         pipe = make_pipe()
@@ -486,7 +486,7 @@ def test_paper_preset_runs_in_a_pipeline():
     apply_cat(pipe, CATConfig.paper(warmup_steps=4, num_clusters=8))
     images = generate(pipe)
     stats = cat_stats(pipe)
-    apply_cat(pipe, CATConfig(warmup_steps=4, num_clusters=8))
+    apply_cat(pipe, CATConfig(selection="cat", warmup_steps=4, num_clusters=8))
     cat_images = generate(pipe)
     remove_cat(pipe)
     assert stats.pruned_steps == 6 and stats.macs_ratio < 1

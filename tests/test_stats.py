@@ -13,7 +13,9 @@ from catpatch.stats import ModelDims, count_cpu_attention, run_bound, run_macs, 
 
 
 def test_cat_stats_against_hand_calculation(pipe):
-    apply_cat(pipe, CATConfig(keep_ratio=0.3, warmup_steps=4, num_clusters=8, lean=False))
+    apply_cat(
+        pipe, CATConfig(selection="cat", keep_ratio=0.3, warmup_steps=4, num_clusters=8, lean=False)
+    )
     generate(pipe, num_inference_steps=10)
     stats = cat_stats(pipe)
     assert (stats.steps, stats.pruned_steps, stats.tokens, stats.budget) == (10, 6, 256, 76)
@@ -39,7 +41,9 @@ def test_cat_stats_against_hand_calculation(pipe):
     assert stats.macs == 2 * (4 * full + 6 * pruned)
     assert stats.macs_ratio == pytest.approx(stats.macs / stats.macs_unpatched)
     assert "6 pruned" in stats.summary()
-    apply_cat(pipe, CATConfig(keep_ratio=0.3, warmup_steps=4, num_clusters=8, lean=True))
+    apply_cat(
+        pipe, CATConfig(selection="cat", keep_ratio=0.3, warmup_steps=4, num_clusters=8, lean=True)
+    )
     generate(pipe, num_inference_steps=10)
     lean = outer + S * projection + 3 * block(S, False) + block(S, True)
     assert cat_stats(pipe).macs == 2 * (4 * full + 6 * lean)
@@ -49,7 +53,7 @@ def test_cat_stats_against_hand_calculation(pipe):
 def test_sd3_medium_headline_ratio(steps, expected):
     """The spec: SD3-medium, 1024² (L=4096), α 0.3, t0 8 -> 0.54 of the MACs at 28 steps."""
     dims = ModelDims.from_config(SHAPES["sd3-medium"])
-    budget = CATConfig().budget(4096)
+    budget = CATConfig(selection="cat").budget(4096)
     assert budget == 1228
     cut, full = run_macs(dims, 2, 4096, 333, budget, steps, steps - 8)
     assert round(cut / full, 2) == expected
@@ -63,7 +67,7 @@ count_cpu_attention()
 def test_macs_match_flop_counter(shape):
     torch.manual_seed(0)
     model = build_transformer(shape)
-    config = CATConfig(keep_ratio=0.3, warmup_steps=2, num_clusters=4)
+    config = CATConfig(selection="cat", keep_ratio=0.3, warmup_steps=2, num_clusters=4)
     apply_cat(model, config)
     rows, text = 2, 40
     args = dict(

@@ -57,6 +57,7 @@ def _golden_latents(pipe, cfg_selection: str) -> torch.Tensor:
     apply_cat(
         pipe,
         CATConfig(
+            selection="cat",
             keep_ratio=0.3,
             warmup_steps=4,
             num_clusters=8,
@@ -84,7 +85,10 @@ def test_outputs_bit_identical_to_before_the_rework(shape):
 # ---- census at the real SD3-medium size (meta device) ------------------------------------------
 @pytest.fixture(scope="module")
 def sd3_medium():
-    return {lean: census("sd3-medium", 1024, 1024, CATConfig(lean=lean)) for lean in (False, True)}
+    return {
+        lean: census("sd3-medium", 1024, 1024, CATConfig(selection="cat", lean=lean))
+        for lean in (False, True)
+    }
 
 
 def test_cache_memory_at_sd3_medium_1024(sd3_medium):
@@ -141,7 +145,7 @@ class _ElementwiseOrder(TorchDispatchMode):
 def test_pruned_step_reads_no_transposed_operand(cfg):
     torch.manual_seed(0)
     model = build_transformer("tiny-sd3.5-medium")
-    apply_cat(model, CATConfig(warmup_steps=2, num_clusters=4))
+    apply_cat(model, CATConfig(selection="cat", warmup_steps=2, num_clusters=4))
     rows = 2
     inputs = dict(
         encoder_hidden_states=torch.randn(rows, 9, 64),
@@ -196,7 +200,7 @@ def test_inductor_updates_the_caches_in_place():
 def _graphs_of_a_compiled_run(layers: int) -> int:
     torch._dynamo.reset()
     model = build_transformer("tiny-sd3", num_layers=layers)
-    apply_cat(model, CATConfig(warmup_steps=2, num_clusters=4, compile="default"))
+    apply_cat(model, CATConfig(selection="cat", warmup_steps=2, num_clusters=4, compile="default"))
     rows = 2
     inputs = dict(
         encoder_hidden_states=torch.randn(rows, 9, 64),
@@ -224,7 +228,7 @@ def test_regional_compile_graphs_do_not_grow_with_depth():
 def test_cat_generation_cfg_shares_the_conditional_selection():
     torch.manual_seed(0)
     model = build_transformer("tiny-sd3")
-    apply_cat(model, CATConfig(warmup_steps=2, num_clusters=4, lean=False))
+    apply_cat(model, CATConfig(selection="cat", warmup_steps=2, num_clusters=4, lean=False))
     state = get_patch(model).state
     rows = 4  # two CFG pairs: [uncond, uncond, cond, cond]
     inputs = dict(

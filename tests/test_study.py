@@ -26,7 +26,7 @@ def test_fidelity_metrics():
 
 def test_tiny_study_run(tmp_path, recwarn):
     runs = [
-        (6, "cat", CATConfig(warmup_steps=3, num_clusters=8)),
+        (6, "cat", CATConfig(selection="cat", warmup_steps=3, num_clusters=8)),
         (6, "step", CATConfig(warmup_steps=3, selection="step")),
         (6, "taylorseer", TaylorSeer(cache_interval=2, warmup_steps=3)),
         (6, "magcache", MagCache(threshold=0.5, num_inference_steps=6)),

@@ -262,7 +262,7 @@ def error_split(
     """Apply CAT (`config`) to an unpatched pipeline or transformer with the oracle
     instrumentation `oracle`; yields the `SplitLog` that fills as pipelines run inside the
     block, and removes the patch on exit."""
-    config = CATConfig() if config is None else config
+    config = CATConfig(selection="cat") if config is None else config
     oracle = Oracle() if oracle is None else oracle
     if config.lean or config.compile is not None:
         raise ValueError("error_split measures exact, eager CAT: use lean=False, compile=None")

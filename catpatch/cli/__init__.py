@@ -41,7 +41,6 @@ def _builtin_text_tokens(model: str | None) -> int | None:
 
 
 def _bench_parser(sub) -> None:
-    from .. import policies
     from ..config import COMPILE_MODES
     from ..dtypes import DTYPE_NAMES
     from ..models.shapes import SHAPES
@@ -83,12 +82,8 @@ def _bench_parser(sub) -> None:
         help="text tokens T per row (default: what the family's pipelines pass: SD3 333, FLUX "
         "512, PixArt-Σ 300; 32 with --model toy, 48 with scenes)",
     )  # fmt: skip
-    add_cat_options(p)
-    p.add_argument(
-        "--selection", default="cat", choices=list(policies.names()),
-        help="token selection: CAT or a same-budget ablation; 'step' and 'cat+reuse' skip "
-        "whole steps (the bound counts a skipped step as free)",
-    )  # fmt: skip
+    add_cat_options(p)  # with --selection ('step' and 'cat+reuse': the bound counts a
+    # skipped step as free)
     p.add_argument("--dtype", choices=list(DTYPE_NAMES), help="default: bf16 on cuda, fp32 on cpu")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument(
@@ -187,7 +182,10 @@ def _demo(args) -> int:
     check_device(args.device)
     check_output_folder(args.out)
     config = cat_config(
-        keep_ratio=args.keep_ratio, warmup_steps=args.warmup_steps, num_clusters=args.num_clusters
+        keep_ratio=args.keep_ratio,
+        warmup_steps=args.warmup_steps,
+        num_clusters=args.num_clusters,
+        selection=args.selection,
     )
     warn_if_nothing_pruned("demo", args.steps or 28, args.warmup_steps)
     extra = {} if args.steps is None else {"num_inference_steps": args.steps}

@@ -65,7 +65,9 @@ def command(args: argparse.Namespace) -> int:
     from .common import cat_config, check_image_size
 
     height, width = args.size
-    config = cat_config(keep_ratio=args.keep_ratio, num_clusters=args.num_clusters, lean=args.lean)
+    config = cat_config(  # the pruned step of CAT's token selection, whatever the default
+        selection="cat", keep_ratio=args.keep_ratio, num_clusters=args.num_clusters, lean=args.lean
+    )
     check_image_size(transformer_config(args.shape), height, width, config.num_clusters)
     result = census(
         args.shape,

@@ -257,7 +257,17 @@ def output_folder(path: str | Path) -> Iterator[Path]:
 
 
 def add_cat_options(p: argparse.ArgumentParser) -> None:
-    """--keep-ratio, --warmup-steps, --num-clusters: the CAT settings every command takes."""
+    """--selection, --keep-ratio, --warmup-steps, --num-clusters: the settings every command
+    takes."""
+    from .. import policies
+    from ..config import CATConfig
+
+    p.add_argument(
+        "--selection", default=CATConfig().selection, choices=list(policies.names()),
+        help="what pruned steps compute: 'cat' (CAT's token selection), its ablations, 'step' "
+        "(whole steps skipped at CAT's MACs; the default, closest to unpatched in the study) "
+        "or 'cat+reuse'",
+    )  # fmt: skip
     p.add_argument(
         "--keep-ratio", type=float, default=0.3,
         help="CAT alpha: share of the image tokens recomputed at each pruned step",

@@ -118,7 +118,8 @@ def command(args: argparse.Namespace) -> int:
         settings = GenerateSettings(
             model=args.model, prompts=prompts, out=args.out, cat=args.cat,
             keep_ratio=args.keep_ratio, warmup_steps=args.warmup_steps,
-            num_clusters=args.num_clusters, steps=args.steps, guidance=guidance,
+            num_clusters=args.num_clusters, selection=args.selection, steps=args.steps,
+            guidance=guidance,
             size=args.size, seed=args.seed, images_per_prompt=args.images_per_prompt,
             batch_size=args.batch_size, dtype=args.dtype, device=args.device, lora=args.lora,
             lora_scale=args.lora_scale, compile=args.compile,

@@ -21,7 +21,7 @@ MANIFEST = "manifest.jsonl"
 SHARD_GLOB = "manifest.rank*.jsonl"
 # Settings that change the pixels: a resumed run must match the images already in --out.
 GENERATION_KEYS = (
-    "model", "cat", "keep_ratio", "warmup_steps", "num_clusters", "steps", "guidance",
+    "model", "cat", "selection", "keep_ratio", "warmup_steps", "num_clusters", "steps", "guidance",
     "height", "width", "seed", "dtype", "lora", "lora_scale",
 )  # fmt: skip
 
@@ -107,7 +107,8 @@ def _recorded(settings: GenerateSettings, device, world_size: int, loaded: bool)
     height, width = settings.size or (None, None)
     cat = settings.cat
     return {
-        "model": model, "cat": cat, "keep_ratio": settings.keep_ratio if cat else None,
+        "model": model, "cat": cat, "selection": settings.selection if cat else None,
+        "keep_ratio": settings.keep_ratio if cat else None,
         "warmup_steps": settings.warmup_steps if cat else None,
         "num_clusters": settings.num_clusters if cat else None,
         "steps": settings.steps, "guidance": settings.guidance, "height": height, "width": width,

@@ -130,6 +130,7 @@ def _cat_config(settings: GenerateSettings):
             keep_ratio=settings.keep_ratio,
             warmup_steps=settings.warmup_steps,
             num_clusters=settings.num_clusters,
+            selection=settings.selection,
             compile="default" if settings.compile else None,
         )
     except CommandError as err:

@@ -28,6 +28,7 @@ class GenerateSettings:
     keep_ratio: float = 0.3
     warmup_steps: int = 8
     num_clusters: int = 20
+    selection: str = "step"  # CATConfig's default (tests keep the two equal)
     steps: int = 28
     guidance: float = DEFAULT_GUIDANCE
     size: tuple[int, int] | None = None  # (height, width); None: the model's native size
