@@ -11,7 +11,7 @@ def test_bench_json(capsys):
     code = main([
         "bench", "--shape", "tiny-sd3", "--size", "128x128", "--steps", "6", "--warmup-steps",
         "3", "--num-clusters", "8", "--repeats", "1", "--text-tokens", "16", "--device", "cpu",
-        "--json",
+        "--json", "--selection", "cat",
     ])  # fmt: skip
     assert code == 0
     result = json.loads(capsys.readouterr().out)
@@ -53,7 +53,7 @@ def test_bench_table(capsys):
 def test_bench_compiled_reports_the_eager_baseline(capsys):
     main(["bench", "--shape", "tiny-sd3", "--size", "128x128", "--steps", "4", "--warmup-steps",
           "2", "--num-clusters", "4", "--repeats", "1", "--text-tokens", "8", "--compile",
-          "default", "--json"])  # fmt: skip
+          "default", "--json", "--selection", "cat"])  # fmt: skip
     result = json.loads(capsys.readouterr().out)
     assert len(result["eager_unpatched_s"]) == 1 and result["speedup_vs_eager"] > 0
     assert result["settings"]["compile"] == "default"

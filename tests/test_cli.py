@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import runpy
 import subprocess
 import sys
@@ -163,11 +164,16 @@ def test_demo_command_model_toy_is_quiet(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    busy = "catpatch demo: warning: this machine was busy before timing began"
-    assert all(line.startswith(busy) for line in done.stderr.splitlines()), done.stderr
+    # Only the warnings a disturbed timing gives (a busy machine; a speed-up above the bound)
+    disturbed = (
+        "catpatch demo: warning: this machine was busy before timing began",
+        "catpatch demo: warning: the measured",
+    )
+    assert all(line.startswith(disturbed) for line in done.stderr.splitlines()), done.stderr
     # The default policy (step reuse): whole steps skipped, no token or cluster pictures.
     assert "0 pruned, 2 skipped" in done.stdout and "selection='step'" in done.stdout
-    assert "1 run of each after a warm-up run" in done.stdout
+    # one timed run of each, more if the speed-up came out above the bound on a busy machine
+    assert re.search(r"\d+ runs? of each after a warm-up run", done.stdout), done.stdout
     assert sorted(p.name for p in (tmp_path / "demo").iterdir()) == [
         "compare.png", "summary.json"]  # fmt: skip
 
