@@ -15,7 +15,7 @@ import argparse
 from pathlib import Path
 
 from catpatch import CATConfig, __version__
-from catpatch.cli.study.decide import decide, load_study
+from catpatch.cli.study.decide import decide, load_study, psnr_table
 from catpatch.cli.study.methods import STEP_METHODS, TOKEN_METHODS
 
 
@@ -43,6 +43,9 @@ def main() -> None:
         + f"\nStarting from `{default}`, the rule picks **`{chosen}`**: `CATConfig("
         + ", ".join(f"{k}={v!r}" for k, v in fields.items())
         + ")`.\n\n"
+        + "PSNR dB against the unpatched images (worst image in brackets) at equal MACs:\n\n"
+        + psnr_table(studies, ("cat", "paper", "random", "stale", "step", "step+forecast"))
+        + "\n"
     )
     print(head + report)
     if args.out:

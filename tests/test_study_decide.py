@@ -91,6 +91,18 @@ def test_the_rule_accepts_only_a_method_ahead_in_every_group_of_every_model():
     assert decide({"toy": toy, "scenes": losing})[0] == "stale"
 
 
+def test_psnr_table_gives_every_group_and_marks_what_did_not_run():
+    from catpatch.cli.study.decide import psnr_table
+
+    rows = _study({"cat": 0, "step": 3.0}, macs={"cat": 0.55, "step": 0.5})
+    table = psnr_table({"toy": rows}, ("cat", "step", "stale")).splitlines()
+    assert len(table) == 2 + len(STEPS) * len(KEEP_RATIOS)
+    first = table[2].split(" | ")
+    assert first[:4] == ["| toy", "28", "0.2", "0.550"]  # the first method's MACs
+    cat, step = (float(cell.split()[0]) for cell in first[4:6])
+    assert abs(step - cat - 3.0) < 1e-9 and first[6] == "- |"
+
+
 def test_a_tie_counts_for_a_method_only_at_fewer_macs():
     tie = {"cat": 0, "stale": 0.0}
     default, _ = decide({"toy": _study(tie, macs={"stale": 0.55})})

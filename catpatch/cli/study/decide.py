@@ -112,6 +112,33 @@ def decide(studies: dict[str, list[Row]], default: str = "cat") -> tuple[str, st
         seen.add(standing)
 
 
+def psnr_table(studies: dict[str, list[Row]], methods: tuple[str, ...]) -> str:
+    """Markdown: per model and (steps, α) group, the MACs and each method's mean PSNR (worst
+    image in brackets); '-' where the study has no such run."""
+    head = "| model | steps | α | MACs | " + " | ".join(f"`{m}`" for m in methods) + " |"
+    lines = [head, "|---|---|---|---|" + "---|" * len(methods)]
+    for model, rows in studies.items():
+        main = [r for r in rows if not in_sweep(r)]
+        for steps in STEPS:
+            for keep in KEEP_RATIOS:
+                found = {
+                    r.method: r
+                    for r in main
+                    if (r.steps, r.keep_ratio) == (steps, keep) and r.method in methods
+                }
+                if not found:
+                    continue
+                macs = found.get(methods[0], next(iter(found.values()))).macs_ratio
+                cells = [
+                    f"{found[m].psnr:.2f} ({found[m].psnr_min:.1f})" if m in found else "-"
+                    for m in methods
+                ]
+                lines.append(
+                    f"| {model} | {steps} | {keep:g} | {macs:.3f} | " + " | ".join(cells) + " |"
+                )
+    return "\n".join(lines) + "\n"
+
+
 def _report(studies: dict[str, list[Row]], default: str) -> str:
     out = [f"\n### Against `{default}` (candidate − `{default}`, dB ± SE; verdict)\n"]
     for model, rows in studies.items():
