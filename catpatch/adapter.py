@@ -250,7 +250,7 @@ class ModelAdapter:
         mode, schedule.mode = schedule.mode, Mode.PASS
         if mode not in (Mode.PASS, Mode.REUSE) and state.steps.skips:
             sample = output[0] if isinstance(output, tuple) else output.sample
-            state.steps.observe(sample, schedule.step)
+            state.steps.observe(sample, schedule.step, schedule.call)
         self._end_call()
         state.caches.residual = None
         state.finish_call(mode)
@@ -260,7 +260,8 @@ class ModelAdapter:
         """A step the step policy skips: its output without running the model."""
         if self.state.schedule.mode is not Mode.REUSE:
             return original(*args, **kwargs)
-        sample = self.state.steps.output(self.state.schedule.step)
+        schedule = self.state.schedule
+        sample = self.state.steps.output(schedule.step, schedule.call)
         return self._output(sample) if kwargs.get("return_dict", True) else (sample,)
 
     def _warn_outside(self) -> None:

@@ -142,11 +142,13 @@ class CATState:
         schedule, mode = self.schedule, self.schedule.step_mode
         if geometry != schedule.geometry:
             return Mode.PASS
-        if mode is Mode.REUSE or (self.forecast is not None and mode is not Mode.FULL):
+        if mode is Mode.REUSE:  # the step policy keeps each call's outputs apart
+            return mode
+        if self.forecast is not None and mode is not Mode.FULL:
             raise NotImplementedError(
                 "catpatch: a denoising step with several transformer calls (true CFG as "
-                "separate calls) works with token pruning only; step reuse and token_order=1 "
-                "keep one output per step. Use selection='cat' and token_order=0, or no true CFG"
+                "separate calls) cannot forecast tokens: token_order=1 keeps one output per "
+                "step. Use token_order=0, or no true CFG"
             )
         while len(self.lanes) <= schedule.call:
             self.lanes.append(Caches(self.caches.num_blocks, self.persistent))

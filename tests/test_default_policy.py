@@ -82,3 +82,29 @@ def test_own_loop_with_the_default_names_the_missing_step_count():
         for _ in range(6):
             model(**args)
     assert cat_stats(model).reused_steps > 0
+
+
+def test_compiled_default_matches_eager_and_compiles_once():
+    """`CATConfig(compile="default")` with the default policy: the full steps run the compiled
+    model, the skipped steps compile nothing, a warm generation recompiles nothing, and the
+    images equal eager ones."""
+    from torch._dynamo.utils import counters
+
+    from catpatch.patching import get_patch
+
+    pipe = make_pipe("tiny-sd3")
+    config = CATConfig(warmup_steps=4)
+    apply_cat(pipe, config)
+    eager = generate(pipe, num_inference_steps=12)
+    apply_cat(pipe, config.replace(compile="default"))
+    start = counters["stats"]["unique_graphs"]
+    first = generate(pipe, num_inference_steps=12)
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs > start, "nothing compiled"
+    second = generate(pipe, num_inference_steps=12)
+    assert counters["stats"]["unique_graphs"] == graphs, "recompiled in a warm generation"
+    assert cat_stats(pipe).reused_steps > 0
+    np.testing.assert_allclose(first, eager, atol=2e-4)
+    np.testing.assert_array_equal(first, second)
+    remove_cat(pipe)
+    assert get_patch(pipe) is None

@@ -335,14 +335,55 @@ def test_bad_input_leaves_pipe_untouched():
     with pytest.raises(ValueError, match="keep_ratio"):
         apply_cat(pipe, CATConfig(selection="cat", keep_ratio=0))
     assert _instance_state(pipe) == before
-    # a step policy keeps one output per step: refused on the second call of a true-CFG step
-    apply_cat(pipe, CFG.replace(selection="step"))
+    # the token forecast keeps one output per step: refused on a true-CFG step's second call
+    apply_cat(pipe, CFG.replace(token_order=1))
     with pytest.raises(NotImplementedError, match="true CFG"):
         run(pipe, **TRUE_CFG)
     run(pipe)  # the patch still serves one call per step
-    assert cat_stats(pipe).reused_steps > 0
+    assert cat_stats(pipe).pruned_steps > 0
     remove_cat(pipe)
     assert _instance_state(pipe) == before
+
+
+@pytest.mark.parametrize("selection,reuse_order", [("step", 0), ("step", 1), ("cat+reuse", 1)])
+def test_step_reuse_under_true_cfg_keeps_each_calls_outputs(selection, reuse_order):
+    """Step reuse (the default policy) with true CFG, two calls per step: a skipped step gives
+    the conditional call the conditional history and the unconditional call its own."""
+    pipe = flux_pipe()
+    config = CATConfig(selection=selection, warmup_steps=4, num_clusters=8, reuse_macs=0.6)
+    apply_cat(pipe, config.replace(reuse_order=reuse_order))
+    outputs = []  # (step, call, output) of every transformer call
+    state, where = get_patch(pipe).state, []
+
+    def start(module, args, kwargs):  # after catpatch's own pre-hook has placed the call
+        where.append((state.schedule.step, state.schedule.call))
+
+    def keep(module, args, kwargs, output):
+        outputs.append((*where.pop(), output[0].clone()))
+
+    hooks = [
+        pipe.transformer.register_forward_pre_hook(start, with_kwargs=True),
+        pipe.transformer.register_forward_hook(keep, with_kwargs=True),
+    ]
+    try:
+        run(pipe, **TRUE_CFG)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert len(outputs) == 2 * 10 and {c for _, c, _ in outputs} == {0, 1}
+    stats = cat_stats(pipe)
+    assert stats.calls_per_step == 2 and stats.reused_steps > 0
+    skipped = [s for s, (mode, _, _) in enumerate(stats.per_step) if mode == "reuse"]
+    computed = {(s, c): o for s, c, o in outputs if s not in skipped}
+    for step in skipped:
+        for call in (0, 1):
+            got = next(o for s, c, o in outputs if (s, c) == (step, call))
+            before = sorted(s for s, c in computed if c == call and s < step)
+            s1, s2 = before[-1], before[-2]
+            v1, v2 = computed[(s1, call)], computed[(s2, call)]
+            expected = v1 if reuse_order == 0 else v1 + (v1 - v2) * (step - s1) / (s1 - s2)
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    remove_cat(pipe)
 
 
 def test_ip_adapter_projection_is_refused():

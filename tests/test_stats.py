@@ -123,7 +123,7 @@ def test_first_order_forecast_of_a_skipped_step():
     policy.observe(torch.tensor([1.0, 2.0]), 3)
     policy.observe(torch.tensor([2.0, 2.0]), 5)
     torch.testing.assert_close(policy.output(6), torch.tensor([2.5, 2.0]))
-    zeroth = StepReuse(CATConfig(selection="step"))
+    zeroth = StepReuse(CATConfig(selection="step", reuse_order=0))
     zeroth.observe(torch.tensor([1.0]), 3)
     zeroth.observe(torch.tensor([2.0]), 5)
     assert zeroth.output(6).item() == 2.0

@@ -147,11 +147,12 @@ class StepPolicy:
     def runs_model(self, step: int) -> bool:
         return True
 
-    def observe(self, sample: Tensor, step: int) -> None:
-        """The output of step `step`, which ran the model."""
+    def observe(self, sample: Tensor, step: int, call: int = 0) -> None:
+        """The output of call `call` (0 but for true CFG's second call) of step `step`, which
+        ran the model."""
 
-    def output(self, step: int) -> Tensor:
-        """What skipped step `step` gives instead of running the model."""
+    def output(self, step: int, call: int = 0) -> Tensor:
+        """What call `call` of skipped step `step` gives instead of running the model."""
         raise NotImplementedError
 
     def free(self) -> None:

@@ -57,20 +57,22 @@ class StepReuse(StepPolicy):
     def runs_model(self, step: int) -> bool:
         return step < self.config.warmup_steps or step in self.compute_steps
 
-    def observe(self, sample: Tensor, step: int) -> None:
-        self.earlier = self.last
-        self.last = (step, sample)
+    def observe(self, sample: Tensor, step: int, call: int = 0) -> None:
+        # Each call of a step keeps its own history: under true CFG (two calls per step) the
+        # conditional and unconditional outputs are forecast separately.
+        last, _ = self.history.get(call, (None, None))
+        self.history[call] = ((step, sample), last)
 
-    def output(self, step: int) -> Tensor:
-        (s1, v1), earlier = self.last, self.earlier
+    def output(self, step: int, call: int = 0) -> Tensor:
+        (s1, v1), earlier = self.history[call]
         if self.config.reuse_order == 0 or earlier is None:
             return v1
         s2, v2 = earlier
         return torch.lerp(v2, v1, (step - s2) / (s1 - s2))  # v1 + (v1 - v2)·(step - s1)/(s1 - s2)
 
     def free(self) -> None:
-        self.last: tuple[int, Tensor] | None = None
-        self.earlier: tuple[int, Tensor] | None = None
+        # call -> ((step, output) last computed, the one before it or None)
+        self.history: dict[int, tuple[tuple[int, Tensor], tuple[int, Tensor] | None]] = {}
 
 
 class PrunedStepReuse(StepReuse):
