@@ -91,6 +91,26 @@ def test_the_rule_accepts_only_a_method_ahead_in_every_group_of_every_model():
     assert decide({"toy": toy, "scenes": losing})[0] == "stale"
 
 
+def test_a_win_at_more_macs_must_beat_what_they_buy_the_default():
+    """Step reuse rounds to whole steps: ahead by 0.5 dB at 0.02 more MACs, where the default's
+    own curve gains 50 dB per unit of MACs (1 dB for 0.02), is no win; ahead by 2 dB is."""
+    from catpatch.cli.study.decide import COSTLIER
+
+    def rows(ahead: float) -> list[Row]:
+        found = []
+        for steps in STEPS:
+            for keep, macs, psnr in ((0.2, 0.45, 35.0), (0.3, 0.55, 40.0), (0.5, 0.65, 45.0)):
+                base = psnr + 0.1 * (-1.0) ** np.arange(16)
+                found.append(_row(steps, "cat", keep, base, macs))
+                found.append(_row(steps, "step", keep, base[::-1] + ahead, macs + 0.02))
+        return found
+
+    assert {o.verdict for o in outcomes("toy", rows(0.5))["step"]} == {COSTLIER}
+    assert decide({"toy": rows(0.5)})[0] == "cat"
+    assert {o.verdict for o in outcomes("toy", rows(2.0))["step"]} == {WIN}
+    assert decide({"toy": rows(2.0)})[0] == "step"
+
+
 def test_psnr_table_gives_every_group_and_marks_what_did_not_run():
     from catpatch.cli.study.decide import psnr_table
 

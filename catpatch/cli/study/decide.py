@@ -2,8 +2,10 @@
 
 A method replaces the default where, in every (steps, α) group of every model, it beats the
 default by more than two paired standard errors of the PSNR difference over the same images,
-or is within them at fewer MACs. Only methods run at every keep ratio (the token policies and
-step reuse) are candidates: the others have no run at the default's MACs to pair with."""
+or is within them at fewer MACs. A win at more MACs (step reuse rounds to whole steps) must
+also exceed what those extra MACs buy on the default's own curve (its steepest segment). Only
+methods run at every keep ratio (the token policies and step reuse) are candidates: the others
+have no run at the default's MACs to pair with."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from .tables import _paired
 
 CANDIDATES = (*TOKEN_METHODS, *STEP_METHODS)
 WIN, CHEAPER_TIE, TIE, LOSS, MISSING = "win", "tie, fewer MACs", "tie", "loss", "not run"
+COSTLIER = "ahead by less than its extra MACs buy the default"
 ACCEPTED = (WIN, CHEAPER_TIE)
 
 
@@ -66,8 +69,15 @@ def outcomes(model: str, rows: list[Row], default: str = "cat") -> dict[str, lis
                     continue
                 diff, se = _paired(other, base)
                 cheaper = other.macs_ratio < base.macs_ratio - 1e-9
-                if diff - 2 * se > 0:
+                # Step reuse rounds to whole steps, so its MACs can exceed the default's: a win
+                # must then also cover what the default's own curve gains over those MACs.
+                extra = max(0.0, other.macs_ratio - base.macs_ratio)
+                curve = [r for r in main if (r.steps, r.method) == (steps, default)]
+                bought = extra * _slope(curve)
+                if diff - bought - 2 * se > 0:
                     verdict = WIN
+                elif diff - 2 * se > 0:
+                    verdict = COSTLIER
                 elif abs(diff) <= 2 * se:
                     verdict = CHEAPER_TIE if cheaper else TIE
                 else:
@@ -75,6 +85,15 @@ def outcomes(model: str, rows: list[Row], default: str = "cat") -> dict[str, lis
                 macs = (other.macs_ratio, base.macs_ratio)
                 found[method].append(Outcome(model, steps, keep, diff, se, *macs, verdict))
     return found
+
+
+def _slope(curve: list[Row]) -> float:
+    """dB of PSNR per unit of MACs ratio the steepest segment of a method's curve gains (0
+    with fewer than two points): an upper bound on what a little more MACs buys it."""
+    points = sorted((r.macs_ratio, r.psnr) for r in curve)
+    pairs = zip(points, points[1:], strict=False)
+    slopes = [(y1 - y0) / (x1 - x0) for (x0, y0), (x1, y1) in pairs if x1 > x0]
+    return max([0.0, *slopes])
 
 
 def qualifying(studies: dict[str, list[Row]], default: str = "cat") -> list[str]:
@@ -158,7 +177,8 @@ def _report(studies: dict[str, list[Row]], default: str) -> str:
                 )  # fmt: skip
             out.append(f"| {steps} | {keep:g} | " + " | ".join(cells) + " |")
     out.append(
-        "\nMarks: ▲ win, ≈↓ tie at fewer MACs, ≈ tie, ▼ loss. "
+        "\nMarks: ▲ win, △ ahead but by less than its extra MACs buy the default, ≈↓ tie at "
+        "fewer MACs, ≈ tie, ▼ loss. "
         "Accepted on every group of every model: "
         + (", ".join(f"`{m}`" for m in qualifying(studies, default)) or "none")
         + "."
@@ -167,4 +187,4 @@ def _report(studies: dict[str, list[Row]], default: str) -> str:
 
 
 def _mark(verdict: str) -> str:
-    return {WIN: "▲", CHEAPER_TIE: "≈↓", TIE: "≈", LOSS: "▼"}[verdict]
+    return {WIN: "▲", COSTLIER: "△", CHEAPER_TIE: "≈↓", TIE: "≈", LOSS: "▼"}[verdict]
