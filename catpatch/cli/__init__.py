@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .. import __version__
+from .. import __version__, policies
 from .common import (
     MODEL_HELP,
     PROGRESS_HELP,
@@ -197,13 +197,14 @@ def _demo(args) -> int:
     )  # fmt: skip
     print(summary["summary_text"])
     psnr = ", ".join("identical" if p is None else f"{p:.1f} dB" for p in summary["psnr_db"])
-    print(f"PSNR of each CAT image against its unpatched one: {psnr}")
+    name = policies.label(config.selection)
+    print(f"PSNR of each image with {name} against its unpatched one: {psnr}")
     timing = summary.get("timing")
     if timing:
         images = len(summary["prompts"])
         print(
             f"time per run of {plural(images, 'image')}, {runs_label(timing['warm_runs'])} of "
-            f"each after a warm-up run: unpatched {timing['median_unpatched_s']:.2f} s, CAT "
+            f"each after a warm-up run: unpatched {timing['median_unpatched_s']:.2f} s, {name} "
             f"{timing['median_cat_s']:.2f} s ({timing['speedup']:.2f}x; at most "
             f"{timing['bound']:.2f}x by the MACs; the whole pipeline on this machine: `catpatch "
             f"bench` times the denoising loop alone)"

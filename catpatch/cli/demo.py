@@ -1,11 +1,12 @@
-"""`catpatch demo`: CAT on the embedded offline pipeline, with pictures of what it did.
+"""`catpatch demo`: catpatch on the embedded offline pipeline, with pictures of what it did.
 
-Generates the same prompts with and without CAT and writes, each picture with its title,
-headings, legend and caption:
-- `compare.png`: one row per prompt: unpatched | CAT | |difference| x4, with the PSNR of the CAT
-  image against the unpatched one;
-- `tokens.png` / `tokens.gif`: which image tokens were recomputed at each pruned step;
-- `clusters.png`: the spatial clusters CAT made (over the CAT image);
+Generates the same prompts unpatched and patched (the default policy, step reuse, or any
+`--selection`) and writes, each picture with its title, headings, legend and caption:
+- `compare.png`: one row per prompt: unpatched | patched | |difference| x4, with the PSNR of
+  the patched image against the unpatched one;
+- `tokens.png` / `tokens.gif` (token policies such as `--selection cat`): which image tokens
+  were recomputed at each pruned step;
+- `clusters.png` (CAT's selections): the spatial clusters CAT made (over the patched image);
 - `summary.json`: the savings (MACs, tokens), PSNR per image, `cat_stats`, the catpatch version
   and the warm timings: `repeats` alternating runs of each side after one warm-up run of each
   (none with repeats=0), checked against the arithmetic bound 1 / MACs ratio (`timing.py`).
@@ -24,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import __version__
+from .. import __version__, policies
 from ..config import CATConfig
 from ..patching import apply_cat, get_patch, is_patched, remove_cat
 from ..schedule import Mode
@@ -183,12 +184,16 @@ def run_demo(
 
     settings = (
         f"keep_ratio {config.keep_ratio}, warmup_steps {config.warmup_steps}, "
-        f"{config.num_clusters} clusters, {steps} steps"
+        + (f"{config.num_clusters} clusters, " if state.tokens is not None else "")
+        + f"{steps} steps"
     )
     out = Path(out)  # made only now: a run that fails leaves no empty folder behind
     out.mkdir(parents=True, exist_ok=True)
     psnr = [psnr_db(a, b) for a, b in zip(baseline, cat_images, strict=True)]
-    saved = [_save_compare(out, prompts, seed, baseline, cat_images, settings, stats, source, psnr)]
+    name = policies.label(config.selection)
+    saved = [
+        _save_compare(out, prompts, seed, baseline, cat_images, settings, stats, source, psnr, name)
+    ]
     if masks:
         saved += _save_token_maps(out, masks, pruned_steps, cat_images, steps, stats, source)
     if clusters:
@@ -237,7 +242,9 @@ def _tile_scale(side: int, target: int) -> int:
     return max(1, target // side)
 
 
-def _save_compare(out, prompts, seed, baseline, cat_images, settings, stats, source, psnr) -> str:
+def _save_compare(
+    out, prompts, seed, baseline, cat_images, settings, stats, source, psnr, name: str
+) -> str:
     factor = _tile_scale(baseline.shape[1], 256)
     tiles = []
     for a, b in zip(baseline, cat_images, strict=True):
@@ -245,13 +252,13 @@ def _save_compare(out, prompts, seed, baseline, cat_images, settings, stats, sou
         tiles.append([upscale(to_uint8(x), factor) for x in (a, b, diff)])
     Figure(
         tiles,
-        title=f"Unpatched vs CAT ({settings})",
-        columns=["unpatched", "CAT", "|difference| x4 (black: equal)"],
+        title=f"Unpatched vs {name} ({settings})",
+        columns=["unpatched", name, "|difference| x4 (black: equal)"],
         rows=[
-            f'{i + 1}. "{p}" (seed {seed + i}; CAT vs unpatched: PSNR {db:.1f} dB)'
+            f'{i + 1}. "{p}" (seed {seed + i}; {name} vs unpatched: PSNR {db:.1f} dB)'
             for i, (p, db) in enumerate(zip(prompts, psnr, strict=True))
         ],
-        caption=f"CAT computed {stats.computed_fraction:.1%} of the image tokens over the run; "
+        caption=f"{name} computed {stats.computed_fraction:.1%} of the image tokens over the run; "
         f"MACs {stats.macs_ratio:.3f} of the unpatched run. {source}",
     ).save(out / "compare.png")
     return "compare.png"

@@ -50,6 +50,23 @@ def register(
     REGISTRY[name] = (token_policy, step_policy)
 
 
+# What pictures and messages call a selection (a registered name without one shows as itself).
+LABELS = {
+    "step": "step reuse",
+    "cat": "CAT",
+    "paper": "CAT (reference rules)",
+    "cat+reuse": "CAT + step reuse",
+    "stale": "round robin",
+    "random": "random tokens",
+    "noise": "largest drift",
+}
+
+
+def label(selection: str) -> str:
+    """A selection's name in pictures and messages: "step reuse", "CAT", ..."""
+    return LABELS.get(selection, f"selection {selection!r}")
+
+
 def names() -> tuple[str, ...]:
     """The registered selection names, in registration order."""
     return tuple(REGISTRY)
