@@ -122,7 +122,9 @@ def test_a_closed_pipe_ends_quietly():
 def test_version(capsys):
     assert run_cli(["--version"]) == 0
     assert capsys.readouterr().out.strip() == f"catpatch {catpatch.__version__}"
-    assert catpatch.__version__ == "0.2.0"
+    # the version is the CHANGELOG's latest release
+    released = re.findall(r"^## \[(\d+\.\d+\.\d+)\] - ", (ROOT / "CHANGELOG.md").read_text(), re.M)
+    assert catpatch.__version__ == released[0]
 
 
 def test_generate_fp16_on_cpu_is_one_note_and_plurals_are_right(tmp_path):
