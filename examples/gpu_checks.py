@@ -8,7 +8,8 @@
 1. `sync`: a pruned step of an SD3-medium-shaped transformer (1024², bf16) runs under
    `torch.cuda.set_sync_debug_mode("error")`: no host sync in the per-step path.
 2. bench rows (`catpatch bench`, random weights, 1024², batch 1 + CFG = 2 rows, bf16, 28 steps,
-   α 0.3, t0 8): SD3-medium and SD3.5-large, exact and lean, eager and with CUDA graphs
+   α 0.3, t0 8): the default policy (step reuse) on SD3-medium eager and with CUDA graphs, then
+   CAT on SD3-medium and SD3.5-large, exact and lean, eager and with CUDA graphs
    ("reduce-overhead", regional compilation on both sides; the row also times the plain eager
    baseline), and SD3-medium compiled "default".
 Each result is appended to OUT/results.jsonl as soon as it exists, so a run cut short still
@@ -42,9 +43,13 @@ BASE = BenchSettings(
     device="cuda",
     repeats=3,
     lean=False,  # the exact rows; the "-lean" rows set the default lean=True
+    selection="cat",  # CAT's rows; the "step" rows time the default policy (0.3.0)
 )
 LARGE = replace(BASE, shape="sd3.5-large")
+STEP = replace(BASE, selection="step", lean=True)  # the default policy: step reuse
 ROWS = {  # most important first: a run cut short keeps what it measured
+    "medium-step": STEP,
+    "medium-step-graphs": replace(STEP, compile="reduce-overhead"),
     "medium-eager": BASE,
     "medium-eager-lean": replace(BASE, lean=True),
     "medium-graphs": replace(BASE, compile="reduce-overhead"),

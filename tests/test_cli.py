@@ -260,7 +260,8 @@ def test_study_takes_model_toy(tmp_path, monkeypatch):
     [
         ("quickstart.py", ["--steps", "5", "--warmup-steps", "2"]),
         ("own_loop.py", ["--steps", "6"]),
-        ("gpu_checks.py", ["--device", "cpu", "--rows", "sync", "medium-eager", "--shape",
+        ("gpu_checks.py", ["--device", "cpu", "--rows", "sync", "medium-step", "medium-eager",
+                           "--shape",
                            "tiny-sd3", "--size", "128", "--steps", "5", "--warmup-steps", "2",
                            "--num-clusters", "4", "--text-tokens", "8", "--repeats", "1"]),
         ("lean_study.py", ["--images", "2", "--steps", "10", "--keep-ratios", "0.3"]),
@@ -293,8 +294,10 @@ def test_examples_run(script, argv, tmp_path, monkeypatch, capsys):
     else:
         rows = [json.loads(x) for x in (tmp_path / "out/gpu/results.jsonl").read_text().split("\n")
                 if x]  # fmt: skip
-        assert [r["row"] for r in rows] == ["sync", "medium-eager"]
-        assert "error" not in rows[1] and rows[1]["speedup"] > 0
+        assert [r["row"] for r in rows] == ["sync", "medium-step", "medium-eager"]
+        assert all("error" not in r and r["speedup"] > 0 for r in rows[1:])
+        step, cat = rows[1]["settings"]["selection"], rows[2]["settings"]["selection"]
+        assert (step, cat) == ("step", "cat") and rows[1]["steps_skipped"] > 0
     assert sorted(p.name for p in tmp_path.iterdir()) in ([], ["out"]), "outputs under out/"
 
 
