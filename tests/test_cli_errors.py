@@ -221,7 +221,8 @@ def test_demo_flags_an_impossible_timing(tmp_path, monkeypatch, capsys):
     assert run_cli(argv) == 0
     captured = capsys.readouterr()
     warning = [line for line in captured.err.splitlines() if "warning" in line]
-    assert len(warning) == 1 and "more than CAT's arithmetic allows" in warning[0], captured.err
+    assert len(warning) == 1, captured.err
+    assert "more than the patched run's arithmetic allows" in warning[0], captured.err
     timing = json.loads((tmp_path / "d" / "summary.json").read_text())["timing"]
     assert timing["remeasured"] and not timing["plausible"] and timing["warm_runs"] == 4
     assert timing["speedup"] > timing["bound"] > 1.0
@@ -305,7 +306,7 @@ def test_eval_flags_a_timing_above_the_bound():
     result = EvalResult("a", "b", counts={}, runs=runs)
     line = result.timing_line()
     assert "(1 image)" in line and "(3 images)" in line
-    assert "warning: the measured 10.00x is more than CAT's arithmetic allows" in line
+    assert "warning: the measured 10.00x is more than the patched run's arithmetic allows" in line
     runs["reference"]["time_s"] = 1.8
     assert "warning" not in result.timing_line()
     assert result.to_dict()["catpatch_version"] == catpatch.__version__

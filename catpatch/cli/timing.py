@@ -31,9 +31,9 @@ def bound_note(speedup: float, bound: float) -> str:
     if not impossible(speedup, bound):
         return ""
     return (
-        f"the measured {speedup:.2f}x is more than CAT's arithmetic allows here (at most "
-        f"{bound:.2f}x): another load on this machine disturbed the timing, so it is not a "
-        f"measurement of CAT; rerun on an idle machine (or with more --repeats)"
+        f"the measured {speedup:.2f}x is more than the patched run's arithmetic allows here (at "
+        f"most {bound:.2f}x): another load on this machine disturbed the timing, so it is not a "
+        f"measurement of catpatch; rerun on an idle machine (or with more --repeats)"
     )
 
 
@@ -54,7 +54,7 @@ def busy_note(load: float | None, cores: int | None = None) -> str:
         return ""
     return (
         f"this machine was busy before timing began (load average {load:.1f} on {cores} "
-        f"cores): the timings measure the contention more than CAT; rerun on an idle machine"
+        f"cores): the timings measure the contention more than catpatch; rerun on an idle machine"
     )
 
 
