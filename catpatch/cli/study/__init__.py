@@ -1,16 +1,18 @@
 """`catpatch study`: image quality under pruning, CAT against naive selection at equal MACs.
 
-On the trained toy pipeline (`catpatch.toy`), a fixed set of captions and seeds is generated
-unpatched and with every method, for 28 and 50 steps and keep ratios 0.2 / 0.3 / 0.5:
+On a trained pipeline shipped in catpatch (`--model toy` or `scenes`), a fixed set of
+captions and seeds is generated unpatched and with every method, for 28 and 50 steps and keep
+ratios 0.2 / 0.3 / 0.5:
 
-- token policies at the same MACs: `cat` (the default), `paper` (the reference's rules),
-  each also with the first-order token forecast (`+forecast`, `token_order=1`), and the
-  ablations `random`, `noise` (drift only), `stale` (round robin);
+- token policies at the same MACs: `cat` (CAT; the default policy until 0.2.0), `paper` (the
+  reference's rules), each also with the first-order token forecast (`+forecast`,
+  `token_order=1`), and the ablations `random`, `noise` (drift only), `stale` (round robin);
 - whole-step peers: `step` (step-level reuse at CAT's MACs) and `step+forecast` (skipped
-  steps forecast, `reuse_order=1`), also at α 0.05 / 0.1 to cover low MACs; `cat+reuse` (CAT
-  combined with step reuse at MACs 0.4 / 0.5 / 0.6, zeroth and first order); diffusers'
-  `taylorseer` (attention forecast) and `taylorseer-lite` (whole steps forecast) at cache
-  intervals 2-4, MACs measured with torch's FLOP counter (`catpatch.taylorseer`);
+  steps forecast, `reuse_order=1`; the default policy since 0.3.0), also at α 0.05 / 0.1 to
+  cover low MACs; `cat+reuse` (CAT combined with step reuse at MACs 0.4 / 0.5 / 0.6, zeroth
+  and first order); diffusers' `taylorseer` (attention forecast) and `taylorseer-lite`
+  (whole steps forecast) at cache intervals 2-4, MACs measured with torch's FLOP counter
+  (`catpatch.taylorseer`), and MagCache (`catpatch.magcache`);
 - warm-up t0 and the cluster count swept around the defaults (28 steps, α 0.3).
 
 Fidelity to the unpatched output: PSNR and SSIM in pixel space (torchmetrics), the relative L2

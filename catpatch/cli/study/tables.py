@@ -59,12 +59,12 @@ def targets(rows: list[Row]) -> str:
     """The study's comparisons as markdown: each catpatch method against its peers at equal
     MACs, with paired standard errors where the MACs are the same. A comparison whose methods
     the study did not run (`--quick`) says so in one line instead of an empty table."""
+    # CAT's token policy at the default token forecast order (the default *policy* is step
+    # reuse since 0.3.0: `decide` compares every policy with it)
     default = "cat" if CATConfig().token_order == 0 else "cat+forecast"
-    if CATConfig().selection == "paper":
-        default = default.replace("cat", "paper")
     main = [r for r in rows if not in_sweep(r) and r.method != "unpatched"]
     out = [
-        f"catpatch {__version__}. Default token policy: `{default}`. Differences in dB PSNR "
+        f"catpatch {__version__}. CAT's token policy: `{default}`. Differences in dB PSNR "
         f"± standard error.\n"
     ]
 
@@ -100,8 +100,8 @@ def targets(rows: list[Row]) -> str:
                 + f" | {gain} |"
             )
     table(
-        "The default token policy against the ablations at the same MACs:",
-        ["steps", "α", "MACs", "default − random", "− noise", "− stale", "forecast gain"],
+        "CAT's token policy against the ablations at the same MACs:",
+        ["steps", "α", "MACs", "CAT − random", "− noise", "− stale", "forecast gain"],
         lines,
         f"no `{default}` run",
     )
