@@ -55,7 +55,7 @@ class BenchSettings:
     keep_ratio: float = 0.3
     warmup_steps: int = 8
     num_clusters: int = 20
-    selection: str = "step"  # CATConfig's default (tests keep the two equal)
+    selection: str = CATConfig.selection  # the library's default policy
     dtype: str = "fp32"
     device: str = "cpu"
     compile: str = "none"  # none | default | reduce-overhead | max-autotune

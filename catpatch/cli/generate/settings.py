@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ...config import CATConfig
 from ..common import CommandError
 
 DEFAULT_GUIDANCE = 7.0  # of `catpatch generate`; the toy model's own is 5.0
@@ -28,7 +29,7 @@ class GenerateSettings:
     keep_ratio: float = 0.3
     warmup_steps: int = 8
     num_clusters: int = 20
-    selection: str = "step"  # CATConfig's default (tests keep the two equal)
+    selection: str = CATConfig.selection  # the library's default policy
     steps: int = 28
     guidance: float = DEFAULT_GUIDANCE
     size: tuple[int, int] | None = None  # (height, width); None: the model's native size
