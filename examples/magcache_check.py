@@ -19,7 +19,7 @@ import time
 import numpy as np
 
 from catpatch import toy
-from catpatch.magcache import (
+from catpatch.peers.magcache import (
     MagCache,
     apply_magcache,
     calibrate_magcache,

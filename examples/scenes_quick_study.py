@@ -18,8 +18,8 @@ import argparse
 from catpatch import CATConfig
 from catpatch.cli.study import run_study
 from catpatch.cli.study.methods import configurations
-from catpatch.magcache import MagCache
-from catpatch.taylorseer import TaylorSeer
+from catpatch.peers.magcache import MagCache
+from catpatch.peers.taylorseer import TaylorSeer
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,4 +1,4 @@
-"""diffusers' MagCache on SD3 pipelines through `catpatch.magcache` (a peer of the study)."""
+"""diffusers' MagCache on SD3 pipelines through `catpatch.peers.magcache` (a peer of the study)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from conftest import generate, make_pipe
 
-from catpatch.magcache import (
+from catpatch.peers.magcache import (
     MagCache,
     apply_magcache,
     calibrate_magcache,

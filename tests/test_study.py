@@ -8,8 +8,8 @@ import numpy as np
 
 from catpatch import CATConfig
 from catpatch.cli.study import fidelity, frontier, run_study
-from catpatch.magcache import MagCache
-from catpatch.taylorseer import TaylorSeer
+from catpatch.peers.magcache import MagCache
+from catpatch.peers.taylorseer import TaylorSeer
 
 
 def test_fidelity_metrics():

@@ -12,7 +12,7 @@ ratios 0.2 / 0.3 / 0.5:
   cover low MACs; `cat+reuse` (CAT combined with step reuse at MACs 0.4 / 0.5 / 0.6, zeroth
   and first order); diffusers' `taylorseer` (attention forecast) and `taylorseer-lite`
   (whole steps forecast) at cache intervals 2-4, MACs measured with torch's FLOP counter
-  (`catpatch.taylorseer`), and MagCache (`catpatch.magcache`);
+  (`catpatch.peers.taylorseer`), and MagCache (`catpatch.peers.magcache`);
 - warm-up t0 and the cluster count swept around the defaults (28 steps, α 0.3).
 
 Fidelity to the unpatched output: PSNR and SSIM in pixel space (torchmetrics), the relative L2

@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ...config import CATConfig
-from ...magcache import MagCache
-from ...taylorseer import TaylorSeer
+from ...peers.magcache import MagCache
+from ...peers.taylorseer import TaylorSeer
 
 if TYPE_CHECKING:
     from .rows import Row

@@ -11,9 +11,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ...magcache import MagCache, apply_magcache, calibrate_magcache, remove_magcache
+from ...peers.magcache import MagCache, apply_magcache, calibrate_magcache, remove_magcache
 from ...patching import apply_cat, remove_cat
-from ...taylorseer import TaylorSeer, apply_taylorseer, remove_taylorseer
+from ...peers.taylorseer import TaylorSeer, apply_taylorseer, remove_taylorseer
 from ...toy.model import TrainedModel, trained_model
 from ..common import CommandError
 from .methods import MAGCACHE_CALIBRATION_IMAGES, MODEL, Setting, configurations

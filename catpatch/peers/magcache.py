@@ -37,7 +37,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .hooks import PatchSet, wrap_denoising_loops
+from ..hooks import PatchSet, wrap_denoising_loops
 
 _PATCHES = "_catpatch_magcache"
 # diffusers' hook names (diffusers/hooks/mag_cache.py)

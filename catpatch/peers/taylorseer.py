@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .hooks import PatchSet, wrap_denoising_loops
+from ..hooks import PatchSet, wrap_denoising_loops
 
 _PATCHES = "_catpatch_taylorseer"
 

@@ -1,0 +1,2 @@
+"""Other methods' wrappers, run on SD3 pipelines for comparison (not catpatch's own data path):
+diffusers' TaylorSeerCache (`taylorseer`) and MagCache (`magcache`)."""
