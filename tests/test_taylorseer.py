@@ -1,4 +1,4 @@
-"""diffusers' TaylorSeerCache on SD3 pipelines through `catpatch.peers.taylorseer` (the study's peer)."""
+"""diffusers' TaylorSeerCache on SD3 pipelines through `catpatch.peers.taylorseer` (a peer)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from conftest import generate, make_pipe
 
-from catpatch.stats import ModelDims, measured_macs, run_macs
 from catpatch.peers.taylorseer import TaylorSeer, apply_taylorseer, remove_taylorseer
+from catpatch.stats import ModelDims, measured_macs, run_macs
 
 
 def test_sd3_pipelines_cannot_run_taylorseer_as_shipped():

@@ -11,8 +11,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ...peers.magcache import MagCache, apply_magcache, calibrate_magcache, remove_magcache
 from ...patching import apply_cat, remove_cat
+from ...peers.magcache import MagCache, apply_magcache, calibrate_magcache, remove_magcache
 from ...peers.taylorseer import TaylorSeer, apply_taylorseer, remove_taylorseer
 from ...toy.model import TrainedModel, trained_model
 from ..common import CommandError
