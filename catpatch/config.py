@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 CFG_SELECTION_MODES = ("shared", "per_row")
 COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune")
@@ -89,6 +91,21 @@ class CATConfig:
         token_order (int, default 0): what a pruned step gives for the tokens it does not
             compute: 0 their last computed output, 1 a first-order forecast from their last two
             computed outputs (per token, linear in the timestep; `catpatch.forecast`).
+        macs (float or None, default None): the budget knob. B in (0, 1]: the run's
+            transformer MACs are at most B of the unpatched run's (rounded down to whole
+            steps), and catpatch plans the rest (`catpatch.planner`): which steps run the model
+            (warm-up included, not evenly spaced) and how every other step is forecast from
+            the computed ones, measured on the model's calibration. The bound speed-up is
+            1/B. Replaces `keep_ratio`, `warmup_steps` and `selection` (giving them too is an
+            error). At least two steps must fit (B >= 2/N for N steps).
+        forecast (str, default "fit"): with `macs`: how a skipped step is forecast from the
+            last three computed outputs: "fit" (weights fitted on the calibration, shrunk
+            toward reuse: never worse than reuse there), "reuse" (the last output again),
+            "taylor1" / "taylor2" (polynomial extrapolation in σ of order 1 / 2).
+        calibration (path, `Calibration` or None, default None): with `macs`: the model's
+            calibration (`catpatch.calibrate`). None: the pipeline folder's
+            `catpatch_calibration.safetensors` when it has one, else the built-in one of the
+            shipped scenes model, with a warning.
     """
 
     keep_ratio: float = 0.3
@@ -109,6 +126,9 @@ class CATConfig:
     reuse_macs: float = 0.5
     reuse_order: int = 1
     token_order: int = 0
+    macs: float | None = None
+    forecast: str = "fit"
+    calibration: str | Path | Any | None = None
 
     def __post_init__(self) -> None:
         def fail(field: str, why: str) -> None:
@@ -134,7 +154,12 @@ class CATConfig:
             if not math.isfinite(value):
                 fail(name, "must be finite")
         if not 0.0 < self.keep_ratio <= 1.0:
-            fail("keep_ratio", "must be in (0, 1]; e.g. 0.3 recomputes 30% of tokens per step")
+            fail(
+                "keep_ratio",
+                "must be in (0, 1]; e.g. 0.3: each late step costs about 30% of a full one "
+                "(CAT computes 30% of the image tokens; step reuse runs whole steps at that "
+                "cost). For a MACs budget use macs= instead",
+            )
         if self.warmup_steps < 2:
             fail("warmup_steps", "must be >= 2 (step t0-2 is the reference, t0-1 clusters)")
         if self.num_clusters < 1:
@@ -157,6 +182,7 @@ class CATConfig:
             fail("token_order", "must be 0 (last computed output) or 1 (first-order forecast)")
         if self.kmeans_iters < 1:
             fail("kmeans_iters", "must be >= 1")
+        self._check_budget(fail)
         # Read from the registry now, not copied at import: a policy registered later is
         # accepted. Imported here because the policies' modules refer back to CATConfig.
         from . import policies
@@ -170,6 +196,40 @@ class CATConfig:
                 fail(name, "must be a bool")
         if self.compile not in COMPILE_MODES:
             fail("compile", f"must be one of {COMPILE_MODES}")
+
+    def _check_budget(self, fail) -> None:
+        """The budget knob: a number in (0, 1], and not together with the manual knobs."""
+        from . import planner
+        from .calibration import Calibration
+
+        if self.forecast not in planner.FORECASTS:
+            fail("forecast", f"must be one of {planner.FORECASTS}")
+        if self.calibration is not None and not isinstance(
+            self.calibration, (str, Path, Calibration)
+        ):
+            fail("calibration", "must be a path, a catpatch.Calibration or None")
+        if self.macs is None:
+            return
+        if isinstance(self.macs, bool) or not isinstance(self.macs, (int, float)):
+            fail("macs", "must be a number in (0, 1], e.g. 0.4 for at most 40% of the MACs")
+        if not (math.isfinite(self.macs) and 0.0 < self.macs <= 1.0):
+            fail("macs", "must be in (0, 1]: the run's MACs over the unpatched run's, e.g. 0.4")
+        manual = [
+            name
+            for name in ("keep_ratio", "warmup_steps", "selection", "reuse_order")
+            if getattr(self, name) != _DEFAULTS[name]
+        ]
+        if manual:
+            fail(
+                "macs",
+                f"plans {', '.join(manual)} itself: give either macs= (the budget) or the "
+                f"manual knobs ({', '.join(f'{m}=' for m in manual)}), not both",
+            )
+
+    @property
+    def budgeted(self) -> bool:
+        """Whether the run is planned from a MACs budget (`macs`)."""
+        return self.macs is not None
 
     @property
     def keeps_buffers(self) -> bool:
@@ -205,6 +265,11 @@ class CATConfig:
             for f in dataclasses.fields(self)
             if getattr(self, f.name) != f.default
         ]
+        if self.budgeted:
+            return f"CATConfig({', '.join(changed)})"
         core = [f"keep_ratio={self.keep_ratio!r}", f"warmup_steps={self.warmup_steps!r}"]
         rest = [c for c in changed if not c.startswith(("keep_ratio=", "warmup_steps="))]
         return f"CATConfig({', '.join(core + rest)})"
+
+
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(CATConfig)}

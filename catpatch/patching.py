@@ -14,6 +14,8 @@ import weakref
 from collections.abc import Iterator
 from typing import Any, TypeVar
 
+import numpy as np
+
 from .config import CATConfig
 from .families import FAMILIES, family_of, pipeline_family, supported_transformers
 from .hooks import PatchSet, wrap_denoising_loops
@@ -66,9 +68,14 @@ class Patch:
                 return None
             # None where the pipeline does not say (PixArt decides CFG inside its call): the
             # adapter then tells from the run's first call
-            cfg = getattr(pipe_ref(), "do_classifier_free_guidance", None)
+            pipe = pipe_ref()
+            cfg = getattr(pipe, "do_classifier_free_guidance", None)
             cfg = None if cfg is None else bool(cfg)
-            begin = lambda: state.begin_run(total, cfg_rows=cfg, calls_per_step=calls)  # noqa: E731
+            info = run_info(pipe, total, cfg) if state.config.budgeted else None
+
+            def begin():
+                state.begin_run(total, cfg_rows=cfg, calls_per_step=calls, run_info=info)
+
             return begin, state.end_run, state.end_step
 
         wrap_denoising_loops(self.pipeline_patches, pipe, run)
@@ -77,6 +84,18 @@ class Patch:
         self.pipeline_patches.undo()
         self.adapter.remove()
         self.state.release()
+
+
+def run_info(pipe: Any, total: int, cfg: bool | None) -> dict:
+    """What a budgeted run plans from: the σ of the loop's `total` steps (the last total + 1
+    of the scheduler's, so img2img's shortened loop gets its own) and the CFG scale."""
+    info: dict = {}
+    sigmas = getattr(getattr(pipe, "scheduler", None), "sigmas", None)
+    if sigmas is not None and len(sigmas) >= total + 1:
+        info["sigmas"] = sigmas[-(total + 1) :].detach().float().cpu().numpy()
+    guidance = getattr(pipe, "guidance_scale", None) if cfg else None
+    info["guidance"] = None if guidance is None else float(guidance)
+    return info
 
 
 def _resolve(target: Any):
@@ -123,6 +142,11 @@ def apply_cat(target: T, config: CATConfig | None = None) -> T:
         raise TypeError(f"config must be a CATConfig, got {type(config).__name__}")
     transformer, pipe = _resolve(target)
     check_transformer(transformer)
+    calibration = None
+    if config.budgeted:  # read before anything changes: a bad file leaves the target as it was
+        from . import calibration as calibrations
+
+        calibration = calibrations.find(config.calibration, pipe, transformer)
 
     patch: Patch | None = getattr(transformer, _ATTRIBUTE, None)
     pipes = [] if patch is None else [ref() for ref in patch.pipelines if ref() is not None]
@@ -130,6 +154,8 @@ def apply_cat(target: T, config: CATConfig | None = None) -> T:
         patch.remove()
         del transformer.__dict__[_ATTRIBUTE]
     patch = Patch(transformer, config)
+    if calibration is not None:
+        patch.state.steps.calibration = calibration
     patch.adapter.install()
     for other in [*pipes, pipe]:
         if other is not None:
@@ -164,7 +190,12 @@ def is_patched(target: Any) -> bool:
 
 @contextlib.contextmanager
 def cat_generation(
-    target: Any, num_inference_steps: int | None = None, cfg: bool = False, calls_per_step: int = 1
+    target: Any,
+    num_inference_steps: int | None = None,
+    cfg: bool = False,
+    calls_per_step: int = 1,
+    sigmas: Any = None,
+    guidance_scale: float | None = None,
 ) -> Iterator[None]:
     """One generation of your own denoising loop with a CAT-patched transformer.
 
@@ -177,6 +208,9 @@ def cat_generation(
     tokens for both, which costs less and is what pipelines do. `calls_per_step=2` (FLUX only):
     each step calls the transformer twice (true CFG as separate calls, conditional first): the
     second call computes the tokens the first one chose, on caches of its own.
+    With `CATConfig(macs=...)`, `sigmas` (num_inference_steps + 1 values, e.g. your
+    scheduler's `sigmas`) and `guidance_scale` (with `cfg=True`) are what the plan is made
+    for; without `sigmas` the planner assumes SD3's flow-matching schedule (shift 3).
     """
     patch = get_patch(target)
     if patch is None:
@@ -191,7 +225,16 @@ def cat_generation(
             f"{type(patch.adapter).__name__} pass a CFG pair as one batch (unconditional rows "
             f"first) with cat_generation(..., cfg=True), as its pipelines do"
         )
-    patch.state.begin_run(num_inference_steps, cfg_rows=cfg, calls_per_step=calls_per_step)
+    info = None
+    if patch.config.budgeted:
+        info = {"guidance": float(guidance_scale) if cfg and guidance_scale else None}
+        if sigmas is not None:
+            info["sigmas"] = np.asarray(
+                sigmas.detach().float().cpu() if hasattr(sigmas, "detach") else sigmas, float
+            )
+    patch.state.begin_run(
+        num_inference_steps, cfg_rows=cfg, calls_per_step=calls_per_step, run_info=info
+    )
     try:
         yield
     finally:

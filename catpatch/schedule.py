@@ -90,11 +90,23 @@ class Schedule:
         self.calls_per_step: int | None = 1
         self.call = 0  # calls of the current step so far
         self.step_mode = Mode.PASS  # the mode the current step's first call got
+        # What a planned run needs of the pipeline: its σ schedule and guidance scale.
+        self.run_info: dict = {}
+
+    @property
+    def warmup(self) -> int:
+        """Full steps before the policy decides (a budgeted run plans its warm-up itself)."""
+        return 0 if self.config.budgeted else self.config.warmup_steps
 
     def begin(
-        self, num_steps: int | None, cfg_rows: bool | None, calls_per_step: int | None = 1
+        self,
+        num_steps: int | None,
+        cfg_rows: bool | None,
+        calls_per_step: int | None = 1,
+        run_info: dict | None = None,
     ) -> None:
         self.in_run = True
+        self.run_info = dict(run_info or {})
         self.cfg_rows = cfg_rows
         self.planned_steps = num_steps
         self.calls_per_step = calls_per_step
@@ -108,7 +120,7 @@ class Schedule:
 
     def prunes(self) -> bool:
         """Whether this run reaches pruned steps (as far as known at its start)."""
-        return self.planned_steps is None or self.planned_steps > self.config.warmup_steps
+        return self.planned_steps is None or self.planned_steps > self.warmup
 
     def start(self, geometry: Geometry) -> None:
         """The first call of a run fixes its geometry and token budget S."""
@@ -119,7 +131,7 @@ class Schedule:
     def mode_of_step(self, prunes_tokens: bool, runs_model: bool) -> Mode:
         """The mode of this step, given whether a token policy prunes and whether the step
         policy runs the model on it."""
-        t0, step = self.config.warmup_steps, self.step
+        t0, step = self.warmup, self.step
         if not self.prunes() or step < t0 - (2 if prunes_tokens else 0):
             return Mode.FULL
         if not runs_model:

@@ -11,6 +11,7 @@ All state hangs off the patched model; nothing is global.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -48,14 +49,16 @@ class CATState:
         num_steps: int | None = None,
         cfg_rows: bool | None = False,
         calls_per_step: int | None = 1,
+        run_info: dict | None = None,
     ) -> None:
         """Start of a generation: forget everything of the previous one. `cfg_rows` None: not
         known from the pipeline; the model adapter sets `schedule.cfg_rows` at the first call.
         `calls_per_step`: transformer calls per denoising step (None: until the loop calls
-        `end_step`)."""
+        `end_step`). `run_info`: what a planned run reads of the pipeline (`sigmas`, the
+        run's σ schedule; `guidance`, its CFG scale)."""
         if not self.persistent:
             self._free()
-        self.schedule.begin(num_steps, cfg_rows, calls_per_step)
+        self.schedule.begin(num_steps, cfg_rows, calls_per_step, run_info)
 
     def end_step(self) -> None:
         """The denoising loop finished a step (see `Schedule.end_step`)."""
@@ -132,10 +135,36 @@ class CATState:
                 self.tokens.prepare(geometry, self.config.budget(geometry.tokens))
             schedule.start(geometry)
             if self.steps.skips:
-                self.steps.plan(schedule.planned_steps, step_cost_ratio())
+                self.steps.plan(schedule.planned_steps, step_cost_ratio(), **schedule.run_info)
+            self._warn_if_nothing_saved()
         elif geometry != schedule.geometry:
             return Mode.PASS
         return schedule.mode_of_step(self.tokens is not None, self.steps.runs_model(schedule.step))
+
+    def _warn_if_nothing_saved(self) -> None:
+        """One warning per patch when a run's settings compute every step in full (a short
+        schedule within the warm-up): the user would otherwise see MACs 1.000 and no word."""
+        steps, schedule = self.schedule.planned_steps, self.schedule
+        if steps is None or getattr(self, "_warned_nothing_saved", False):
+            return
+        if self.steps.skips:
+            saves = any(not self.steps.runs_model(i) for i in range(steps))
+        else:
+            saves = self.tokens is not None and schedule.prunes()
+        if saves:
+            return
+        self._warned_nothing_saved = True
+        fix = (
+            f"macs={self.config.macs:g} pays for every step: lower it"
+            if self.config.budgeted
+            else f"use fewer warm-up steps (warmup_steps={self.config.warmup_steps}) or a "
+            "budget: CATConfig(macs=0.5) plans short schedules too"
+        )
+        warnings.warn(
+            f"catpatch: this {steps}-step run computes every step in full, so it saves "
+            f"nothing; {fix}",
+            stacklevel=2,
+        )
 
     def _plan_follower(self, geometry: Geometry) -> Mode:
         """A later call of the step: the first call's mode, on caches of its own."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from .config import CATConfig
 from .schedule import Mode
@@ -192,27 +192,62 @@ class CATStats:
     cache_bytes: int = 0  # held by the caches during pruned steps
     passthrough_calls: int = 0  # skip-layer-guidance / out-of-run calls run unpruned
     per_step: list[tuple[str, int, int]] = field(default_factory=list)  # (mode, S, L)
+    plan: Any = None  # `planner.Plan` of a budgeted run (`CATConfig(macs=...)`)
 
     @property
     def macs_ratio(self) -> float:
         return self.macs / self.macs_unpatched if self.macs_unpatched else 1.0
 
+    @property
+    def bound(self) -> float:
+        """The arithmetic speed-up bound of the run: 1 / MACs ratio."""
+        return 1 / self.macs_ratio if self.macs_ratio else float("inf")
+
     def summary(self) -> str:
+        """One line: which policy ran, what it computed and skipped, the MACs and bound."""
+        from .policies import policy_label
+
         if not self.steps:
-            return "CAT: no generation has run since apply_cat"
-        calls = f" x {self.calls_per_step} calls" if self.calls_per_step > 1 else ""
-        skipped = f", {self.reused_steps} skipped" if self.reused_steps else ""
+            return "catpatch: no generation has run since apply_cat"
         # The selection always shows: the default is not the paper's token selection.
         config = repr(self.config)
-        if "selection=" not in config:
+        if not self.config.budgeted and "selection=" not in config:
             config = config[:-1] + f", selection={self.config.selection!r})"
+        calls = f" x {self.calls_per_step} calls" if self.calls_per_step > 1 else ""
+        computed = self.steps - self.pruned_steps - self.reused_steps
+        if self.plan is not None:
+            forecast = FORECAST_WORDS[self.plan.forecast]
+            what = (
+                f"{computed} computed (steps {self.plan.describe()}), {self.reused_steps} "
+                f"forecast ({forecast})"
+            )
+        elif self.reused_steps:
+            order = "forecast from the last two" if self.config.reuse_order else "reused"
+            pruned = f", {self.pruned_steps} pruned" if self.pruned_steps else ""
+            what = f"{computed} computed{pruned}, {self.reused_steps} skipped ({order})"
+        else:
+            what = f"{computed} full, {self.pruned_steps} pruned"
+        tokens = ""
+        if self.pruned_steps:
+            tokens = (
+                f" (S={self.budget} of L={self.tokens} image tokens, T={self.text_tokens} text, "
+                f"{self.rows} rows{calls}); image tokens computed {self.computed_fraction:.1%}"
+            )
+        budget = f", budget {self.config.macs:g}" if self.config.budgeted else ""
+        caches = f"; caches {self.cache_bytes / 2**20:.1f} MiB" if self.pruned_steps else ""
         return (
-            f"CAT {config}: {self.steps} steps, {self.pruned_steps} pruned{skipped} "
-            f"(S={self.budget} of L={self.tokens} image tokens, T={self.text_tokens} text, "
-            f"{self.rows} rows{calls}); image tokens computed {self.computed_fraction:.1%}; "
-            f"MACs {self.macs / 1e9:.3g} G vs {self.macs_unpatched / 1e9:.3g} G unpatched "
-            f"({self.macs_ratio:.3f}); caches {self.cache_bytes / 2**20:.1f} MiB"
+            f"catpatch {policy_label(self.config)} {config}: {self.steps} steps{calls}, "
+            f"{what}{tokens}; MACs {self.macs / 1e9:.3g} G vs {self.macs_unpatched / 1e9:.3g} G "
+            f"unpatched ({self.macs_ratio:.3f}{budget}; at most {self.bound:.2f}x){caches}"
         )
+
+
+FORECAST_WORDS = {
+    "fit": "weights fitted on the calibration, from the last 3 computed",
+    "reuse": "the last computed output",
+    "taylor1": "first-order extrapolation in sigma",
+    "taylor2": "second-order extrapolation in sigma",
+}
 
 
 def collect(patch, transformer) -> CATStats:
@@ -239,4 +274,5 @@ def collect(patch, transformer) -> CATStats:
     stats.macs = geo.rows * sum(s.calls * per_mode.get(s.mode, full) for s in log.steps)
     stats.macs_unpatched = geo.rows * sum(s.calls * full for s in log.steps)
     stats.cache_bytes = log.cache_bytes
+    stats.plan = getattr(patch.state.steps, "plan_of_run", None)
     return stats

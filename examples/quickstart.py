@@ -1,10 +1,12 @@
-"""CAT on a pipeline you already loaded: patch, generate, read the stats, restore.
+"""catpatch on a pipeline you already loaded: patch, generate, read the stats, restore.
 
 python examples/quickstart.py                      # the toy pipeline shipped in catpatch, offline
+python examples/quickstart.py --model scenes       # any model of `catpatch.models.names()`
 python examples/quickstart.py --model stabilityai/stable-diffusion-3-medium-diffusers
-python examples/quickstart.py --steps 12 --warmup-steps 4   # fewer steps (a quick check)
+python examples/quickstart.py --selection cat      # CAT's token pruning instead of step reuse
 
-Writes out/quickstart/cat.png and out/quickstart/base.png (--out to change).
+The default policy is step reuse (`CATConfig().selection == "step"`). Writes
+out/quickstart/patched.png and out/quickstart/base.png (--out to change).
 """
 
 from __future__ import annotations
@@ -22,21 +24,28 @@ def main(argv: list[str] | None = None) -> None:
         description=__doc__.splitlines()[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--model", default="toy", help="'toy' or an SD3 pipeline folder / hub id")
+    parser.add_argument(
+        "--model", default="toy",
+        help="a name of catpatch.models.names() ('toy', 'scenes', 'tiny-flux', ...) or an SD3 "
+        "pipeline folder / hub id",
+    )  # fmt: skip
     parser.add_argument(
         "--prompt",
         default="a large red circle at the top left on a striped blue background",
         help="what to draw",
     )
     parser.add_argument("--steps", type=int, default=28, help="denoising steps")
-    parser.add_argument("--warmup-steps", type=int, default=8, help="CAT t0: full steps first")
+    parser.add_argument("--warmup-steps", type=int, default=8, help="t0: full steps first")
+    parser.add_argument(
+        "--selection", default=CATConfig().selection, help="the policy: 'step', 'cat', ..."
+    )
     parser.add_argument("--out", default="out/quickstart", help="output folder")
     args = parser.parse_args(argv)
 
-    if args.model == "toy":
-        from catpatch import toy
+    from catpatch import models
 
-        pipe, call = toy.load_pipeline(), dict(toy.CALL_KWARGS)
+    if args.model in models.names():
+        pipe, call = models.load_pipeline(args.model), models.call_kwargs(args.model)
     else:
         from diffusers import StableDiffusion3Pipeline
 
@@ -47,7 +56,8 @@ def main(argv: list[str] | None = None) -> None:
         call = dict(guidance_scale=7.0)
     call["num_inference_steps"] = args.steps
 
-    apply_cat(pipe, CATConfig(keep_ratio=0.3, warmup_steps=args.warmup_steps))
+    config = CATConfig(keep_ratio=0.3, warmup_steps=args.warmup_steps, selection=args.selection)
+    apply_cat(pipe, config)
     image = pipe(args.prompt, generator=torch.Generator().manual_seed(0), **call).images[0]
     print(cat_stats(pipe).summary())
     remove_cat(pipe)  # the pipeline is exactly as it was
@@ -55,9 +65,9 @@ def main(argv: list[str] | None = None) -> None:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    image.save(out / "cat.png")
+    image.save(out / "patched.png")
     base.save(out / "base.png")
-    print(f"wrote {out / 'cat.png'} and {out / 'base.png'}")
+    print(f"wrote {out / 'patched.png'} ({config.selection}) and {out / 'base.png'}")
 
 
 if __name__ == "__main__":

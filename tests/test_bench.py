@@ -37,8 +37,6 @@ def test_bench_table(capsys):
             "5",
             "--warmup-steps",
             "2",
-            "--num-clusters",
-            "4",
             "--repeats",
             "1",
             "--text-tokens",
@@ -48,6 +46,9 @@ def test_bench_table(capsys):
     )
     table = capsys.readouterr().out
     assert "speed-up" in table and "arithmetic bound" in table and "batch 1 (1 rows)" in table
+    # the default policy, named where the table says what ran and what it timed; no clusters
+    assert "policy  " in table and "step reuse (--selection step)" in table
+    assert "loop step reuse (1 run)" in table and "clusters" not in table and "CAT" not in table
 
 
 def test_bench_compiled_reports_the_eager_baseline(capsys):

@@ -21,7 +21,7 @@ from PIL import Image
 from catpatch.cli import build_parser, main
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL_DEMO = ["--steps", "6", "--warmup-steps", "3", "--num-clusters", "8"]
+SMALL_DEMO = ["--steps", "6", "--warmup-steps", "3"]
 PROMPTS = ["a large red circle at the top left on a striped blue background",
            "a large blue square at the left on a checkered green background"]  # fmt: skip
 
@@ -41,7 +41,7 @@ def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentP
 
 # ---- item 8: every option of every command has help that gives its default -----------------------
 def test_every_option_has_help_with_its_default():
-    from catpatch.toy.__main__ import build_parser as toy_parser
+    from catpatch.trained.cli import build_parser as toy_parser
 
     parsers = {f"catpatch {n}": p for n, p in subcommands(build_parser()).items()}
     parsers |= {f"python -m catpatch.toy {n}": p for n, p in subcommands(toy_parser()).items()}
@@ -67,7 +67,17 @@ BAD_INPUT = [
     (["bench", "--size", "250x250"], "e.g. --size 256x256"),
     (["bench", "--keep-ratio", "1.5"], "--keep-ratio 1.5: must be in (0, 1]"),
     (["bench", "--steps", "5"], "--steps 5 must be more than --warmup-steps 8"),
-    (["bench", "--num-clusters", "2000", "--size", "256"], "exceeds the 256 image tokens"),
+    (["bench", "--num-clusters", "2000", "--size", "256", "--selection", "cat"],
+     "exceeds the 256 image tokens"),
+    (["bench", "--size", "99999x99999"], "at most 4096 pixels per side"),
+    (["bench", "--size", "99999x99999"], "e.g. --size 4096x4096"),
+    # a cluster option with a policy that makes no clusters: an error naming both fixes
+    (["bench", "--num-clusters", "8"], "--selection step (step reuse) makes no clusters"),
+    (["bench", "--num-clusters", "8", "--selection", "random"], "add --selection cat"),
+    (["generate", "--model", "toy", "--prompt", "a", "--out", "runs/x", "--num-clusters", "8"],
+     "drop --num-clusters, or add --selection cat"),
+    (["demo", "--num-clusters", "8", "--out", "runs/x"], "--num-clusters 8: --selection step"),
+    (["demo", "--size", "7x7", "--out", "runs/x"], "(see `catpatch demo --help`)"),
     (["bench", "--model", "no/such-model"], "--model no/such-model: not in the local Hugging"),
     (["bench", "--model", "toy", "--size", "512"], "at most 256 pixels per side"),
     (["bench", "--steps", "x"], "invalid int value: 'x'"),
@@ -136,11 +146,15 @@ def test_demo_times_warm_runs_only_and_draws_explained_pictures(tmp_path, monkey
                             num_inference_steps=6)  # fmt: skip
     assert calls == ["base", "cat", "base", "cat", "cat", "base"], "pictures, then alternating"
     timing = summary["timing"]
-    assert timing["unpatched_s"] == timing["cat_s"] == [1.0, 1.0] and timing["warm_runs"] == 2
+    assert timing["unpatched_s"] == timing["patched_s"] == [1.0, 1.0] and timing["warm_runs"] == 2
+    assert "median_patched_s" in timing and not any("cat" in key for key in timing)
     assert timing["speedup"] == 1.0 and "warm" in timing["how"] and timing["plausible"]
     saved = json.loads((tmp_path / "d" / "summary.json").read_text())
     assert saved["timing"] == timing and "speedup_this_run" not in saved
     assert saved["seeds"] == [0, 1] and saved["prompts"] == PROMPTS
+    # the policy that ran, by name and in full (selection included)
+    assert (saved["selection"], saved["policy"]) == ("cat", "CAT")
+    assert saved["config"]["selection"] == "cat" and saved["config"]["num_clusters"] == 8
     assert saved["files"] == ["compare.png", "tokens.png", "tokens.gif", "clusters.png"]
     # The pictures carry their titles, headings, legend and caption around the tiles.
     compare = np.asarray(Image.open(tmp_path / "d" / "compare.png").convert("L"))
@@ -171,7 +185,7 @@ def test_demo_command_model_toy_is_quiet(tmp_path):
     )
     assert all(line.startswith(disturbed) for line in done.stderr.splitlines()), done.stderr
     # The default policy (step reuse): whole steps skipped, no token or cluster pictures.
-    assert "0 pruned, 2 skipped" in done.stdout and "selection='step'" in done.stdout
+    assert "2 skipped" in done.stdout and "selection='step'" in done.stdout
     # one timed run of each, more if the speed-up came out above the bound on a busy machine
     assert re.search(r"(1 run|median of \d+ runs) of each after a warm-up run", done.stdout)
     assert sorted(p.name for p in (tmp_path / "demo").iterdir()) == [
@@ -184,8 +198,9 @@ def test_runs_no_longer_than_the_warm_up_warn_once(tmp_path, capsys):
     assert run_cli(demo) == 0
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [
-        "catpatch demo: warning: --steps 3 is not more than --warmup-steps 4: CAT prunes "
-        "nothing in this run (raise --steps or lower --warmup-steps)"
+        "catpatch demo: warning: --steps 3 is not more than --warmup-steps 4: every step runs "
+        "the whole model, so catpatch saves nothing in this run (raise --steps or lower "
+        "--warmup-steps)"
     ]
     generate = ["generate", "--model", "toy", "--prompt", "a red circle", "--steps", "2",
                 "--warmup-steps", "2", "--no-progress", "--out", str(tmp_path / "g")]  # fmt: skip
@@ -224,8 +239,7 @@ def test_generate_model_toy_and_eval_times_warm_images_only(tmp_path, capsys):
 
 def test_bench_model_toy(capsys):
     bench = ["bench", "--model", "toy", "--size", "128", "--steps", "4", "--warmup-steps", "2",
-             "--num-clusters", "4", "--repeats", "1", "--text-tokens", "8", "--device", "cpu",
-             "--json"]  # fmt: skip
+             "--repeats", "1", "--text-tokens", "8", "--device", "cpu", "--json"]  # fmt: skip
     assert run_cli(bench) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["tokens"] == 64 and result["settings"]["model"] == "toy"
@@ -277,8 +291,8 @@ def test_examples_run(script, argv, tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     if script == "quickstart.py":
         assert sorted(p.name for p in (tmp_path / "out" / "quickstart").iterdir()) == [
-            "base.png", "cat.png"]  # fmt: skip
-        assert "0 pruned, 2 skipped" in out and "selection='step'" in out  # the default
+            "base.png", "patched.png"]  # fmt: skip
+        assert "2 skipped" in out and "selection='step'" in out  # the default
     elif script == "own_loop.py":
         assert "2 pruned" in out
     elif script.endswith("_study.py"):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_flux_pipeline import CFG, flux_pipe
+from flux_support import CFG, flux_pipe
 
 from catpatch import apply_cat, cat_stats
 

@@ -9,7 +9,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -185,10 +184,34 @@ def test_resume_after_a_crash_between_a_png_and_its_line(model_dir, tmp_path, mo
     assert all(np.array_equal(resumed[n], reference[n]) for n in every)
 
 
+# The `catpatch generate` command line, stopped for good once its second PNG is on disk (and
+# before that image's manifest line): it says so on stdout, then waits on stdin, which the
+# test never writes (EOF, should the test itself die, lets it finish instead of linger).
+_STOP_AT_SECOND_PNG = """
+import sys
+from catpatch.cli import main
+from catpatch.cli.generate import loop
+
+save, saved = loop._save_png, []
+
+def save_then_stop(image, path):
+    save(image, path)
+    saved.append(path.name)
+    if len(saved) == 2:
+        print("stopped after", path.name, flush=True)
+        sys.stdin.read()
+
+loop._save_png = save_then_stop
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 def test_resume_after_sigkill(model_dir, tmp_path, capsys):
-    """`catpatch generate` killed with SIGKILL (no Python cleanup, no exception handler) as
-    soon as its first PNG exists, then the same command again: every image exactly once in
-    the manifest, no shard or temp file left, pixels equal to an uninterrupted run's."""
+    """`catpatch generate` killed with SIGKILL (no Python cleanup, no exception handler) mid-run,
+    with one image recorded and the next one's PNG on disk without its manifest line, then the
+    same command again: every image exactly once in the manifest, no shard or temp file left,
+    pixels equal to an uninterrupted run's. The child stops at that point and says so on its
+    stdout; the test kills it once it has read that line (no clock, no race with the run)."""
     from catpatch.cli import main as catpatch_main
 
     prompts = ["a red circle", "a blue square", "a green cross"]
@@ -204,23 +227,28 @@ def test_resume_after_sigkill(model_dir, tmp_path, capsys):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     every = [f"{i:05d}_{j:03d}.png" for i in range(3) for j in range(2)]
 
-    command = [sys.executable, "-m", "catpatch", *args]
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    command = [sys.executable, "-c", _STOP_AT_SECOND_PNG, *args]
+    process = subprocess.Popen(
+        command, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    child = []
     try:
-        deadline = time.monotonic() + 120
-        while not list(out.glob("*.png")) and process.poll() is None:
-            assert time.monotonic() < deadline, "no image after 120 s"
-            time.sleep(0.005)
-        os.kill(process.pid, signal.SIGKILL)
+        for line in process.stdout:  # until the child stops at its second PNG, or ends
+            child.append(line)
+            if line.startswith("stopped after"):
+                os.kill(process.pid, signal.SIGKILL)
+                break
     finally:
         process.kill()
-        _, err = process.communicate()
-    assert process.returncode == -signal.SIGKILL, f"not killed mid-run: {err[-2000:]!r}"
-    made = sorted(p.name for p in out.glob("*.png"))
-    assert made and len(made) < len(every), made
+        child.append(process.communicate()[0])
+    output = "".join(child)
+    assert process.returncode == -signal.SIGKILL, f"not killed mid-run: {output[-2000:]!r}"
+    assert sorted(p.name for p in out.glob("*.png")) == every[:2]
     assert not (out / MANIFEST).exists(), "a killed run cannot have merged its manifest"
-    # the kill may land between a PNG and its line: only recorded images count as done
+    # the second PNG has no line: only recorded images count as done
     recorded = [f for f in read_records(out) if (out / f).is_file()]
+    assert recorded == every[:1], recorded
 
     capsys.readouterr()
     assert catpatch_main(args) == 0  # the same command again (in this process: faster)

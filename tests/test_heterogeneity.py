@@ -98,6 +98,29 @@ def test_normalised_maps():
     assert maps.tolist() == [[[0.0, 0.5], [1.0, 0.25]], [[0.0, 0.0], [0.0, 0.0]]]
 
 
+def test_normalised_maps_on_a_non_square_grid():
+    """Tokens in raster order on a 2 x 3 grid: token r·W + c lands in row r, column c (a
+    square grid cannot tell rows from columns)."""
+    change = 2.0 ** torch.arange(6.0)[None]  # one map, peak 32 (powers of 2: exact ratios)
+    maps = het.normalised_maps(change, 2, 3)
+    assert maps.shape == (1, 2, 3)
+    assert maps[0].tolist() == [[1 / 32, 1 / 16, 1 / 8], [1 / 4, 1 / 2, 1.0]]
+
+
+def test_step_stats_report_the_standard_error_over_the_images():
+    """Each measure's error is the standard error of its mean over the N images, s/√N (s the
+    sample standard deviation), not s itself."""
+    velocity = torch.randn(5, 4, 12, 3, generator=torch.Generator().manual_seed(2))
+    stats = het.step_stats(velocity, warmup_steps=2)
+    share = het.top_share(het.token_change(velocity)).double()  # (N, T), per image
+    moved = het.relative_change(velocity).double()
+    for s in stats:
+        for got, each in ((s.top_share, share[:, s.step]), (s.relative_change, moved[:, s.step])):
+            assert math.isclose(got[0], float(each.mean()), rel_tol=1e-9)
+            assert math.isclose(got[1], float(each.std() / math.sqrt(5)), rel_tol=1e-9)
+    assert stats[0].row()["top_share_se"] == stats[0].top_share[1]
+
+
 @pytest.mark.parametrize("guidance", [1.0, 4.0])
 def test_recorded_velocity_is_what_the_sampler_integrates(guidance):
     """The recorded (guided) velocity of each step reproduces the pipeline's own Euler step:

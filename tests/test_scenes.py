@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from catpatch.scenes import MODEL, data
-from catpatch.toy import train as toy_train
-from catpatch.toy.model import builtin_models
+from catpatch.trained import builtin_models
+from catpatch.trained import train as toy_train
 
 
 def test_registry_names_both_shipped_models():
@@ -70,7 +70,7 @@ def test_captions_fit_the_scenes_text_length():
 
 
 def test_detector_heads_follow_the_dataset():
-    from catpatch.toy.detector import Detector, accuracy
+    from catpatch.trained.detector import Detector, accuracy
 
     det = Detector(data.ATTRIBUTES)
     logits = det(torch.rand(2, 3, 96, 96))

@@ -159,3 +159,76 @@ def test_report_writes_the_tables_of_an_interrupted_study(tmp_path, capsys):
     # No finished run at this image count: one line naming the fix, nothing written.
     assert main(["study", "--report", "--images", "3", "--out", str(out)]) == 2
     assert "without --report first" in capsys.readouterr().err
+
+
+# ---- each part of the rule decides a hand-made study -------------------------------------------
+# The default's curve at each step count: (α, MACs, PSNR). Its steepest segment gains 50 dB per
+# unit of MACs (1 dB for 0.02 more), its last one 5: the two prices of extra MACs differ.
+BENDING = ((0.2, 0.45, 35.0), (0.3, 0.55, 40.0), (0.5, 0.65, 40.5))
+
+
+def _against_cat(method: str, ahead: float, se: float, extra_macs: float) -> list[Row]:
+    """`cat` on the `BENDING` curve and `method` in every group, `ahead` dB better on average
+    over 16 images with paired standard error `se`, at `extra_macs` more MACs (negative:
+    fewer). The differences alternate ahead ± s, whose standard error is s·√(16/15)/4."""
+    spread = 4 * se / np.sqrt(16 / 15)
+    rows = []
+    for steps in STEPS:
+        for keep, macs, psnr in BENDING:
+            base = psnr + np.linspace(-3, 3, 16)  # images differ; the pairing removes it
+            diff = ahead + spread * (-1.0) ** np.arange(16)
+            rows.append(_row(steps, "cat", keep, base, macs))
+            rows.append(_row(steps, method, keep, base + diff, macs + extra_macs))
+    return rows
+
+
+def _verdicts(rows: list[Row], method: str) -> set[str]:
+    return {o.verdict for o in outcomes("toy", rows)[method]}
+
+
+def test_a_win_needs_two_standard_errors():
+    """1.55 SE ahead at the same MACs is a tie (the default stays); 2.5 SE ahead is a win."""
+    near = _against_cat("stale", ahead=0.155, se=0.1, extra_macs=0.0)
+    found = outcomes("toy", near)["stale"]
+    assert all(abs(o.difference / o.error - 1.55) < 1e-6 for o in found)  # as constructed
+    assert _verdicts(near, "stale") == {TIE}
+    assert decide({"toy": near})[0] == "cat"
+    clear = _against_cat("stale", ahead=0.25, se=0.1, extra_macs=0.0)
+    assert _verdicts(clear, "stale") == {WIN}
+    assert decide({"toy": clear})[0] == "stale"
+
+
+def test_fewer_macs_do_not_make_up_for_a_loss():
+    """0.3 dB behind (6 SE) at 0.02 fewer MACs is a loss: fewer MACs only turn a tie into an
+    acceptance; they never count as dB the method gains (the extra MACs are clamped at 0)."""
+    rows = _against_cat("stale", ahead=-0.3, se=0.05, extra_macs=-0.02)
+    assert _verdicts(rows, "stale") == {LOSS}
+    assert decide({"toy": rows})[0] == "cat"
+
+
+def test_extra_macs_are_priced_at_the_steepest_segment():
+    """0.5 dB ahead (10 SE) at 0.02 more MACs: the steepest segment of the default's curve buys
+    1 dB with them (no win); its last segment would buy only 0.1 dB (a win)."""
+    from catpatch.cli.study.decide import COSTLIER
+
+    rows = _against_cat("step", ahead=0.5, se=0.05, extra_macs=0.02)
+    assert _verdicts(rows, "step") == {COSTLIER}
+    assert decide({"toy": rows})[0] == "cat"
+    # the same lead at the same MACs wins: the price alone decided
+    assert decide({"toy": _against_cat("step", ahead=0.5, se=0.05, extra_macs=0.0)})[0] == "step"
+
+
+def test_load_study_reads_the_largest_image_count(tmp_path):
+    """A quick run (2 images) beside the full one (8) in the same folder: the full one's rows,
+    whichever was written first."""
+    from catpatch.cli.study.decide import load_study
+    from catpatch.cli.study.rows import append_row
+
+    path = tmp_path / "rows.jsonl"
+    for images, psnr in ((2, 20.0), (8, 40.0), (2, 21.0)):
+        for keep in KEEP_RATIOS:
+            row = _row(28, "cat", keep, [psnr] * images)
+            append_row(path, f"28 cat {keep} {psnr}", images, row)
+    rows = load_study(tmp_path)
+    assert len(rows) == len(KEEP_RATIOS)
+    assert {r.psnr for r in rows} == {40.0} and {len(r.psnr_each) for r in rows} == {8}

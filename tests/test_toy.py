@@ -8,7 +8,7 @@ import torch
 
 from catpatch import toy
 from catpatch.toy import build, data
-from catpatch.toy.detector import accuracy
+from catpatch.trained.detector import accuracy
 
 
 @pytest.fixture(scope="module")
@@ -87,8 +87,8 @@ def test_detector_is_not_fooled_by_a_wrong_caption(detector):
     images, labels = data.make_batch(64, np.random.default_rng(7))
     predicted = detector.predict(images.transpose(0, 2, 3, 1))
     shuffled = np.roll(labels, 1, axis=0)
-    assert accuracy(predicted, labels)["colour+position"] > 0.9
-    assert accuracy(predicted, shuffled)["colour+position"] < 0.2
+    assert accuracy(predicted, labels, data)["colour+position"] > 0.9
+    assert accuracy(predicted, shuffled, data)["colour+position"] < 0.2
 
 
 def test_eval_prompts_are_fixed():
@@ -135,7 +135,7 @@ def test_procedural_data_is_seeded_and_labelled():
 
 
 def test_cli_sample_and_check(tmp_path, capsys):
-    from catpatch.toy.__main__ import main
+    from catpatch.trained.cli import main
 
     main(["sample", "--out", str(tmp_path), "--n", "2", "--steps", "2"])
     assert (tmp_path / "grid.png").is_file() and (tmp_path / "001.png").is_file()

@@ -20,6 +20,9 @@ MODEL_HELP = (
 )
 PROGRESS_HELP = "no progress bars (there are none either when stderr is not a terminal)"
 EXIT_USAGE = 2  # bad input, as argparse exits
+# Pixels per side that --size accepts: 4x the 1024 px these families are trained at; beyond it
+# a single attention map no longer fits a GPU, so a larger value is a typo, not a run.
+MAX_SIDE = 4096
 
 
 class CommandError(RuntimeError):
@@ -67,14 +70,15 @@ def warn(command: str, message: str) -> None:
 
 
 def warn_if_nothing_pruned(command: str, steps: int | None, warmup_steps: int) -> bool:
-    """Warn (one line) when a run of `steps` steps is no longer than the CAT warm-up: nothing
-    would be pruned. True if it warned."""
+    """Warn (one line) when a run of `steps` steps is no longer than the warm-up: no policy
+    saves anything. True if it warned."""
     if steps is None or steps > warmup_steps:
         return False
     warn(
         command,
-        f"--steps {steps} is not more than --warmup-steps {warmup_steps}: CAT prunes nothing "
-        f"in this run (raise --steps or lower --warmup-steps)",
+        f"--steps {steps} is not more than --warmup-steps {warmup_steps}: every step runs the "
+        f"whole model, so catpatch saves nothing in this run (raise --steps or lower "
+        f"--warmup-steps)",
     )
     return True
 
@@ -132,13 +136,21 @@ def check_image_size(
     error: type[CommandError] = CommandError,
 ) -> int:
     """`error` unless HxW pixels fit a transformer `config` (a dict or a config object):
-    positive multiples of VAE scale x patch size, within the position embedding, and at least
-    `num_clusters` image tokens. Returns the number of image tokens."""
+    at most `MAX_SIDE` per side, positive multiples of VAE scale x patch size, within the
+    position embedding, and at least `num_clusters` image tokens. Returns the number of image
+    tokens."""
     get = config.get if isinstance(config, dict) else lambda k: getattr(config, k, None)
     # FLUX's pipelines pack 2x2 latents per token (its transformer's patch_size is 1)
     flux = get("num_single_layers") is not None
     patch = 2 if flux else int(get("patch_size") or 2)
     unit = vae_scale * patch
+    if max(height, width) > MAX_SIDE:
+        fit = "x".join(str(min(v, MAX_SIDE) // unit * unit) for v in (height, width))
+        raise error(
+            f"--size {height}x{width}: at most {MAX_SIDE} pixels per side (SD3 and FLUX are made "
+            f"for about 1024; {MAX_SIDE}x{MAX_SIDE} is already {(MAX_SIDE // unit) ** 2} image "
+            f"tokens), e.g. --size {fit}"
+        )
     if height <= 0 or width <= 0 or height % unit or width % unit:
         fit = "x".join(str(max(unit, round(v / unit) * unit)) for v in (height, width))
         raise error(
@@ -162,8 +174,8 @@ def check_image_size(
 
 
 def is_builtin(model: str | None) -> bool:
-    """Whether `model` names a pipeline shipped in catpatch (`toy.model.builtin_models`)."""
-    from ..toy.model import builtin_models
+    """Whether `model` names a pipeline shipped in catpatch (`catpatch.trained.builtin_models`)."""
+    from ..trained import builtin_models
 
     return model in builtin_models()
 
@@ -172,7 +184,7 @@ def resolve_model(model: str) -> str:
     """The folder or hub id of `model`: a built-in name (`toy`, `scenes`) becomes its shipped
     folder."""
     if is_builtin(model):
-        from ..toy.model import builtin_models
+        from ..trained import builtin_models
 
         return str(builtin_models()[model].weights_dir())
     return model
@@ -258,7 +270,7 @@ def output_folder(path: str | Path) -> Iterator[Path]:
 
 def add_cat_options(p: argparse.ArgumentParser) -> None:
     """--selection, --keep-ratio, --warmup-steps, --num-clusters: the settings every command
-    takes."""
+    takes; call `resolve_cat_options` on the parsed arguments."""
     from .. import policies
     from ..config import CATConfig
 
@@ -270,7 +282,45 @@ def add_cat_options(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     p.add_argument(
         "--keep-ratio", type=float, default=0.3,
-        help="CAT alpha: share of the image tokens recomputed at each pruned step",
+        help="alpha: the share of the image tokens a pruned step recomputes (cat, ...); with "
+        "'step', the MACs of the run are those of that pruning",
     )  # fmt: skip
-    p.add_argument("--warmup-steps", type=int, default=8, help="CAT t0: full steps before pruning")
-    p.add_argument("--num-clusters", type=int, default=20, help="CAT spatial clusters")
+    p.add_argument(
+        "--warmup-steps", type=int, default=8,
+        help="t0: full steps before the policy computes less",
+    )  # fmt: skip
+    p.add_argument(
+        "--num-clusters", type=int, default=None,
+        help=f"spatial clusters of CAT's token selection (default: {CATConfig().num_clusters}; "
+        f"only with a clustering --selection: {', '.join(cluster_selections())})",
+    )  # fmt: skip
+
+
+def cluster_selections() -> tuple[str, ...]:
+    """The selections whose token policy clusters the image (CAT's and its variants)."""
+    from .. import policies
+    from ..policies.cat import CatPolicy
+
+    return tuple(
+        name
+        for name, (token, _) in policies.REGISTRY.items()
+        if token is not None and issubclass(token, CatPolicy)
+    )
+
+
+def resolve_cat_options(args: argparse.Namespace) -> None:
+    """Fill in `args.num_clusters` (left None by `add_cat_options`, to tell a value given from
+    the default); CommandError when it was given with a selection that has no clusters, where
+    it would silently do nothing."""
+    from .. import policies
+    from ..config import CATConfig
+
+    if args.num_clusters is None:
+        args.num_clusters = CATConfig().num_clusters
+        return
+    if args.selection not in cluster_selections():
+        raise CommandError(
+            f"--num-clusters {args.num_clusters}: --selection {args.selection} "
+            f"({policies.label(args.selection)}) makes no clusters, so it would do nothing; "
+            f"drop --num-clusters, or add --selection cat for CAT's token pruning"
+        )

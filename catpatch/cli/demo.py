@@ -7,9 +7,11 @@ Generates the same prompts unpatched and patched (the default policy, step reuse
 - `tokens.png` / `tokens.gif` (token policies such as `--selection cat`): which image tokens
   were recomputed at each pruned step;
 - `clusters.png` (CAT's selections): the spatial clusters CAT made (over the patched image);
-- `summary.json`: the savings (MACs, tokens), PSNR per image, `cat_stats`, the catpatch version
-  and the warm timings: `repeats` alternating runs of each side after one warm-up run of each
-  (none with repeats=0), checked against the arithmetic bound 1 / MACs ratio (`timing.py`).
+- `summary.json`: the policy that ran (`selection`, `policy`) and its whole config, the savings
+  (MACs, tokens), PSNR per image, `cat_stats`, the catpatch version and the warm timings
+  (`median_unpatched_s`, `median_patched_s`, ...): `repeats` alternating runs of each side after
+  one warm-up run of each (none with repeats=0), checked against the arithmetic bound
+  1 / MACs ratio (`timing.py`).
 
 Steps are counted from 1 in every picture and line (step 1 is the first denoising step).
 """
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +56,8 @@ TOY_NOTE = (
     "image generator."
 )
 TIMING_NOTE = (
-    "warm runs (after one warm-up run of each), unpatched and CAT alternating, medians when "
+    "warm runs (after one warm-up run of each), unpatched and patched (the policy named by "
+    "`policy`) alternating, medians when "
     "more than one; the whole pipeline (text encoders, denoising, VAE) on this machine. The "
     "speed-up cannot exceed the bound 1 / macs_ratio; `plausible` is false when it did (a busy "
     "machine), even after re-measuring. `catpatch bench` times the denoising loop alone."
@@ -66,7 +69,7 @@ def load_demo_pipeline(
 ) -> tuple[Any, dict[str, Any], str]:
     """The pipeline of the demo: (pipeline, call kwargs, description). `model` is `toy` or
     `scenes` (the pipelines shipped in catpatch) or an SD3-family pipeline folder / hub id."""
-    from ..toy.model import builtin_models
+    from ..trained import builtin_models
 
     builtin = builtin_models().get(model)
     if builtin is not None:
@@ -163,7 +166,7 @@ def run_demo(
                 pruned_steps.append(step + 1)
             return kwargs
 
-        cat_images, _ = generate(record)  # the pictures; also the warm-up of the CAT path
+        cat_images, _ = generate(record)  # the pictures; also the warm-up of the patched path
         stats = cat_stats(pipe)
 
         def unpatched() -> float:
@@ -171,13 +174,13 @@ def run_demo(
                 remove_cat(pipe)
             return generate()[1]
 
-        def with_cat() -> float:
+        def patched() -> float:
             if not is_patched(pipe):
                 apply_cat(pipe, config)
             return generate()[1]
 
         # warm, alternating: both sides see the same machine load; checked against the bound
-        timing = time_pair(unpatched, with_cat, repeats, 1 / stats.macs_ratio) if repeats else None
+        timing = time_pair(unpatched, patched, repeats, 1 / stats.macs_ratio) if repeats else None
     finally:
         bar.close()
         remove_cat(pipe)
@@ -195,7 +198,7 @@ def run_demo(
         _save_compare(out, prompts, seed, baseline, cat_images, settings, stats, source, psnr, name)
     ]
     if masks:
-        saved += _save_token_maps(out, masks, pruned_steps, cat_images, steps, stats, source)
+        saved += _save_token_maps(out, masks, pruned_steps, cat_images, steps, stats, source, name)
     if clusters:
         saved.append(_save_clusters(out, clusters[0], cat_images, config, source))
 
@@ -205,7 +208,9 @@ def run_demo(
         "prompts": prompts,
         "seeds": [seed + i for i in range(len(prompts))],
         "call": {k: v for k, v in call.items() if isinstance(v, (int, float, str))},
-        "config": repr(config),
+        "selection": config.selection,
+        "policy": name,
+        "config": {f.name: getattr(config, f.name) for f in fields(config)},
         "macs_ratio": round(stats.macs_ratio, 4),
         "image_tokens_computed": round(stats.computed_fraction, 4),
         "max_abs_pixel_difference": float(np.abs(baseline - cat_images).max()),
@@ -217,9 +222,9 @@ def run_demo(
         summary["timing"] = {
             "warm_runs": timing.runs,
             "unpatched_s": [round(t, 4) for t in timing.unpatched_s],
-            "cat_s": [round(t, 4) for t in timing.cat_s],
+            "patched_s": [round(t, 4) for t in timing.patched_s],
             "median_unpatched_s": round(timing.unpatched, 4),
-            "median_cat_s": round(timing.cat, 4),
+            "median_patched_s": round(timing.patched, 4),
             "speedup": round(timing.speedup, 3),
             "bound": round(timing.bound, 3),
             "plausible": timing.plausible,
@@ -282,7 +287,9 @@ def _legend_tokens(cell: int = 14) -> list[Swatch]:
     ]
 
 
-def _save_token_maps(out, masks, pruned_steps, images, steps, stats, source) -> list[str]:
+def _save_token_maps(
+    out, masks, pruned_steps, images, steps, stats, source, name: str
+) -> list[str]:
     """tokens.png (one row per prompt, one column per pruned step) and tokens.gif (all
     prompts, one frame per pruned step)."""
     side, grid = images.shape[1], masks[0].shape[1]
@@ -298,7 +305,7 @@ def _save_token_maps(out, masks, pruned_steps, images, steps, stats, source) -> 
     )
     Figure(
         rows,
-        title="Tokens CAT recomputed at each pruned step (columns: denoising step)",
+        title=f"Tokens {name} recomputed at each pruned step (columns: denoising step)",
         columns=[str(s) for s in pruned_steps],
         row_labels=[f"{g + 1}." for g in range(len(rows))],
         legend=_legend_tokens(),

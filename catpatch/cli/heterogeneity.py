@@ -88,7 +88,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def _builtin(model: str):
     """The shipped trained model of a built-in `--model` name (its evaluation captions and
     call settings: `eval_prompts(n)`, `call_kwargs`), or None for a folder or hub id."""
-    from ..toy.model import builtin_models
+    from ..trained import builtin_models
 
     return builtin_models().get(model)
 

@@ -1,5 +1,5 @@
 """Timings that cannot mislead: every speed-up a `catpatch` command prints is checked against
-the arithmetic bound of its run (1 / the MACs ratio: CAT cannot make a run faster than the
+the arithmetic bound of its run (1 / the MACs ratio: no policy makes a run faster than the
 arithmetic it removes), re-measured once when it exceeds it, and flagged if it still does.
 One timed run is called "1 run", never a median.
 """
@@ -60,28 +60,29 @@ def busy_note(load: float | None, cores: int | None = None) -> str:
 
 @dataclass
 class PairTiming:
-    """Alternating timed runs of the unpatched and the CAT side, checked against `bound`."""
+    """Alternating timed runs of the unpatched and the patched side (whatever policy it
+    runs), checked against `bound`."""
 
     bound: float
     unpatched_s: list[float] = field(default_factory=list)
-    cat_s: list[float] = field(default_factory=list)
+    patched_s: list[float] = field(default_factory=list)
     remeasured: bool = False
 
     @property
     def runs(self) -> int:
-        return min(len(self.unpatched_s), len(self.cat_s))
+        return min(len(self.unpatched_s), len(self.patched_s))
 
     @property
     def unpatched(self) -> float:
         return statistics.median(self.unpatched_s)
 
     @property
-    def cat(self) -> float:
-        return statistics.median(self.cat_s)
+    def patched(self) -> float:
+        return statistics.median(self.patched_s)
 
     @property
     def speedup(self) -> float:
-        return self.unpatched / self.cat
+        return self.unpatched / self.patched
 
     @property
     def plausible(self) -> bool:
@@ -96,20 +97,20 @@ class PairTiming:
 
 def time_pair(
     unpatched: Callable[[], float],
-    cat: Callable[[], float],
+    patched: Callable[[], float],
     repeats: int,
     bound: float,
     retry: bool = True,
 ) -> PairTiming:
     """Time `repeats` runs of each side (each callable runs once and returns its seconds),
-    alternating the order (U C, C U, ...) so that both sides see the same machine; both must be
+    alternating the order (U P, P U, ...) so that both sides see the same machine; both must be
     warm already. If the speed-up exceeds `bound`, time `max(repeats, 3)` more runs of each and
     report the medians of all of them (`remeasured`); `plausible` says whether that helped."""
     timing = PairTiming(bound=bound)
 
     def measure(count: int, start: int) -> None:
         for i in range(start, start + count):
-            sides = [(timing.unpatched_s, unpatched), (timing.cat_s, cat)]
+            sides = [(timing.unpatched_s, unpatched), (timing.patched_s, patched)]
             for times, run in sides if i % 2 == 0 else sides[::-1]:
                 times.append(run())
 

@@ -12,6 +12,7 @@ from .base import StepPolicy, TokenPolicy
 from .cat import CatPolicy
 from .noise import NoisePolicy
 from .paper import PaperPolicy
+from .planned import PlannedSteps
 from .random import RandomPolicy
 from .stale import StalePolicy
 from .step_reuse import PrunedStepReuse, StepReuse
@@ -67,13 +68,22 @@ def label(selection: str) -> str:
     return LABELS.get(selection, f"selection {selection!r}")
 
 
+def policy_label(config) -> str:
+    """What a config runs, in words: "planned steps (MACs 0.4)", "step reuse", "CAT", ..."""
+    if config.budgeted:
+        return f"planned steps (MACs {config.macs:g})"
+    return label(config.selection)
+
+
 def names() -> tuple[str, ...]:
     """The registered selection names, in registration order."""
     return tuple(REGISTRY)
 
 
 def build(config, persistent: bool = False) -> tuple[TokenPolicy | None, StepPolicy]:
-    """The token and step policies of `config.selection`."""
+    """The token and step policies of `config.selection` (of the budget, with `macs`)."""
+    if config.budgeted:
+        return None, PlannedSteps(config)
     token_cls, step_cls = REGISTRY[config.selection]
     token = None if token_cls is None else token_cls(config, persistent)
     return token, step_cls(config)

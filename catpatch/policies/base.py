@@ -141,8 +141,9 @@ class StepPolicy:
     def __init__(self, config: CATConfig):
         self.config = config
 
-    def plan(self, planned_steps: int | None, step_cost_ratio: float) -> None:
-        """At a run's first step: fix which steps run the model."""
+    def plan(self, planned_steps: int | None, step_cost_ratio: float, **run) -> None:
+        """At a run's first step: fix which steps run the model (`run`: the pipeline's σ
+        schedule `sigmas` and guidance scale `guidance`, where known)."""
 
     def runs_model(self, step: int) -> bool:
         return True

@@ -38,7 +38,7 @@ class StepReuse(StepPolicy):
         self.compute_steps: set[int] = set()
         self.free()
 
-    def plan(self, planned_steps: int | None, step_cost_ratio: float) -> None:
+    def plan(self, planned_steps: int | None, step_cost_ratio: float, **run) -> None:
         """Run the model on as many post-warm-up steps as `step_cost_ratio` (pruned / full
         step MACs) of them would cost, evenly spaced."""
         after = self._after_warmup(planned_steps)
@@ -78,7 +78,7 @@ class StepReuse(StepPolicy):
 class PrunedStepReuse(StepReuse):
     """ "cat+reuse": pruned steps, with evenly spaced skipped steps down to a MACs target."""
 
-    def plan(self, planned_steps: int | None, step_cost_ratio: float) -> None:
+    def plan(self, planned_steps: int | None, step_cost_ratio: float, **run) -> None:
         """The most pruned steps that keep the run within `reuse_macs` of its unpatched MACs
         (at least one); the rest of the post-warm-up steps are skipped."""
         after = self._after_warmup(planned_steps)

@@ -1,6 +1,7 @@
-"""`python -m catpatch.scenes {train,sample,check}`: the toy's command line for the scenes model."""
+"""`python -m catpatch.scenes {train,sample,check}`: the scenes model's command line
+(`catpatch.trained.cli`)."""
 
-from ..toy.__main__ import run_module
+from ..trained.cli import run_module
 
 if __name__ == "__main__":
     run_module("scenes")

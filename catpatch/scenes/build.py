@@ -3,7 +3,7 @@
 96 px images, a VAE with scale factor 2 (48 x 48 latents) and patch size 2: 24 x 24 = 576
 image tokens. Captions are up to 20 words: 24 CLIP and 24 T5 tokens, so T = 48 text tokens
 against L = 576 (T/L 0.083; SD3-medium at 1024² has 333 / 4096 = 0.081). Text encoders are
-seeded random and frozen; the VAE and the transformer are trained by `catpatch.toy.train`.
+seeded random and frozen; the VAE and the transformer are trained by `catpatch.trained.train`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..models import tiny
-from ..toy import build as toy_build
+from ..trained import build
 from .data import CLIP_LENGTH, IMAGE_SIZE, MAX_SEQUENCE_LENGTH, WORDS
 
 T5_LENGTH = MAX_SEQUENCE_LENGTH
@@ -63,9 +63,9 @@ def vae_model(seed: int = 0):
 
 def transformer_model(seed: int = 0):
     """An untrained `SD3Transformer2DModel` of `TRANSFORMER_CONFIG`, output projection zeroed."""
-    return toy_build.transformer_model(seed, TRANSFORMER_CONFIG)
+    return build.transformer_model(seed, TRANSFORMER_CONFIG)
 
 
 def assemble(transformer, vae, text: dict[str, Any]):
     """A `StableDiffusion3Pipeline` from its trained parts and the text components."""
-    return toy_build.assemble(transformer, vae, text, SCHEDULER_SHIFT)
+    return build.assemble(transformer, vae, text, SCHEDULER_SHIFT)

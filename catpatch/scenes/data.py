@@ -17,6 +17,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from ..trained.data import draw_batch
+
 IMAGE_SIZE = 96  # 96 px -> 48 x 48 latents -> 24 x 24 = 576 image tokens
 MAX_SEQUENCE_LENGTH = 24  # T5 tokens per caption (the pipeline call's `max_sequence_length`)
 CLIP_LENGTH = 24  # the CLIP tokenizers' model_max_length: the longest caption is 20 tokens
@@ -199,6 +201,4 @@ def make_batch(
     n: int, rng: np.random.Generator, size: int = IMAGE_SIZE
 ) -> tuple[np.ndarray, np.ndarray]:
     """`n` random images (n, 3, size, size) in [0, 1] and their labels (n, 5) int64."""
-    from ..toy.data import draw_batch
-
     return draw_batch(n, rng, size, random_labels, render)

@@ -1,21 +1,24 @@
 """A small trained SD3 pipeline shipped with catpatch, to measure image quality offline.
 
-    from catpatch.toy import CALL_KWARGS, eval_prompts, generate, load_pipeline
+    from catpatch.toy import CALL_KWARGS, load_pipeline
     pipe = load_pipeline()
-    images = generate(pipe, eval_prompts(64), **CALL_KWARGS)  # (64, 64, 64, 3) in [0, 1]
+    image = pipe("a large red circle at the top left on a striped blue background",
+                 **CALL_KWARGS).images[0]
 
-The pipeline is a real `StableDiffusion3Pipeline` (SD3 transformer, 16-channel `AutoencoderKL`,
-two CLIP and one T5 encoder, flow-matching Euler scheduler) at toy size, trained by
-`python -m catpatch.toy train` on procedural images of one coloured shape on a textured
-background (`catpatch.toy.data`). `load_detector` returns the CNN that reads an image's labels
-back, and `check` scores generated images against their captions.
+`CALL_KWARGS` matter: the toy was trained on 16 T5 tokens per caption (`max_sequence_length`),
+and the pipeline's default of 256 gives other images. The pipeline is a real
+`StableDiffusion3Pipeline` (SD3 transformer, 16-channel `AutoencoderKL`, two CLIP and one T5
+encoder, flow-matching Euler scheduler) at toy size, trained by `python -m catpatch.toy train`
+on procedural images of one coloured shape on a textured background (`catpatch.toy.data`).
+`MODEL` (a `catpatch.trained.TrainedModel`, also `catpatch.trained.get("toy")`) has the
+evaluation set, the label detector and `check`; its methods are also module functions here.
 """
 
 from __future__ import annotations
 
+from ..trained import EvalPrompt, Recipe, TrainedModel
 from . import data
 from .data import IMAGE_SIZE, MAX_SEQUENCE_LENGTH, TEXT_TOKENS
-from .model import EvalPrompt, Recipe, TrainedModel
 
 MODEL = TrainedModel(
     name="toy",
@@ -28,9 +31,7 @@ MODEL = TrainedModel(
 HEIGHT = WIDTH = IMAGE_SIZE  # 64 px -> 32 x 32 latents -> 256 image tokens
 NUM_INFERENCE_STEPS = MODEL.num_inference_steps
 GUIDANCE_SCALE = MODEL.guidance_scale
-# Recommended pipeline call settings (all other arguments at their defaults). The toy was
-# trained on 16 T5 tokens per caption: the pipeline's default of 256 gives other images.
-CALL_KWARGS = MODEL.call_kwargs
+CALL_KWARGS = MODEL.call_kwargs  # the recommended pipeline call settings
 EVAL_SEED = MODEL.eval_seed
 
 weights_dir = MODEL.weights_dir

@@ -1,7 +1,7 @@
 """The toy model's architecture: a complete `StableDiffusion3Pipeline` at small size.
 
 The text encoders are seeded random and stay frozen; the VAE and transformer start here and are
-trained by `catpatch.toy.train`. The T5 sequence is 16 tokens (`T5_LENGTH`, the pipeline call's
+trained by `catpatch.trained.train`. The T5 sequence is 16 tokens (`T5_LENGTH`, the pipeline call's
 `max_sequence_length`, see `catpatch.toy.CALL_KWARGS`), so the toy has 32 text tokens against
 256 image tokens: SD3-medium's ratio at 1024² (333 against 4096), where pruning pays.
 """
@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from ..models import tiny
+from ..trained import build
 from .data import CLIP_LENGTH, IMAGE_SIZE, MAX_SEQUENCE_LENGTH, WORDS
 
 T5_LENGTH = MAX_SEQUENCE_LENGTH  # the longest caption is 15 T5 tokens with its end token
@@ -68,27 +69,11 @@ def vae_model(seed: int = 0):
     ).train()  # fmt: skip
 
 
-def transformer_model(seed: int = 0, config: dict[str, Any] | None = None):
-    """An untrained `SD3Transformer2DModel` of `config` (`TRANSFORMER_CONFIG` unless given),
-    output projection zeroed."""
-    from diffusers import SD3Transformer2DModel
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed + 5)
-        model = SD3Transformer2DModel(**(config or TRANSFORMER_CONFIG))
-    with torch.no_grad():
-        model.proj_out.weight.zero_()
-        model.proj_out.bias.zero_()
-    return model
+def transformer_model(seed: int = 0):
+    """An untrained `SD3Transformer2DModel` of `TRANSFORMER_CONFIG`, output projection zeroed."""
+    return build.transformer_model(seed, TRANSFORMER_CONFIG)
 
 
-def assemble(transformer, vae, text: dict[str, Any], shift: float = SCHEDULER_SHIFT):
+def assemble(transformer, vae, text: dict[str, Any]):
     """A `StableDiffusion3Pipeline` from its trained parts and the text components."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
-
-    return StableDiffusion3Pipeline(
-        transformer=transformer,
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=shift),
-        vae=vae,
-        **text,
-    )
+    return build.assemble(transformer, vae, text, SCHEDULER_SHIFT)

@@ -12,6 +12,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from ..trained.data import draw_batch
+
 IMAGE_SIZE = 64
 # T5 tokens per caption (the pipeline call's `max_sequence_length`): every caption fits.
 MAX_SEQUENCE_LENGTH = 16
@@ -158,11 +160,3 @@ def make_batch(
 ) -> tuple[np.ndarray, np.ndarray]:
     """`n` random images (n, 3, size, size) in [0, 1] and their labels (n, 6) int64."""
     return draw_batch(n, rng, size, random_labels, render)
-
-
-def draw_batch(n: int, rng: np.random.Generator, size: int, random_labels, render):
-    """`n` images (n, 3, size, size) and labels (n, attributes) int64 of a data module's
-    `random_labels(rng)` and `render(labels, rng, size)`, drawn from `rng` in that order."""
-    labels = [random_labels(rng) for _ in range(n)]
-    images = np.stack([render(lab, rng, size) for lab in labels]).transpose(0, 3, 1, 2)
-    return np.ascontiguousarray(images), np.array(labels, dtype=np.int64)

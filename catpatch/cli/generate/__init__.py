@@ -1,7 +1,8 @@
-"""`catpatch generate`: images of a prompt list with or without CAT; resumable, data-parallel.
+"""`catpatch generate`: images of a prompt list, patched or not; resumable, data-parallel.
 
     catpatch generate --model stabilityai/stable-diffusion-3-medium-diffusers \\
-        --prompts-file prompts.txt --out out/cat                 # CAT (keep ratio 0.3, t0 8)
+        --prompts-file prompts.txt --out out/fast                # step reuse (α 0.3, t0 8)
+    catpatch generate ... --selection cat --out out/cat          # CAT's token pruning
     catpatch generate ... --no-cat --out out/base                # same seeds and file names
     accelerate launch --num_processes 8 -m catpatch generate ...  # one share per GPU
 

@@ -13,23 +13,25 @@ from collections.abc import Sequence
 
 from ...dtypes import DTYPE_NAMES
 from ...toy import GUIDANCE_SCALE as TOY_GUIDANCE
-from ...toy.model import builtin_models
+from ...trained import builtin_models
 from ..common import (
     MODEL_HELP,
     PROGRESS_HELP,
+    CommandError,
     HelpFormatter,
     Parser,
     add_cat_options,
     fail,
     plural,
     positive_int,
+    resolve_cat_options,
     show_progress,
     warn_if_nothing_pruned,
 )
 from .manifest import MANIFEST
 from .parallel import _close_process_group, check, run
 from .prompts import SEED_STRIDE, read_prompts
-from .settings import DEFAULT_GUIDANCE, GenerateError, GenerateSettings
+from .settings import DEFAULT_GUIDANCE, GenerateSettings
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -62,7 +64,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--out", required=True, help="required: output folder (re-run into it to resume)"
     )
-    p.add_argument("--no-cat", dest="cat", action="store_false", help="the unpatched baseline")
+    p.add_argument(
+        "--no-cat", dest="cat", action="store_false", help="the unpatched baseline (no policy)"
+    )
     add_cat_options(p)
     p.add_argument("--steps", type=positive_int, default=28, help="denoising steps")
     p.add_argument(
@@ -94,12 +98,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "generate",
         formatter_class=HelpFormatter,
-        help="generate images of a prompt list with or without CAT (resumable, data-parallel)",
-        description="Generate one PNG per prompt and image with an SD3-family pipeline, with "
-        "CAT (default) or --no-cat, plus manifest.jsonl. Re-running into the same --out makes "
+        help="generate images of a prompt list, patched or not (resumable, data-parallel)",
+        description="Generate one PNG per prompt and image with an SD3-family, FLUX.1 or "
+        "PixArt-Σ pipeline, patched with the policy --selection names (step reuse by default) "
+        "or unpatched (--no-cat), plus manifest.jsonl. Re-running into the same --out makes "
         "only missing images; under `accelerate launch`/`torchrun` each process takes a share.",
         epilog=f"Image j of prompt i is {{i:05d}}_{{j:03d}}.png from seed + {SEED_STRIDE}*i + j, "
-        "so a CAT run and a --no-cat run pair up by file name for `catpatch eval`.",
+        "so a patched run and a --no-cat run pair up by file name for `catpatch eval`.",
     )
     add_arguments(p)
     p.set_defaults(func=command)
@@ -113,6 +118,7 @@ def command(args: argparse.Namespace) -> int:
         builtin = builtin_models().get(args.model)
         guidance = builtin.guidance_scale if builtin is not None else DEFAULT_GUIDANCE
     try:
+        resolve_cat_options(args)
         prompts = args.prompt or read_prompts(args.prompts_file)
         prompts = prompts[: args.limit] if args.limit is not None else prompts
         settings = GenerateSettings(
@@ -129,7 +135,7 @@ def command(args: argparse.Namespace) -> int:
         if args.cat:
             warn_if_nothing_pruned("generate", args.steps, args.warmup_steps)
         result = run(settings)
-    except GenerateError as err:
+    except CommandError as err:  # GenerateError and the shared option checks
         return fail("generate", err)
     except KeyboardInterrupt:
         print("catpatch generate: interrupted; re-run the same command to resume", file=sys.stderr)

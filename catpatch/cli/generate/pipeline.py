@@ -17,6 +17,7 @@ from ..common import (
     CommandError,
     cat_config,
     check_image_size,
+    cluster_selections,
     is_builtin,
     looks_like_path,
     resolve_model,
@@ -139,9 +140,10 @@ def _cat_config(settings: GenerateSettings):
 
 def _prepare(pipe, settings: GenerateSettings, height: int, width: int):
     """LoRA, then CAT or torch.compile; returns (pipeline, extra call kwargs)."""
-    check_size(pipe, height, width, settings.num_clusters if settings.cat else None)
+    clusters = settings.cat and settings.selection in cluster_selections()
+    check_size(pipe, height, width, settings.num_clusters if clusters else None)
     extra: dict[str, Any] = {}
-    from ...toy.model import builtin_models
+    from ...trained import builtin_models
 
     builtin = builtin_models().get(settings.model)
     if builtin is not None:  # the T5 length the shipped model learned

@@ -14,7 +14,7 @@ from torch import Tensor
 from ...patching import apply_cat, remove_cat
 from ...peers.magcache import MagCache, apply_magcache, calibrate_magcache, remove_magcache
 from ...peers.taylorseer import TaylorSeer, apply_taylorseer, remove_taylorseer
-from ...toy.model import TrainedModel, trained_model
+from ...trained import TrainedModel, trained_model
 from ..common import CommandError
 from .methods import MAGCACHE_CALIBRATION_IMAGES, MODEL, Setting, configurations
 from .rows import Row, append_row, load_done
@@ -60,7 +60,7 @@ def check_model(model: str) -> tuple[TrainedModel, Path | None]:
     """The trained model and folder of `--model`; CommandError unless it is a built-in name
     (`toy`, `scenes`) or a folder written by `python -m catpatch.toy train` / `python -m
     catpatch.scenes train` (a pipeline and its detector)."""
-    from ...toy.detector import DETECTOR_FILE
+    from ...trained.detector import DETECTOR_FILE
 
     trained, folder = trained_model(model)
     if folder is None:
@@ -93,7 +93,7 @@ def run_study(
     from tqdm.auto import tqdm
 
     from ... import cat_stats
-    from ...toy.detector import DETECTOR_FILE
+    from ...trained.detector import DETECTOR_FILE
 
     trained, folder = check_model(model)
     pipe = trained.load_pipeline(path=folder)

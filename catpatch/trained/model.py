@@ -1,6 +1,7 @@
 """`TrainedModel`: one SD3 pipeline trained for catpatch and shipped inside it, with its
 evaluation set and label detector. The toy (`catpatch.toy`) and the scenes model
-(`catpatch.scenes`) are two instances; `BUILTIN` maps their `--model` names to them.
+(`catpatch.scenes`) are two instances; `builtin_models` maps their `--model` names to them and
+`trained_model` reads any `--model` value (a name or a training folder).
 """
 
 from __future__ import annotations
@@ -177,11 +178,24 @@ class TrainedModel:
 MODEL_FILE = "trained_model.json"  # written by `train` beside the pipeline: which recipe
 
 
+# `--model` name -> the package that holds the model's `MODEL`, data and weights. Imported when
+# asked for: each package builds its `MODEL` from this one, so this one cannot import them first.
+BUILTIN = {"toy": "catpatch.toy", "scenes": "catpatch.scenes"}
+
+
 def builtin_models() -> dict[str, TrainedModel]:
     """The shipped trained models by their `--model` name."""
-    from .. import scenes, toy
+    return {name: importlib.import_module(package).MODEL for name, package in BUILTIN.items()}
 
-    return {"toy": toy.MODEL, "scenes": scenes.MODEL}
+
+def get(name: str) -> TrainedModel:
+    """The shipped trained model called `name` ('toy' or 'scenes'); ValueError naming the
+    choices for any other name."""
+    if name not in BUILTIN:
+        raise ValueError(
+            f"no shipped trained model {name!r}; use one of {', '.join(map(repr, BUILTIN))}"
+        )
+    return importlib.import_module(BUILTIN[name]).MODEL
 
 
 def trained_model(model: str | Path) -> tuple[TrainedModel, Path | None]:

@@ -2,8 +2,8 @@
 
 Trained on procedural images with known labels (blurred and noised at random, so it also reads
 decoded images); `accuracy` compares its predictions with the labels a caption asked for. The
-data module (`catpatch.toy.data` unless given) says which attributes there are
-(`ATTRIBUTES`), which pairs count together (`JOINT`) and how to draw images (`make_batch`).
+model's data module (`catpatch.toy.data`, `catpatch.scenes.data`) says which attributes there
+are (`ATTRIBUTES`), which pairs count together (`JOINT`) and how to draw images (`make_batch`).
 """
 
 from __future__ import annotations
@@ -17,19 +17,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import data
-
 DETECTOR_FILE = "detector.safetensors"
 INPUT_SIZE = 64  # images are resized to this many pixels square before the first conv
 
 
 class Detector(nn.Module):
     """Four conv layers and one linear head per attribute of `attributes` (the class names of
-    each label, `data.ATTRIBUTES` of the toy unless given)."""
+    each label: a data module's `ATTRIBUTES`)."""
 
-    def __init__(self, attributes: dict[str, tuple[str, ...]] | None = None) -> None:
+    def __init__(self, attributes: dict[str, tuple[str, ...]]) -> None:
         super().__init__()
-        self.attributes = dict(attributes or data.ATTRIBUTES)
+        self.attributes = dict(attributes)
         chans = (3, 32, 32, 64, 64)
         layers: list[nn.Module] = []
         for i, (cin, cout) in enumerate(zip(chans, chans[1:], strict=False)):
@@ -56,9 +54,7 @@ class Detector(nn.Module):
         return torch.stack([o.argmax(1) for o in out], dim=1).numpy()
 
 
-def accuracy(
-    predicted: np.ndarray, labels: np.ndarray, dataset: ModuleType = data
-) -> dict[str, float]:
+def accuracy(predicted: np.ndarray, labels: np.ndarray, dataset: ModuleType) -> dict[str, float]:
     """Per-attribute accuracy, each pair of `dataset.JOINT` (both right; the toy's
     `colour+position`) and `all` (every label right)."""
     right = np.asarray(predicted) == np.asarray(labels)
@@ -89,7 +85,8 @@ def train_detector(
     seed: int = 0,
     log: Callable[[str], None] | None = None,
     batch: int = 64,
-    dataset: ModuleType = data,
+    *,
+    dataset: ModuleType,
 ) -> Detector:
     """Train a `Detector` on fresh random procedural images of `dataset` (seeded)."""
     with torch.random.fork_rng(devices=[]):
@@ -114,7 +111,7 @@ def train_detector(
     return model.eval().requires_grad_(False)
 
 
-def load_detector(path: str | Path, dataset: ModuleType = data) -> Detector:
+def load_detector(path: str | Path, dataset: ModuleType) -> Detector:
     """A `Detector` of `dataset`'s labels with the weights of a `detector.safetensors` file
     (float32, CPU)."""
     from safetensors.torch import load_file

@@ -1,5 +1,5 @@
 """Train a shipped SD3 pipeline from scratch on its procedural data (`python -m catpatch.toy train`,
-`python -m catpatch.scenes train`).
+`python -m catpatch.scenes train`); the toy's recipe where none is given.
 
 A `Recipe` names the model's data module (images, labels, captions) and build module
 (architecture). Stages, all seeded: (1) the VAE on random images; (2) a fixed data set encoded
@@ -27,13 +27,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import MODEL as TOY_MODEL
-from . import build as toy_build
-from . import data as toy_data
 from .detector import DETECTOR_FILE, train_detector
-from .model import MODEL_FILE, Recipe
+from .model import MODEL_FILE, Recipe, builtin_models
 
-TOY = TOY_MODEL.recipe
+# The toy's T5 length and scheduler shift (`catpatch.toy.build`), the defaults of the helpers
+# below; each model's training passes its own.
+T5_LENGTH = 16
+SCHEDULER_SHIFT = 3.0
+
+
+def _recipe(recipe: Recipe | None) -> Recipe:
+    """`recipe`, or the toy's when None."""
+    return recipe if recipe is not None else builtin_models()["toy"].recipe
 
 
 @dataclass
@@ -69,8 +74,9 @@ def _images(data: ModuleType, rng: np.random.Generator, n: int) -> Tensor:
 
 
 # ---- VAE -------------------------------------------------------------------------------------
-def train_vae(cfg: TrainConfig, log: Callable[[str], None], recipe: Recipe = TOY):
+def train_vae(cfg: TrainConfig, log: Callable[[str], None], recipe: Recipe | None = None):
     """Train the `AutoencoderKL` (L1 + MSE reconstruction, small KL) on fresh random images."""
+    recipe = _recipe(recipe)
     vae = recipe.build.vae_model(cfg.seed)
     opt = torch.optim.Adam(vae.parameters(), lr=cfg.vae_lr)
     sched = torch.optim.lr_scheduler.OneCycleLR(
@@ -96,8 +102,11 @@ def train_vae(cfg: TrainConfig, log: Callable[[str], None], recipe: Recipe = TOY
 
 
 @torch.no_grad()
-def encode_dataset(vae, cfg: TrainConfig, recipe: Recipe = TOY) -> tuple[Tensor, np.ndarray]:
+def encode_dataset(
+    vae, cfg: TrainConfig, recipe: Recipe | None = None
+) -> tuple[Tensor, np.ndarray]:
     """Latent means (N, C, h, w) and labels (N, attributes) of a fixed random data set."""
+    recipe = _recipe(recipe)
     rng = np.random.default_rng(cfg.seed + 200)
     latents, labels = [], []
     for start in range(0, cfg.dataset_size, 250):
@@ -108,7 +117,7 @@ def encode_dataset(vae, cfg: TrainConfig, recipe: Recipe = TOY) -> tuple[Tensor,
 
 
 # ---- text ------------------------------------------------------------------------------------
-def label_key(labels: np.ndarray, data: ModuleType = toy_data) -> np.ndarray:
+def label_key(labels: np.ndarray, data: ModuleType) -> np.ndarray:
     """A unique integer per label combination (mixed radix over `ATTRIBUTES`)."""
     key = np.zeros(len(labels), dtype=np.int64)
     for i, names in enumerate(data.ATTRIBUTES.values()):
@@ -118,7 +127,7 @@ def label_key(labels: np.ndarray, data: ModuleType = toy_data) -> np.ndarray:
 
 @torch.no_grad()
 def encode_captions(
-    pipe, captions: list[str], chunk: int = 512, t5_length: int = toy_build.T5_LENGTH
+    pipe, captions: list[str], chunk: int = 512, t5_length: int = T5_LENGTH
 ) -> tuple[Tensor, Tensor]:
     """Prompt embeddings (N, CLIP_LENGTH + T5_LENGTH, D) and pooled embeddings (N, P)."""
     embeds, pooled = [], []
@@ -134,7 +143,7 @@ def encode_captions(
 
 
 # ---- transformer -----------------------------------------------------------------------------
-def sample_sigmas(n: int, gen: torch.Generator, shift: float = toy_build.SCHEDULER_SHIFT) -> Tensor:
+def sample_sigmas(n: int, gen: torch.Generator, shift: float = SCHEDULER_SHIFT) -> Tensor:
     """Noise levels: logit-normal, then the scheduler's shift (as SD3's training scripts)."""
     u = torch.sigmoid(torch.randn(n, generator=gen))
     s = shift
@@ -148,11 +157,12 @@ def train_transformer(
     empty: tuple[Tensor, Tensor],
     cfg: TrainConfig,
     log: Callable[[str], None],
-    recipe: Recipe = TOY,
+    recipe: Recipe | None = None,
     checkpoint: Path | None = None,
 ):
     """Rectified-flow training of the transformer; returns the EMA model. With `checkpoint`,
     the run state is saved there every `cfg.checkpoint_every` steps and resumed from it."""
+    recipe = _recipe(recipe)
     embeds, pooled = text
     model = recipe.build.transformer_model(cfg.seed)
     ema = copy.deepcopy(model).requires_grad_(False)
@@ -243,13 +253,14 @@ def _stage_vae(cfg: TrainConfig, log: Callable[[str], None], recipe: Recipe, wor
     return vae, latents, labels
 
 
-def train(out: str | Path, cfg: TrainConfig | None = None, recipe: Recipe = TOY):
+def train(out: str | Path, cfg: TrainConfig | None = None, recipe: Recipe | None = None):
     """Train everything and save the pipeline (float16 safetensors) and detector to `out`;
     resumes from `out/.train` when an earlier run with the same config stopped part way."""
     import json
 
     from safetensors.torch import save_file
 
+    recipe = _recipe(recipe)
     cfg = cfg or TrainConfig()
     start = time.perf_counter()
     out = Path(out)
