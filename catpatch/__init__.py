@@ -1,8 +1,9 @@
-"""catpatch: CAT pruning (cluster-aware token pruning with feature caching) for SD3-family,
-FLUX.1 and PixArt-Σ pipelines.
+"""catpatch: compute less at the late denoising steps of SD3-family, FLUX.1 and PixArt-Σ
+pipelines: a planned MACs budget (step reuse with fitted forecasts), step reuse, or CAT pruning
+(cluster-aware token pruning with feature caching).
 
 from catpatch import CATConfig, apply_cat, remove_cat, cat_stats
-apply_cat(pipe, CATConfig(keep_ratio=0.3, warmup_steps=8))
+apply_cat(pipe, CATConfig(macs=0.4))  # at most 40% of the transformer's MACs
 image = pipe(prompt, num_inference_steps=28).images[0]
 print(cat_stats(pipe).summary())
 remove_cat(pipe)
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .calibration import Calibration, calibrate
 from .config import CATConfig
 from .patching import apply_cat, cat_generation, is_patched, remove_cat
 from .stats import CATStats
@@ -19,6 +21,8 @@ from .stats import CATStats
 __version__ = "0.3.0"
 __all__ = [
     "CATConfig",
+    "Calibration",
+    "calibrate",
     "CATStats",
     "apply_cat",
     "remove_cat",

@@ -76,6 +76,8 @@ class ModelAdapter:
     # Whether a step's later calls (true CFG as calls) run as lean followers: no dense stream,
     # the selection's observe eager. Families that batch CFG keep the dense path for every call.
     lean_followers = False
+    # Whether the family's block computes anchor steps (image tokens only, text K/V cached).
+    anchor_steps = False
 
     @staticmethod
     def num_blocks(transformer) -> int:
@@ -159,13 +161,16 @@ class ModelAdapter:
         if schedule.mode not in (Mode.PRUNED, Mode.RECORD):
             return None
         pruned = schedule.mode is Mode.PRUNED
-        return dict(
+        kwargs = dict(
             step=state.step_index if pruned else None,
             residual=caches.residual if pruned else None,
             rows=schedule.driver_slice,
             keep_all=caches.keep,
             output_caches=self._dense(),
         )
+        if pruned and state.config.budgeted:  # an anchor step: the text stream is cached
+            kwargs["text_cached"] = True
+        return kwargs
 
     def _dense(self) -> bool:
         """Whether this call keeps the dense residual stream and the output caches."""
@@ -174,16 +179,20 @@ class ModelAdapter:
 
     # -- cost
     def step_macs(
-        self, tokens: int, text: int, computed: int | None = None, lean: bool = False
+        self, tokens: int, text: int, computed: int | None = None, lean: bool = False, **kw
     ) -> int:
-        """MACs of one call for one batch row (see `cost_model`)."""
-        return self.cost_model().step_macs(tokens, text, computed, lean)
+        """MACs of one call for one batch row (see `cost_model`; `text_cached=True`: an
+        anchor step, SD3 only)."""
+        return self.cost_model().step_macs(tokens, text, computed, lean, **kw)
 
     def _step_cost_ratio(self) -> float:
-        geo = self.state.schedule.geometry
+        from .stats import anchored
+
+        geo, config = self.state.schedule.geometry, self.state.config
         full = self.step_macs(geo.tokens, geo.text_tokens)
-        budget, lean = self.state.log.budget, self.state.config.lean
-        return self.step_macs(geo.tokens, geo.text_tokens, budget, lean) / full
+        budget, lean = self.state.log.budget, config.lean
+        cut = self.step_macs(geo.tokens, geo.text_tokens, budget, lean, **anchored(config))
+        return cut / full
 
     # -- transformer call
     def _geometry(self, args: tuple, kwargs: dict) -> Geometry:
@@ -248,7 +257,8 @@ class ModelAdapter:
     def _post_call(self, module, args, kwargs, output):
         state, schedule = self.state, self.state.schedule
         mode, schedule.mode = schedule.mode, Mode.PASS
-        if mode not in (Mode.PASS, Mode.REUSE) and state.steps.skips:
+        observed = mode is not Mode.PRUNED or state.steps.observes_pruned
+        if mode not in (Mode.PASS, Mode.REUSE) and state.steps.skips and observed:
             sample = output[0] if isinstance(output, tuple) else output.sample
             state.steps.observe(sample, schedule.step, schedule.call)
         self._end_call()

@@ -104,21 +104,25 @@ class Calibration:
         )
 
 
-def interpolation(grid: np.ndarray, at: np.ndarray) -> np.ndarray:
-    """(len(at), len(grid)) weights of linear interpolation in σ on a decreasing `grid`
-    (values outside it take the nearest end)."""
+def interpolation(grid: np.ndarray, at: np.ndarray, points: int = 4) -> np.ndarray:
+    """(len(at), len(grid)) weights of interpolation in σ on a decreasing `grid`: the
+    polynomial through the `points` nearest grid values (cubic by default: the forecasts the
+    planner fits span a few steps, where linear interpolation's own error would be of their
+    size); values outside the grid take the nearest end."""
     order = np.argsort(grid)
     ascending = grid[order]
+    size = min(points, len(grid))
     weights = np.zeros((len(at), len(grid)))
     for i, s in enumerate(np.clip(at, ascending[0], ascending[-1])):
         k = int(np.searchsorted(ascending, s))
-        if k == 0 or ascending[k] == s:
-            weights[i, order[min(k, len(grid) - 1)]] = 1.0
+        if k < len(grid) and ascending[k] == s:
+            weights[i, order[k]] = 1.0
             continue
-        lo, hi = ascending[k - 1], ascending[k]
-        frac = (s - lo) / (hi - lo)
-        weights[i, order[k - 1]] += 1 - frac
-        weights[i, order[k]] += frac
+        start = min(max(k - size // 2, 0), len(grid) - size)
+        nodes = ascending[start : start + size]
+        for j, node in enumerate(nodes):
+            others = np.delete(nodes, j)
+            weights[i, order[start + j]] = np.prod((s - others) / (node - others))
     return weights
 
 

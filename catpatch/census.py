@@ -33,6 +33,7 @@ FREE_OPS = {
     "empty", "empty_like", "empty_strided", "new_empty", "scalar_tensor", "lift_fresh",
     "_unsafe_view", "detach", "alias",
 }  # fmt: skip
+BUDGETED_STEPS = 10  # steps of a budgeted census run (its plan has anchor steps early)
 INDEXED_WRITES = {"scatter_", "scatter_add_", "scatter_reduce_", "index_copy_", "index_put_"}
 
 
@@ -156,6 +157,27 @@ def census(
 
     config = config or CATConfig(selection="cat")
     model = build_transformer(shape, device="meta", dtype=dtype)
+    recorder = _Recorder()
+    budgeted = config.budgeted
+    if budgeted:  # its computed steps record: the full step is the unpatched model's
+        from .families import family_of
+
+        family = family_of(model).adapter_class()
+        cfg_rows = cfg and family.batched_cfg
+        full_inputs = family.example_inputs(
+            model.config, 2 * batch if cfg_rows else batch, height, width,
+            text_tokens or family.text_tokens, device="meta", dtype=dtype,
+        )  # fmt: skip
+        original = F.scaled_dot_product_attention
+        F.scaled_dot_product_attention = _flash_sdpa
+        try:
+            counter = FlopCounterMode(display=False)
+            recorder.phases = ["full"]
+            with torch.no_grad(), counter, recorder:
+                model(**full_inputs)
+        finally:
+            F.scaled_dot_product_attention = original
+        recorder.counts["full"].flops = counter.get_total_flops()
     apply_cat(model, config)
     patch = get_patch(model)
     state = patch.state
@@ -166,7 +188,6 @@ def census(
     inputs = adapter.example_inputs(
         model.config, rows, height, width, text_tokens, device="meta", dtype=dtype
     )
-    recorder = _Recorder()
     next_selection = state.tokens.next
 
     def tagged_selection(*args, **kwargs):
@@ -177,7 +198,8 @@ def census(
             recorder.phases.pop()
 
     state.tokens.next = tagged_selection
-    steps = config.warmup_steps + 1
+    # a budgeted run plans its own steps: run until a recording and a pruned (anchor) step ran
+    steps = config.warmup_steps + 1 if not budgeted else BUDGETED_STEPS
     flops: dict[str, int] = {}
     original_sdpa = F.scaled_dot_product_attention
     F.scaled_dot_product_attention = _flash_sdpa
@@ -190,14 +212,20 @@ def census(
                     model(**inputs)
                 mode = state.log.steps[-1].mode
                 phase = {Mode.PRUNED: "pruned", Mode.RECORD: "record"}.get(mode, "full")
-                recorder.counts[phase] = recorder.counts.pop("step")
-                flops[phase] = counter.get_total_flops()
+                step_count = recorder.counts.pop("step")
+                if phase not in flops:  # the first step of each phase
+                    recorder.counts[phase] = step_count
+                    flops[phase] = counter.get_total_flops()
+                if {"record", "pruned"} <= set(flops):
+                    break
             cache_bytes = state.cache_bytes()
     finally:
         F.scaled_dot_product_attention = original_sdpa
         with contextlib.suppress(AttributeError):
             del state.tokens.next
     counts = recorder.counts
+    if budgeted:
+        flops["full"] = counts["full"].flops
     for phase, total in flops.items():
         counts[phase].flops = total
     return Census(

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 CFG_SELECTION_MODES = ("shared", "per_row")
+ANCHOR_CHOICES = ("score", "random")
 COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune")
 
 
@@ -98,14 +99,27 @@ class CATConfig:
             the computed ones, measured on the model's calibration. The bound speed-up is
             1/B. Replaces `keep_ratio`, `warmup_steps` and `selection` (giving them too is an
             error). At least two steps must fit (B >= 2/N for N steps).
-        forecast (str, default "fit"): with `macs`: how a skipped step is forecast from the
-            last three computed outputs: "fit" (weights fitted on the calibration, shrunk
-            toward reuse: never worse than reuse there), "reuse" (the last output again),
-            "taylor1" / "taylor2" (polynomial extrapolation in σ of order 1 / 2).
+        forecast (str, default "auto"): with `macs`: how a skipped step is forecast from the
+            last computed outputs: "auto" (per step, the order 0, 1 or 2 polynomial in σ
+            whose error on the calibration is smallest there: extrapolates over short gaps,
+            damps to reuse over long ones, never worse than reuse on the calibration),
+            "fit" (weights fitted on the calibration; closer on it, but it generalised
+            less well in the frontier study), "reuse" (the last output again), "taylor1" /
+            "taylor2" (always order 1 / 2).
         calibration (path, `Calibration` or None, default None): with `macs`: the model's
             calibration (`catpatch.calibrate`). None: the pipeline folder's
             `catpatch_calibration.safetensors` when it has one, else the built-in one of the
             shipped scenes model, with a warning.
+        anchors (int, default 0): with `macs`: anchor tokens per CAT cluster (`num_clusters`
+            clusters) computed on every forecast step through the pruned-step machinery
+            (text K/V read from the last computed step's cache; SD3 family); each cluster's
+            tokens move by its anchors' forecast error (`catpatch.correction`). Their MACs
+            count in the budget (fewer computed steps). 0: plain forecasts.
+        anchor_choice (str, default "score"): which tokens of a cluster are its anchors:
+            "score" (how far the forecast moved since the last computed step, discounted by
+            how recently the token was an anchor: CAT's drift × staleness) or "random".
+        anchor_gain (float, default 1.0): scales each cluster's correction (0 turns it off
+            while still computing the anchors).
     """
 
     keep_ratio: float = 0.3
@@ -127,8 +141,11 @@ class CATConfig:
     reuse_order: int = 1
     token_order: int = 0
     macs: float | None = None
-    forecast: str = "fit"
+    forecast: str = "auto"
     calibration: str | Path | Any | None = None
+    anchors: int = 0
+    anchor_choice: str = "score"
+    anchor_gain: float = 1.0
 
     def __post_init__(self) -> None:
         def fail(field: str, why: str) -> None:
@@ -208,7 +225,16 @@ class CATConfig:
             self.calibration, (str, Path, Calibration)
         ):
             fail("calibration", "must be a path, a catpatch.Calibration or None")
+        if not isinstance(self.anchors, int) or isinstance(self.anchors, bool) or self.anchors < 0:
+            fail("anchors", "must be an int >= 0 (anchor tokens per cluster)")
+        if self.anchor_choice not in ANCHOR_CHOICES:
+            fail("anchor_choice", f"must be one of {ANCHOR_CHOICES}")
+        gain = self.anchor_gain
+        if isinstance(gain, bool) or not isinstance(gain, (int, float)) or not 0 <= gain <= 2:
+            fail("anchor_gain", "must be a number in [0, 2]")
         if self.macs is None:
+            if self.anchors:
+                fail("anchors", "anchors correct a budgeted run's forecasts: give macs= too")
             return
         if isinstance(self.macs, bool) or not isinstance(self.macs, (int, float)):
             fail("macs", "must be a number in (0, 1], e.g. 0.4 for at most 40% of the MACs")
@@ -219,6 +245,8 @@ class CATConfig:
             for name in ("keep_ratio", "warmup_steps", "selection", "reuse_order")
             if getattr(self, name) != _DEFAULTS[name]
         ]
+        if self.anchors and not self.lean:
+            fail("lean", "anchors need lean=True (no dense residual stream on anchor steps)")
         if manual:
             fail(
                 "macs",
@@ -255,7 +283,10 @@ class CATConfig:
         return dataclasses.replace(self, **changes)
 
     def budget(self, num_tokens: int) -> int:
-        """S, the tokens recomputed per pruned step for L = `num_tokens` (at least 1)."""
+        """S, the tokens recomputed per pruned step for L = `num_tokens` (at least 1); with
+        anchors, `anchors` per cluster."""
+        if self.budgeted and self.anchors:
+            return max(1, min(num_tokens, self.anchors * self.num_clusters))
         return max(1, min(num_tokens, int(math.floor(self.keep_ratio * num_tokens + 1e-9))))
 
     def __repr__(self) -> str:

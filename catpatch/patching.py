@@ -142,6 +142,11 @@ def apply_cat(target: T, config: CATConfig | None = None) -> T:
         raise TypeError(f"config must be a CATConfig, got {type(config).__name__}")
     transformer, pipe = _resolve(target)
     check_transformer(transformer)
+    if config.anchors and not family_of(transformer).adapter_class().anchor_steps:
+        raise NotImplementedError(
+            f"CATConfig.anchors={config.anchors}: anchor steps are implemented for SD3-family "
+            f"transformers only, not {type(transformer).__name__}; use anchors=0"
+        )
     calibration = None
     if config.budgeted:  # read before anything changes: a bad file leaves the target as it was
         from . import calibration as calibrations

@@ -10,8 +10,9 @@ Gram matrix G[a, b] = Σ <v_a, v_b> of the model's outputs over a few calibratio
 (`calibration.Calibration`, measured once per model on a fine σ grid and interpolated to the
 run's σ). The planner searches the computed steps (any placement, not evenly spaced) and, for
 every other step, fits the forecast weights (constrained to sum to 1, shrunk toward reuse)
-that minimise that quadratic form: the forecast is never worse than plain reuse on the
-calibration captions, and it damps itself over long gaps where extrapolation would diverge.
+that minimise that quadratic form, and keeps the plan with plain reuse instead where that
+scores better: never worse than reuse on the calibration captions; the fitted weights damp
+themselves over long gaps where extrapolation would diverge.
 
 Pure Python and NumPy on the host, once per (budget, σ schedule, guidance) before a run's
 first step; the step loop only reads the plan's fixed weights (no host syncs).
@@ -27,7 +28,11 @@ import numpy as np
 HISTORY = 3  # computed outputs a forecast may combine
 # Forecast families: "fit" (weights fitted on the calibration), or a fixed Taylor order in σ
 # over the last computed outputs ("reuse" = order 0).
-FORECASTS = ("fit", "reuse", "taylor1", "taylor2")
+FORECASTS = ("auto", "fit", "reuse", "taylor1", "taylor2")
+# "auto": each skipped step takes the order (0, 1 or 2, a polynomial in σ through the last
+# computed outputs) whose error on the calibration is the smallest at that step: a rule for
+# gaps measured per model, never worse than reuse there, with no weights fitted to it.
+AUTO_ORDERS = ("reuse", "taylor1", "taylor2")
 RIDGE = 1e-3  # shrinkage of fitted weights toward reuse, relative to the history's scale
 # A skipped step's error counts 1 + EARLY·σ times in the search: the linear model above leaves
 # out that an early error moves the layout, which later steps build on. Measured on the toy
@@ -49,27 +54,35 @@ class Plan:
     forecast: str = "fit"
     predicted_error: float = 0.0  # relative error of the final latent on the calibration
     budget: float = 1.0
+    step_cost: float = 0.0  # MACs of a forecast step over a full one (anchors; else 0)
 
     @property
     def macs(self) -> float:
-        """The plan's MACs over the unpatched run's (skipped steps cost nothing)."""
-        return len(self.computed) / self.steps
+        """The plan's MACs over the unpatched run's."""
+        computed = len(self.computed)
+        return (computed + (self.steps - computed) * self.step_cost) / self.steps
 
     def describe(self) -> str:
         """The computed steps, counted from 1, as ranges ("1-4, 7, 12, 20")."""
         return _ranges([s + 1 for s in self.computed])
 
 
-def computed_count(budget: float, steps: int) -> int:
-    """Computed steps that fit in `budget` of `steps` (MACs at most the budget)."""
-    return min(steps, int(math.floor(budget * steps + 1e-9)))
+def computed_count(budget: float, steps: int, step_cost: float = 0.0) -> int:
+    """Computed steps that fit in `budget` of `steps` (MACs at most the budget) when every
+    other step costs `step_cost` of a full one."""
+    if step_cost >= 1:
+        return steps
+    fit = (budget * steps - steps * step_cost) / (1 - step_cost)
+    return max(0, min(steps, int(math.floor(fit + 1e-9))))
 
 
-def check_budget(budget: float, steps: int) -> None:
+def check_budget(budget: float, steps: int, step_cost: float = 0.0) -> None:
     """Raise `ValueError` naming the fix when `budget` leaves too few computed steps."""
-    count = computed_count(budget, steps)
+    count = computed_count(budget, steps, step_cost)
     if count < MIN_COMPUTED:
-        need = MIN_COMPUTED / steps
+        # rounded up: a suggestion rounded down would be refused again
+        need = math.ceil((MIN_COMPUTED + (steps - MIN_COMPUTED) * step_cost) / steps * 1000)
+        need /= 1000
         raise ValueError(
             f"CATConfig.macs={budget!r} at {steps} steps leaves {count} computed step(s); the "
             f"planner needs at least {MIN_COMPUTED} (the first step and one to forecast "
@@ -78,30 +91,39 @@ def check_budget(budget: float, steps: int) -> None:
 
 
 def plan_run(
-    gram: np.ndarray, sigmas: np.ndarray, budget: float, forecast: str = "fit"
-) -> Plan:
+    gram: np.ndarray, sigmas: np.ndarray, budget: float, forecast: str = "auto",
+    step_cost: float = 0.0,
+) -> Plan:  # fmt: skip
     """The plan of a run of N = len(sigmas) - 1 steps within `budget` of its MACs.
 
     `gram` (N, N): Gram matrix of the guided outputs at the run's steps (see
-    `calibration.Calibration.gram`); `sigmas` (N + 1,): the σ of each step and the last one."""
+    `calibration.Calibration.gram`); `sigmas` (N + 1,): the σ of each step and the last one;
+    `step_cost`: what a forecast step costs (its anchors), as a fraction of a full step."""
     if forecast not in FORECASTS:
         raise ValueError(f"forecast={forecast!r}: must be one of {FORECASTS}")
     steps = len(sigmas) - 1
-    check_budget(budget, steps)
-    count = computed_count(budget, steps)
-    search = _Search(np.asarray(gram, np.float64), np.asarray(sigmas, np.float64), forecast)
-    if count >= steps:
-        best = tuple(range(steps))
-    else:
-        best = min(search.starts(count), key=search.error)
-        best = search.refine(best)
+    check_budget(budget, steps, step_cost)
+    count = computed_count(budget, steps, step_cost)
+    gram, sigmas = np.asarray(gram, np.float64), np.asarray(sigmas, np.float64)
+    # Fitted weights are fitted step by step, but the search scores the sum of all steps'
+    # errors, where they may add up: "fit" and "auto" also search with reuse and keep the better
+    # plan, so it is never worse than reuse on the calibration.
+    kinds = (forecast, "reuse") if forecast in ("fit", "auto") else (forecast,)
+    searches = [_Search(gram, sigmas, kind) for kind in kinds]
+    plans = []
+    for search in searches:
+        if count >= steps:
+            best = tuple(range(steps))
+        else:
+            best = search.refine(min(search.starts(count), key=search.error))
+        plans.append((search.error(best), best, search))
+    _, best, search = min(plans, key=lambda p: p[0])
     history, weights = {}, {}
     for j in range(steps):
         if j not in best:
             history[j], weights[j] = search.forecast(j, best)
-    return Plan(
-        steps, best, history, weights, forecast, search.relative_error(best), float(budget)
-    )
+    error = search.relative_error(best)
+    return Plan(steps, best, history, weights, search.kind, error, float(budget), step_cost)
 
 
 class _Search:
@@ -134,9 +156,11 @@ class _Search:
         reuse[0] = 1.0
         if m == 1 or self.kind == "reuse":
             return reuse
+        if self.kind == "auto":
+            candidates = [self._taylor(step, history, kind) for kind in AUTO_ORDERS]
+            return min(candidates, key=lambda w: self._step_error(step, history, w))
         if self.kind.startswith("taylor"):
-            order = min(int(self.kind[-1]), m - 1)
-            return _lagrange(self.sigmas[list(history[: order + 1])], self.sigmas[step], m)
+            return self._taylor(step, history, self.kind)
         h = list(history)
         a = self.gram[np.ix_(h, h)]
         b = self.gram[h, step]
@@ -150,6 +174,21 @@ class _Search:
             return np.linalg.solve(kkt, rhs)[:m]
         except np.linalg.LinAlgError:
             return reuse
+
+    def _taylor(self, step: int, history: tuple[int, ...], kind: str) -> np.ndarray:
+        """Weights of the polynomial in σ of order `kind` through the newest outputs."""
+        if kind == "reuse":
+            return np.eye(len(history))[0]
+        order = min(int(kind[-1]), len(history) - 1)
+        nodes = self.sigmas[list(history[: order + 1])]
+        return _lagrange(nodes, self.sigmas[step], len(history))
+
+    def _step_error(self, step: int, history: tuple[int, ...], weights: np.ndarray) -> float:
+        """Squared error of one step's forecast on the calibration."""
+        coef = np.zeros(self.steps)
+        coef[list(history)] += weights
+        coef[step] -= 1.0
+        return float(coef @ self.gram @ coef)
 
     # -- the error of a plan
     def coefficients(self, computed: tuple[int, ...], early: float = EARLY) -> np.ndarray:

@@ -134,6 +134,8 @@ class Schedule:
         t0, step = self.warmup, self.step
         if not self.prunes() or step < t0 - (2 if prunes_tokens else 0):
             return Mode.FULL
+        if self.config.budgeted and prunes_tokens:  # anchors: record, or anchor the forecast
+            return Mode.RECORD if runs_model else Mode.PRUNED
         if not runs_model:
             return Mode.REUSE
         if not prunes_tokens:

@@ -20,6 +20,7 @@ from torch import Tensor
 from . import policies
 from .caches import Caches, StepIndex, gather_tokens, keep, static_tensor, write_rows
 from .config import CATConfig
+from .correction import cluster_correction
 from .forecast import TokenForecast
 from .schedule import Geometry, Mode, Schedule
 
@@ -41,6 +42,9 @@ class CATState:
         # set by a model adapter whose output holds more than the prediction (PixArt's learned
         # variance channels); None: all of it.
         self.drift_view: Callable[[Tensor], Tensor] | None = None
+        # The model output of a whole call (what a step policy forecasts) as tokens (R, L, F),
+        # set by a model adapter whose blocks serve anchor steps.
+        self.sample_tokens: Callable[[Tensor], Tensor] | None = None
         self._free()
 
     # ---- run boundaries -------------------------------------------------------------------
@@ -266,6 +270,12 @@ class CATState:
         if mode is not Mode.PRUNED:
             return output
         step = self.step_index
+        if self.config.budgeted:  # an anchor step: correct the step policy's forecast
+            result = self._anchored(output, step)
+            self.chosen.copy_(
+                self.tokens.next(self.drift(schedule.driver_rows(result)), self.chosen)
+            )
+            return result
         # lean: `output` holds the computed tokens only; the others' drift is their last output
         # (or its forecast)
         computed = output if self.config.lean else gather_tokens(output, step.index)
@@ -280,6 +290,17 @@ class CATState:
         drift = self.drift(schedule.driver_rows(estimate))
         self.chosen.copy_(self.tokens.next(drift, self.chosen))
         return result
+
+    def _anchored(self, computed: Tensor, step: StepIndex) -> Tensor:
+        """The forecast of this step (the step policy's), moved cluster by cluster by its
+        anchors' errors; `computed` (R, S, F) are the anchors' outputs."""
+        schedule = self.schedule
+        forecast = self.sample_tokens(self.steps.output(schedule.step, schedule.call))
+        labels = schedule.rows_of(self.tokens.labels)
+        return cluster_correction(
+            forecast, computed, step.index, step.image, labels, self.config.num_clusters,
+            self.config.anchor_gain,
+        )  # fmt: skip
 
     def _observe_follower(self, mode: Mode, output: Tensor) -> Tensor:
         """A follower call's output: its own previous outputs stand in for the tokens it did

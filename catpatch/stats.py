@@ -68,21 +68,29 @@ class ModelDims:
         )
 
     def step_macs(
-        self, tokens: int, text: int, computed: int | None = None, lean: bool = False
-    ) -> int:
-        return step_macs(self, tokens, text, computed, lean)
+        self, tokens: int, text: int, computed: int | None = None, lean: bool = False,
+        text_cached: bool = False,
+    ) -> int:  # fmt: skip
+        return step_macs(self, tokens, text, computed, lean, text_cached)
 
     def run_bound(self, steps: int, warmup: int, tokens: int, text: int, budget: int) -> float:
         return run_bound(steps, warmup, tokens, text, budget)
 
 
-def block_macs(d: int, tokens: int, text: int, computed: int, last: bool, dual: bool) -> int:
-    """MACs of one block for one sample, `computed` of the `tokens` image tokens computed."""
+def block_macs(
+    d: int, tokens: int, text: int, computed: int, last: bool, dual: bool,
+    text_cached: bool = False,
+) -> int:  # fmt: skip
+    """MACs of one block for one sample, `computed` of the `tokens` image tokens computed;
+    `text_cached`: the text stream is not computed (an anchor step reads its cached K/V)."""
     ff = 2 * 4 * d * d  # two linears, hidden 4·D
     image = (4 * d * d + ff) * computed  # Q, K, V, out + FFN
     context = 3 * d * d * text + (0 if last else (d * d + ff) * text)
     attention = 2 * d * (computed + text) * (tokens + text)
     modulation = d * (9 if dual else 6) * d + d * (2 if last else 6) * d
+    if text_cached:
+        context, modulation = 0, d * (9 if dual else 6) * d
+        attention = 2 * d * computed * (tokens + text)
     if dual:
         image += 4 * d * d * computed
         attention += 2 * d * computed * tokens
@@ -90,10 +98,12 @@ def block_macs(d: int, tokens: int, text: int, computed: int, last: bool, dual: 
 
 
 def step_macs(
-    dims: ModelDims, tokens: int, text: int, computed: int | None = None, lean: bool = False
-) -> int:
+    dims: ModelDims, tokens: int, text: int, computed: int | None = None, lean: bool = False,
+    text_cached: bool = False,
+) -> int:  # fmt: skip
     """MACs of one transformer call for one sample (batch rows multiply it); `lean`: the
-    output projection runs on the computed tokens only."""
+    output projection runs on the computed tokens only; `text_cached`: an anchor step (no
+    text stream in the blocks)."""
     d = dims.hidden
     computed = tokens if computed is None else computed
     projected = computed if lean else tokens
@@ -108,7 +118,10 @@ def step_macs(
         + projected * d * dims.patch**2 * dims.out_channels  # proj_out
     )
     blocks = sum(
-        block_macs(d, tokens, text, computed, last=i == dims.layers - 1, dual=i < dims.dual_layers)
+        block_macs(
+            d, tokens, text, computed, last=i == dims.layers - 1, dual=i < dims.dual_layers,
+            text_cached=text_cached,
+        )
         for i in range(dims.layers)
     )
     return outer + blocks
@@ -243,11 +256,17 @@ class CATStats:
 
 
 FORECAST_WORDS = {
+    "auto": "order 0, 1 or 2 in sigma per step, as measured on the calibration",
     "fit": "weights fitted on the calibration, from the last 3 computed",
     "reuse": "the last computed output",
     "taylor1": "first-order extrapolation in sigma",
     "taylor2": "second-order extrapolation in sigma",
 }
+
+
+def anchored(config: CATConfig) -> dict:
+    """The cost-model keyword of a budgeted run with anchors (their steps skip the text)."""
+    return {"text_cached": True} if config.budgeted and config.anchors else {}
 
 
 def collect(patch, transformer) -> CATStats:
@@ -268,7 +287,7 @@ def collect(patch, transformer) -> CATStats:
     stats.computed_fraction = computed / (geo.tokens * stats.steps)
     cost = patch.adapter.step_macs
     full = cost(geo.tokens, geo.text_tokens)
-    cut = cost(geo.tokens, geo.text_tokens, log.budget, patch.config.lean)
+    cut = cost(geo.tokens, geo.text_tokens, log.budget, patch.config.lean, **anchored(patch.config))
     per_mode = {Mode.PRUNED: cut, Mode.REUSE: 0}
     stats.calls_per_step = max(s.calls for s in log.steps)
     stats.macs = geo.rows * sum(s.calls * per_mode.get(s.mode, full) for s in log.steps)

@@ -7,6 +7,14 @@ Each argument is MODEL=FOLDER, a folder `catpatch study --model MODEL --out FOLD
 (finished or interrupted: its `rows.jsonl`). Prints and writes the report of
 `catpatch.cli.study.decide`: every candidate against the default in each (steps, α) group of
 each model, then against the winner, until nothing beats the one standing.
+
+    python examples/decide_defaults.py --budget toy=examples/results/frontier-toy \
+        scenes=examples/results/frontier-scenes --out examples/results/defaults-budget.md
+
+`--budget`: the folders are frontier studies (`examples/frontier_study.py`); the rule for a
+budget default: the smallest budget whose planned run beats 0.3.0's default in every (model,
+steps) group by more than two paired standard errors at no more MACs
+(`catpatch.cli.study.frontier_report.decide_budget`).
 """
 
 from __future__ import annotations
@@ -26,7 +34,10 @@ def main() -> None:
     parser.add_argument(
         "--start", default=CATConfig().selection, help="the default to start from (today's)"
     )
+    parser.add_argument("--budget", action="store_true", help="frontier studies: a budget")
     args = parser.parse_args()
+    if args.budget:
+        return decide_budget_default(args)
     studies = {}
     for spec in args.studies:
         model, sep, folder = spec.partition("=")
@@ -50,6 +61,30 @@ def main() -> None:
     print(head + report)
     if args.out:
         args.out.write_text(head + report)
+
+
+def decide_budget_default(args) -> None:
+    from catpatch.cli.study.frontier_report import decide_budget, load_rows
+
+    studies = {}
+    for spec in args.studies:
+        model, _, folder = spec.partition("=")
+        studies[model] = load_rows(Path(folder))
+    chosen, lines = decide_budget(studies)
+    verdict = (
+        f"the rule picks **`CATConfig(macs={chosen:g})`** (bound {1 / chosen:.2f}x)"
+        if chosen is not None
+        else "no budget wins every group: the default stays"
+    )
+    text = (
+        f"# A budget as the default (catpatch {__version__})\n\n"
+        "Each budget's planned run against 0.3.0's default (step reuse, α 0.3, t0 8, "
+        "first-order forecast) on the same images, paired; a win is more than two standard "
+        f"errors ahead at no more MACs. Result: {verdict}.\n\n" + "\n".join(lines) + "\n"
+    )
+    print(text)
+    if args.out:
+        args.out.write_text(text)
 
 
 if __name__ == "__main__":

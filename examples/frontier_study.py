@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 
-from catpatch.cli.study.frontier import BUDGETS, run_frontier
+from catpatch.cli.study.frontier import BUDGETS, PLANNED, run_frontier
 from catpatch.cli.study.frontier_report import write_report
 
 
@@ -27,13 +27,14 @@ def main() -> None:
     parser.add_argument("--tune", type=int, default=16)
     parser.add_argument("--budgets", type=float, nargs="+", default=list(BUDGETS))
     parser.add_argument("--small", action="store_true", help="a coarser sweep (slow models)")
-    parser.add_argument("--stages", nargs="+", default=["sweep", "final", "planned"])
+    parser.add_argument("--stages", nargs="+", default=["sweep", "planned", "final"])
+    parser.add_argument("--methods", nargs="+", default=list(PLANNED), help="budgeted runs")
     parser.add_argument("--report", action="store_true", help="only write the report")
     args = parser.parse_args()
     if not args.report:
         run_frontier(
             args.out, args.model, tuple(args.steps), args.images, args.tune,
-            tuple(args.budgets), args.small, tuple(args.stages),
+            tuple(args.budgets), args.small, tuple(args.stages), tuple(args.methods),
         )  # fmt: skip
     write_report(args.out, args.model, tuple(args.steps), args.images, tuple(args.budgets))
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_flux_pipeline import CFG, TRUE_CFG, flux_pipe, run
+from flux_support import CFG, TRUE_CFG, flux_pipe, run
 from test_guards import NoHostSync
 from torch._dynamo.utils import counters
 

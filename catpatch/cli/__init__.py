@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,7 +22,9 @@ from .common import (
     CommandError,
     HelpFormatter,
     Parser,
+    add_budget_options,
     add_cat_options,
+    budget_config_error,
     check_output_folder,
     fail,
     nonnegative_int,
@@ -67,19 +70,30 @@ def _demo_parser(sub) -> None:
 
 
 def _demo(args) -> int:
-    from .common import cat_config, check_device, resolve_cat_options, warn_if_nothing_pruned
+    from .common import (
+        budget_fields,
+        cat_config,
+        check_budget_steps,
+        check_device,
+        resolve_cat_options,
+        warn_if_nothing_pruned,
+    )
     from .demo import DEMO_PROMPTS, run_demo
     from .timing import bound_note, runs_label
 
     resolve_cat_options(args)
     check_device(args.device)
-    config = cat_config(
+    config = cat_config(**budget_fields(args)) if args.macs is not None else cat_config(
         keep_ratio=args.keep_ratio,
         warmup_steps=args.warmup_steps,
         num_clusters=args.num_clusters,
         selection=args.selection,
-    )
-    warn_if_nothing_pruned("demo", args.steps or 28, args.warmup_steps)
+    )  # fmt: skip
+    steps = args.steps or _recommended_steps(args.model)
+    if config.budgeted:
+        check_budget_steps(config.macs, steps)
+    else:
+        warn_if_nothing_pruned("demo", steps, args.warmup_steps)
     extra = {} if args.steps is None else {"num_inference_steps": args.steps}
     summary = run_demo(
         args.out, prompts=args.prompt or DEMO_PROMPTS, config=config, seed=args.seed,
@@ -89,7 +103,7 @@ def _demo(args) -> int:
     )  # fmt: skip
     print(summary["summary_text"])
     psnr = ", ".join("identical" if p is None else f"{p:.1f} dB" for p in summary["psnr_db"])
-    name = policies.label(config.selection)
+    name = policies.policy_label(config)
     print(f"PSNR of each image with {name} against its unpatched one: {psnr}")
     timing = summary.get("timing")
     if timing:
@@ -111,6 +125,15 @@ def _demo(args) -> int:
     return 0
 
 
+def _recommended_steps(model: str) -> int:
+    """The steps the demo runs without --steps: a shipped model's own, else 28."""
+    from ..trained import builtin_models
+
+    builtin = builtin_models().get(model)
+    steps = builtin.call_kwargs.get("num_inference_steps") if builtin is not None else None
+    return int(steps or 28)
+
+
 def _study_parser(sub) -> None:
     p = sub.add_parser(
         "study",
@@ -121,8 +144,11 @@ def _study_parser(sub) -> None:
         "reuse, CAT, its ablations random/noise/stale, CAT's reference rules, CAT + step reuse, "
         "with and without forecasts) and the peers TaylorSeer and MagCache, at 28/50 steps and "
         "keep ratios 0.2/0.3/0.5, plus t0 and cluster sweeps; score them against the unpatched "
-        "images and the captions; write study.csv, study.md, study.png and study.json. Re-run "
-        "into the same --out to resume. What the full study found: examples/STUDY.md.",
+        "images and the captions; write study.csv, study.md, study.png and study.json. With "
+        "--macs B, also the method 'planned' (CATConfig(macs=B): the planner's steps, "
+        "forecast on the others) at every step count, in study.md, study.png and against "
+        "step reuse at the same MACs in targets.md. Re-run into the same --out to resume. "
+        "What the full study found: examples/STUDY.md.",
     )
     p.add_argument("--out", default="out/study", help="output folder")
     p.add_argument(
@@ -137,16 +163,25 @@ def _study_parser(sub) -> None:
         "--report", action="store_true",
         help="run nothing: write the tables of the runs an interrupted study in --out finished",
     )  # fmt: skip
+    add_budget_options(p, what="the added 'planned' method")
     p.add_argument("--no-progress", dest="progress", action="store_false", help=PROGRESS_HELP)
     p.set_defaults(func=_study)
 
 
 def _study(args) -> int:
-    from .study import check_model, run_study
+    from .common import budget_fields, cat_config, check_budget_options, check_budget_steps
+    from .study import STEPS, check_model, planned_runs, run_study
 
+    check_budget_options(args)
+    extra = []
+    if args.macs is not None:
+        config = cat_config(**budget_fields(args))
+        check_budget_steps(config.macs, min(STEPS), more="")  # 28, the fewest the study runs
+        extra = planned_runs(config, args.quick)
     check_model(args.model)
     run_study(args.out, images=args.images, quick=args.quick, model=args.model,
-              progress=show_progress(args.progress), report=args.report)  # fmt: skip
+              progress=show_progress(args.progress), report=args.report,
+              extra=extra)  # fmt: skip
     print(Path(args.out, "study.md").read_text())
     return 0
 
@@ -183,6 +218,21 @@ def _subcommand_parser(parser: argparse.ArgumentParser, command: str) -> argpars
     return parser
 
 
+def _one_line_warnings(command: str, show):
+    """`warnings.showwarning` that prints the library's warning about a budget planned
+    without the model's calibration (`--macs`) as one `catpatch COMMAND: warning:` line; any
+    other warning as `show` does (the commands say the others in their own words)."""
+
+    def showwarning(message, category, filename, lineno, file=None, line=None):
+        text = str(message)
+        if text.startswith("catpatch: ") and "calibration" in text:
+            warn(command, text.removeprefix("catpatch: "))
+        else:
+            show(message, category, filename, lineno, file, line)
+
+    return showwarning
+
+
 EXIT_BROKEN_PIPE = 128 + 13  # as a program killed by SIGPIPE: the reader stopped reading
 
 
@@ -196,11 +246,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         if getattr(args, "out", None) is not None:
             # every command's output folder, checked once before any work
             check_output_folder(args.out)
-        status = args.func(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warnings(args.command, warnings.showwarning)
+            status = args.func(args)
         sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
         return status
     except CommandError as err:
         return fail(args.command, err)
+    except ValueError as err:
+        # a budget that fails only when the run starts (the planner: too few steps fit)
+        error = budget_config_error(err)
+        if error is None:
+            raise
+        return fail(args.command, error)
     except BrokenPipeError:
         # `catpatch census | head -3`: the reader is gone; say nothing, and point stdout at
         # /dev/null so that the interpreter's own flush at exit does not complain either

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import re
 import sys
@@ -269,31 +270,76 @@ def output_folder(path: str | Path) -> Iterator[Path]:
 
 
 def add_cat_options(p: argparse.ArgumentParser) -> None:
-    """--selection, --keep-ratio, --warmup-steps, --num-clusters: the settings every command
-    takes; call `resolve_cat_options` on the parsed arguments."""
+    """--selection, --keep-ratio, --warmup-steps, --num-clusters and the budget (--macs,
+    --forecast, --calibration): the settings every command takes; call `resolve_cat_options`
+    on the parsed arguments. The manual knobs default to None here (their help names the
+    default), so that one given next to --macs can be told from its default."""
     from .. import policies
     from ..config import CATConfig
 
+    defaults = CATConfig()
     p.add_argument(
-        "--selection", default=CATConfig().selection, choices=list(policies.names()),
+        "--selection", default=None, choices=list(policies.names()),
         help="what pruned steps compute: 'cat' (CAT's token selection), its ablations, 'step' "
         "(whole steps skipped at CAT's MACs; the default, closest to unpatched in the study) "
-        "or 'cat+reuse'",
+        f"or 'cat+reuse' (default: {defaults.selection}; not with --macs)",
     )  # fmt: skip
     p.add_argument(
-        "--keep-ratio", type=float, default=0.3,
+        "--keep-ratio", type=float, default=None,
         help="alpha: the share of the image tokens a pruned step recomputes (cat, ...); with "
-        "'step', the MACs of the run are those of that pruning",
+        f"'step', the MACs of the run are those of that pruning (default: "
+        f"{defaults.keep_ratio}; not with --macs)",
     )  # fmt: skip
     p.add_argument(
-        "--warmup-steps", type=int, default=8,
-        help="t0: full steps before the policy computes less",
+        "--warmup-steps", type=int, default=None,
+        help="t0: full steps before the policy computes less (default: "
+        f"{defaults.warmup_steps}; not with --macs)",
     )  # fmt: skip
     p.add_argument(
         "--num-clusters", type=int, default=None,
-        help=f"spatial clusters of CAT's token selection (default: {CATConfig().num_clusters}; "
+        help=f"spatial clusters of CAT's token selection (default: {defaults.num_clusters}; "
         f"only with a clustering --selection: {', '.join(cluster_selections())})",
     )  # fmt: skip
+    add_budget_options(p)
+
+
+def add_budget_options(p: argparse.ArgumentParser, what: str = "the run") -> None:
+    """--macs, --forecast, --calibration: the budget knob (`CATConfig(macs=B)`)."""
+    from ..planner import FORECASTS
+
+    p.add_argument(
+        "--macs", type=budget, default=None, metavar="B",
+        help=f"the budget: {what}'s transformer MACs at most B (in (0, 1]) of the unpatched "
+        "run's; catpatch plans which steps run the model and forecasts the others from the "
+        "model's calibration (bound speed-up 1/B; at least 2 steps must fit: B >= 2/--steps). "
+        "Replaces --selection, --keep-ratio and --warmup-steps (default: none, the manual knobs)",
+    )  # fmt: skip
+    p.add_argument(
+        "--forecast", default=None, choices=list(FORECASTS),
+        help="with --macs: how a skipped step is forecast from the last computed outputs: "
+        "'auto' (per step the order 0, 1 or 2 in sigma that the calibration measures closest), "
+        "'fit' (weights fitted on the calibration), 'reuse' (the last output again), "
+        "'taylor1' / 'taylor2' (extrapolation in sigma) (default: auto)",
+    )  # fmt: skip
+    p.add_argument(
+        "--calibration", default=None, metavar="PATH",
+        help="with --macs: the model's calibration file (catpatch.calibrate(pipe, prompts)"
+        ".save(PATH)) (default: the one in the pipeline's folder, else the shipped scenes "
+        "model's, with a warning)",
+    )  # fmt: skip
+
+
+def budget(text: str) -> float:
+    """argparse type of --macs: a number (its range is `CATConfig`'s to check)."""
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: must be a number in (0, 1], e.g. 0.4 for at most 40% of the MACs"
+        ) from None
+
+
+budget.__name__ = "number"
 
 
 def cluster_selections() -> tuple[str, ...]:
@@ -309,14 +355,38 @@ def cluster_selections() -> tuple[str, ...]:
 
 
 def resolve_cat_options(args: argparse.Namespace) -> None:
-    """Fill in `args.num_clusters` (left None by `add_cat_options`, to tell a value given from
-    the default); CommandError when it was given with a selection that has no clusters, where
-    it would silently do nothing."""
+    """Fill in the options `add_cat_options` leaves None (to tell a value given from the
+    default) and check that they go together: CommandError for --num-clusters with a selection
+    that has no clusters (it would silently do nothing), for --keep-ratio, --warmup-steps,
+    --selection or --num-clusters next to --macs (the budget plans them), and for --forecast
+    or --calibration without --macs."""
     from .. import policies
     from ..config import CATConfig
 
+    defaults = CATConfig()
+    check_budget_options(args)
+    if args.macs is not None:
+        given = [
+            (option, value)
+            for option, value in (
+                ("--keep-ratio", args.keep_ratio),
+                ("--warmup-steps", args.warmup_steps),
+                ("--selection", args.selection),
+                ("--num-clusters", args.num_clusters),
+            )
+            if value is not None
+        ]
+        if given:
+            option, value = given[0]
+            raise CommandError(
+                f"{option} {value} with --macs {args.macs:g}: the budget plans the steps itself; "
+                f"drop {' and '.join(o for o, _ in given)}, or drop --macs to set them by hand"
+            )
+    args.selection = defaults.selection if args.selection is None else args.selection
+    args.keep_ratio = defaults.keep_ratio if args.keep_ratio is None else args.keep_ratio
+    args.warmup_steps = defaults.warmup_steps if args.warmup_steps is None else args.warmup_steps
     if args.num_clusters is None:
-        args.num_clusters = CATConfig().num_clusters
+        args.num_clusters = defaults.num_clusters
         return
     if args.selection not in cluster_selections():
         raise CommandError(
@@ -324,3 +394,85 @@ def resolve_cat_options(args: argparse.Namespace) -> None:
             f"({policies.label(args.selection)}) makes no clusters, so it would do nothing; "
             f"drop --num-clusters, or add --selection cat for CAT's token pruning"
         )
+
+
+def budget_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """The `CATConfig` fields of --macs, --forecast and --calibration (after
+    `resolve_cat_options` or `check_budget_options`); empty without --macs."""
+    if args.macs is None:
+        return {}
+    return {"macs": args.macs, "forecast": args.forecast, "calibration": args.calibration}
+
+
+def check_budget_options(args: argparse.Namespace) -> None:
+    """--forecast and --calibration only with --macs (fills in --forecast's default); a
+    --calibration file that is missing or not a calibration: CommandError naming the fix."""
+    from ..config import CATConfig
+
+    if args.macs is None:
+        for option, value in (("--forecast", args.forecast), ("--calibration", args.calibration)):
+            if value is not None:
+                raise CommandError(
+                    f"{option} {value}: only with --macs (the budget it plans for); add --macs "
+                    f"B, e.g. --macs 0.4, or drop {option}"
+                )
+        return
+    args.forecast = CATConfig().forecast if args.forecast is None else args.forecast
+    if args.calibration is not None:
+        check_calibration(args.calibration)
+
+
+def check_calibration(path: str) -> None:
+    """CommandError unless `path` is a calibration file (or a folder holding one)."""
+    from ..calibration import CALIBRATION_FILE, Calibration
+
+    file = Path(path).expanduser()
+    file = file / CALIBRATION_FILE if file.is_dir() else file
+    if not file.is_file():
+        raise CommandError(
+            f"--calibration {path}: no such file; pass a file written by catpatch.calibrate(pipe, "
+            f"prompts).save(PATH), or drop --calibration to use the model's own"
+        )
+    try:
+        Calibration.load(file)
+    except Exception as err:  # safetensors' errors have no common base
+        raise CommandError(
+            f"--calibration {path}: not a catpatch calibration ({type(err).__name__}); pass a "
+            f"file written by catpatch.calibrate(pipe, prompts).save(PATH)"
+        ) from None
+
+
+def check_budget_steps(
+    macs: float | None, steps: int | None, more: str = ", or more --steps"
+) -> None:
+    """CommandError when the budget `macs` leaves fewer computed steps than the planner needs
+    at `steps` steps (nothing to check without a budget or a step count); `more`: the other
+    fix, if the command has one."""
+    from .. import planner
+
+    if macs is None or steps is None or not 0 < macs <= 1:  # the range: CATConfig's to say
+        return
+    count = planner.computed_count(macs, steps)
+    if count >= planner.MIN_COMPUTED:
+        return
+    need = math.ceil(planner.MIN_COMPUTED / steps * 1000) / 1000
+    raise CommandError(
+        f"--macs {macs:g} at {steps} steps leaves {plural(count, 'computed step')}; the planner "
+        f"needs at least {planner.MIN_COMPUTED} (the first step and one to forecast from): use "
+        f"--macs {need:g} or more{more}"
+    )
+
+
+def budget_config_error(err: ValueError) -> CommandError | None:
+    """The CommandError, in command-line words, of a `CATConfig` ValueError raised when a run
+    starts (e.g. the planner's: too few steps fit the budget); None for any other error."""
+    match = _FIELD.match(str(err))
+    if match is None:
+        return None
+    name, value, why = match.groups()
+    why = re.sub(
+        r"use macs >= ([\d.]+) or more steps",
+        lambda m: f"use --macs {float(m.group(1)):g} or more, or more --steps",
+        why,
+    )
+    return CommandError(f"--{name.replace('_', '-')} {value}: {why}")

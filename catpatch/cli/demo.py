@@ -7,7 +7,8 @@ Generates the same prompts unpatched and patched (the default policy, step reuse
 - `tokens.png` / `tokens.gif` (token policies such as `--selection cat`): which image tokens
   were recomputed at each pruned step;
 - `clusters.png` (CAT's selections): the spatial clusters CAT made (over the patched image);
-- `summary.json`: the policy that ran (`selection`, `policy`) and its whole config, the savings
+- `summary.json`: the policy that ran (`selection`, `policy`; with a budget `macs` and the
+  plan's `computed_steps`) and its whole config, the savings
   (MACs, tokens), PSNR per image, `cat_stats`, the catpatch version and the warm timings
   (`median_unpatched_s`, `median_patched_s`, ...): `repeats` alternating runs of each side after
   one warm-up run of each (none with repeats=0), checked against the arithmetic bound
@@ -185,15 +186,18 @@ def run_demo(
         bar.close()
         remove_cat(pipe)
 
-    settings = (
-        f"keep_ratio {config.keep_ratio}, warmup_steps {config.warmup_steps}, "
-        + (f"{config.num_clusters} clusters, " if state.tokens is not None else "")
-        + f"{steps} steps"
-    )
+    if config.budgeted:  # the plan's steps, counted from 1
+        settings = f"{config.forecast} forecast, steps {stats.plan.describe()} of {steps} computed"
+    else:
+        settings = (
+            f"keep_ratio {config.keep_ratio}, warmup_steps {config.warmup_steps}, "
+            + (f"{config.num_clusters} clusters, " if state.tokens is not None else "")
+            + f"{steps} steps"
+        )
     out = Path(out)  # made only now: a run that fails leaves no empty folder behind
     out.mkdir(parents=True, exist_ok=True)
     psnr = [psnr_db(a, b) for a, b in zip(baseline, cat_images, strict=True)]
-    name = policies.label(config.selection)
+    name = policies.policy_label(config)
     saved = [
         _save_compare(out, prompts, seed, baseline, cat_images, settings, stats, source, psnr, name)
     ]
@@ -208,15 +212,19 @@ def run_demo(
         "prompts": prompts,
         "seeds": [seed + i for i in range(len(prompts))],
         "call": {k: v for k, v in call.items() if isinstance(v, (int, float, str))},
-        "selection": config.selection,
+        "selection": None if config.budgeted else config.selection,
         "policy": name,
-        "config": {f.name: getattr(config, f.name) for f in fields(config)},
+        "config": {f.name: _plain(getattr(config, f.name)) for f in fields(config)},
+        "macs": config.macs,  # the budget (--macs), None without one
+        "computed_steps": stats.plan.describe() if stats.plan is not None else None,
         "macs_ratio": round(stats.macs_ratio, 4),
         "image_tokens_computed": round(stats.computed_fraction, 4),
         "max_abs_pixel_difference": float(np.abs(baseline - cat_images).max()),
         "psnr_db": [None if p == float("inf") else round(p, 2) for p in psnr],
         "files": saved,
-        "stats": {k: v for k, v in asdict(stats).items() if k not in ("config", "per_step")},
+        "stats": {
+            k: v for k, v in asdict(stats).items() if k not in ("config", "per_step", "plan")
+        },
     }
     if timing is not None:
         summary["timing"] = {
@@ -235,6 +243,11 @@ def run_demo(
         }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary | {"summary_text": stats.summary()}
+
+
+def _plain(value: Any) -> Any:
+    """A config field as JSON holds it (a calibration file's path as text)."""
+    return value if value is None or isinstance(value, (bool, int, float, str)) else str(value)
 
 
 def psnr_db(reference: np.ndarray, image: np.ndarray) -> float:

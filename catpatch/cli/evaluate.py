@@ -87,9 +87,14 @@ class EvalResult:
         for name in ("reference", "candidate"):
             run = self.runs[name]
             cat = run.get("cat")
+            settings = run["settings"]
+            what = (
+                f"{settings.get('policy')} (--macs {settings['macs']:g})"
+                if settings.get("macs") is not None
+                else f"CAT keep {settings.get('keep_ratio')}, t0 {settings.get('warmup_steps')}"
+            )
             text = (
-                f"CAT keep {run['settings'].get('keep_ratio')}, t0 "
-                f"{run['settings'].get('warmup_steps')}: MACs ratio {cat['macs_ratio']:.3f}, "
+                f"{what}: MACs ratio {cat['macs_ratio']:.3f}, "
                 f"image tokens computed {cat['computed_fraction']:.1%}"
                 if cat
                 else "no CAT"
@@ -307,7 +312,11 @@ def _run_info(records: dict[str, dict[str, Any]], names: Sequence[str]) -> dict[
     }
     cats = [r["cat"] for r in rows if r.get("cat")]
     if cats:
-        info["cat"] = {k: sum(c[k] for c in cats) / len(cats) for k in cats[0]}
+        # numbers averaged; anything else (a budgeted run's computed steps) as the first has it
+        info["cat"] = {
+            k: sum(c[k] for c in cats) / len(cats) if isinstance(v, (int, float)) else v
+            for k, v in cats[0].items()
+        }
     return info
 
 

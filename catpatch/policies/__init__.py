@@ -8,6 +8,7 @@ reads the registry when it validates, so a name registered at any time is accept
 
 from __future__ import annotations
 
+from .anchors import AnchorPolicy
 from .base import StepPolicy, TokenPolicy
 from .cat import CatPolicy
 from .noise import NoisePolicy
@@ -71,7 +72,8 @@ def label(selection: str) -> str:
 def policy_label(config) -> str:
     """What a config runs, in words: "planned steps (MACs 0.4)", "step reuse", "CAT", ..."""
     if config.budgeted:
-        return f"planned steps (MACs {config.macs:g})"
+        anchors = f", {config.anchors} anchors per cluster" if config.anchors else ""
+        return f"planned steps (MACs {config.macs:g}{anchors})"
     return label(config.selection)
 
 
@@ -83,7 +85,8 @@ def names() -> tuple[str, ...]:
 def build(config, persistent: bool = False) -> tuple[TokenPolicy | None, StepPolicy]:
     """The token and step policies of `config.selection` (of the budget, with `macs`)."""
     if config.budgeted:
-        return None, PlannedSteps(config)
+        anchors = AnchorPolicy(config, persistent) if config.anchors else None
+        return anchors, PlannedSteps(config)
     token_cls, step_cls = REGISTRY[config.selection]
     token = None if token_cls is None else token_cls(config, persistent)
     return token, step_cls(config)

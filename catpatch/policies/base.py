@@ -137,6 +137,7 @@ class StepPolicy:
     name: ClassVar[str] = "every"
     skips: ClassVar[bool] = False  # whether `runs_model` can be False (the adapter then
     # installs the forward that gives `output()` without running the model)
+    observes_pruned: ClassVar[bool] = True  # whether pruned steps' outputs reach `observe`
 
     def __init__(self, config: CATConfig):
         self.config = config

@@ -30,7 +30,7 @@ class PlannedSteps(StepPolicy):
 
     name = "planned"
     skips = True
-    plans_warmup = True  # the plan decides every step, the warm-up included
+    observes_pruned = False  # anchor steps are forecasts, not history
 
     def __init__(self, config):
         super().__init__(config)
@@ -54,11 +54,12 @@ class PlannedSteps(StepPolicy):
         if sigmas is None or len(sigmas) != planned_steps + 1:
             sigmas = default_sigmas(planned_steps)
         sigmas = np.asarray(sigmas, np.float64)
-        key = (planned_steps, tuple(np.round(sigmas, 6)), guidance, self.config.macs)
+        key = (planned_steps, tuple(np.round(sigmas, 6)), guidance, step_cost_ratio)
         if key not in self._plans:
             gram = self.calibration.gram(sigmas, guidance)
+            cost = step_cost_ratio if self.config.anchors else 0.0
             self._plans[key] = planner.plan_run(
-                gram, sigmas, self.config.macs, self.config.forecast
+                gram, sigmas, self.config.macs, self.config.forecast, cost
             )
         self.plan_of_run = self._plans[key]
         self.computed = frozenset(self.plan_of_run.computed)

@@ -46,6 +46,7 @@ class SD3Adapter(ModelAdapter):
     calls_per_step: int | None = 1  # one call per step (CFG batched; SLG calls pass through)
     block_function = staticmethod(cat_block_forward)
     text_tokens = 333  # CLIP 77 + T5 256: what the SD3 pipelines pass
+    anchor_steps = True
 
     @staticmethod
     def example_conditioning(
@@ -65,6 +66,15 @@ class SD3Adapter(ModelAdapter):
         super().__init__(transformer, state)
         self.controlnet: list[Tensor] | None = None
         self._temb: tuple[Tensor, Tensor] | None = None  # this call's (temb, silu(temb))
+        state.sample_tokens = self.sample_tokens
+
+    def sample_tokens(self, sample: Tensor) -> Tensor:
+        """The transformer's output (R, C, H·p, W·p) as its tokens (R, L, p·p·C): the inverse
+        of its unpatchify."""
+        p = self.transformer.config.patch_size
+        rows, channels, height, width = sample.shape
+        grid = sample.reshape(rows, channels, height // p, p, width // p, p)
+        return grid.permute(0, 2, 4, 3, 5, 1).reshape(rows, -1, p * p * channels)
 
     def cost_model(self):
         """The MAC model of this transformer (`stats.ModelDims`)."""

@@ -105,6 +105,7 @@ def attention(
     slot: str,
     step: StepIndex | None,
     keep_all=keep,
+    text_cached: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """Joint attention for the computed image tokens against all L cached image K/V (+ text).
 
@@ -117,11 +118,22 @@ def attention(
     concatenation (a `torch.cat` of an in-place-updated cache is what inductor in torch 2.13
     miscompiles: it builds the update inside the cat's buffer and writes the cache back from
     it after that buffer was reused).
+
+    `text_cached` (an anchor step of a budgeted run, `step` given, `context` None): the text
+    tokens are not computed; the image tokens attend to the text K/V the last computed step
+    left in the joint cache, and only their own K/V are written.
     """
     heads = attn.heads
     computed = x.shape[1]
     joint = context is not None
-    if joint and step is not None and not torch.compiler.is_compiling():
+    if text_cached:
+        q, k, v = _projections(attn, x, context=False)
+        q, k = _normed(attn.norm_q, q, heads), _normed(attn.norm_k, k, heads)
+        k_rows, _, v_rows, _ = step.kv_parts()
+        write_rows(cache.kv, k_rows, k)
+        write_rows(cache.kv, v_rows, v)
+        keys, values = cache.kv
+    elif joint and step is not None and not torch.compiler.is_compiling():
         q, cq = _joint_kv_into_cache(attn, x, context, cache.kv, step)
         q = torch.cat([q, cq], dim=1)
         keys, values = cache.kv
@@ -226,6 +238,7 @@ def cat_block_forward(
     keep_all=keep,
     output_caches: bool = True,
     temb_act: Tensor | None = None,
+    text_cached: bool = False,
 ) -> tuple[Tensor | None, Tensor]:
     """`JointTransformerBlock.forward` for the computed tokens, reading/writing `cache`.
 
@@ -238,7 +251,9 @@ def cat_block_forward(
     estimated.
     `keep_all` turns a recording step's tensors into caches (see `caches.keep`); `temb_act`
     is silu(`temb`), which every block's modulation reads (computed here when not given: the
-    adapter computes it once per call).
+    adapter computes it once per call). `text_cached` (anchor steps): the text stream is not
+    computed; attention reads the text K/V of the last computed step, and the text states
+    pass through unchanged (no later block reads them: their K/V come from the cache too).
     """
     if step is not None:
         rows, output_caches = step.rows, residual is not None
@@ -247,7 +262,9 @@ def cat_block_forward(
     normed, gate_msa, shift_mlp, scale_mlp1, gate_mlp, *dual = _modulate(
         block.norm1, hidden_states, temb, temb_act
     )
-    if block.context_pre_only:
+    if text_cached:
+        normed_context = None
+    elif block.context_pre_only:
         normed_context = _modulate_continuous(
             block.norm1_context, encoder_hidden_states, temb, temb_act
         )
@@ -257,7 +274,7 @@ def cat_block_forward(
         )
 
     attn_output, context_attn_output = attention(
-        block.attn, normed, normed_context, cache, "", step, keep_all
+        block.attn, normed, normed_context, cache, "", step, keep_all, text_cached
     )
     attn_all = store(cache, "attn", attn_output, step, rows, keep_all) if output_caches else None
     hidden_states = hidden_states + gate_msa.unsqueeze(1) * attn_output
@@ -283,6 +300,8 @@ def cat_block_forward(
 
     if block.context_pre_only:
         return None, hidden_states
+    if text_cached:
+        return encoder_hidden_states, hidden_states
     encoder_hidden_states = encoder_hidden_states + c_gate_msa.unsqueeze(1) * context_attn_output
     normed_context = block.norm2_context(encoder_hidden_states)
     normed_context = normed_context * c_scale_mlp1[:, None] + c_shift_mlp[:, None]

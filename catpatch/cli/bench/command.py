@@ -95,6 +95,7 @@ def command(args) -> int:
     """Run `catpatch bench` from parsed arguments; the exit code."""
     import torch
 
+    from ...config import CATConfig
     from ...dtypes import default_dtype_name
 
     resolve_cat_options(args)
@@ -115,6 +116,9 @@ def command(args) -> int:
         warmup_steps=args.warmup_steps,
         num_clusters=args.num_clusters,
         selection=args.selection,
+        macs=args.macs,
+        forecast=args.forecast or CATConfig.forecast,
+        calibration=args.calibration,
         lean=args.lean,
         dtype=dtype,
         device=device,

@@ -11,13 +11,13 @@ from dataclasses import asdict
 
 import torch
 
-from ...config import CATConfig
+from ... import policies
 from ...patching import apply_cat, get_patch
 from ...stats import collect
 from ..timing import busy_note, impossible, load_average
 from .loop import Loop, _sync
 from .report import BenchResult
-from .settings import BenchSettings, load_transformer
+from .settings import BenchSettings, bench_config, load_transformer
 
 
 def _timed(fn, device) -> float:
@@ -77,13 +77,7 @@ def run(settings: BenchSettings) -> BenchResult:
     """Time the unpatched and the patched loop, alternating; see the package docstring."""
     load = load_average()  # before this run adds its own
     device = torch.device(settings.device)
-    config = CATConfig(
-        keep_ratio=settings.keep_ratio,
-        warmup_steps=settings.warmup_steps,
-        num_clusters=settings.num_clusters,
-        selection=settings.selection,
-        lean=settings.lean,
-    )
+    config = bench_config(settings)
     base = load_transformer(settings)
     patched = copy.deepcopy(base)
     if settings.compile != "none":
@@ -131,6 +125,8 @@ def run(settings: BenchSettings) -> BenchResult:
         1, 0, geo.tokens, geo.text_tokens, log.budget
     )
     bound = stats.steps / (full_steps + stats.pruned_steps * ratio)
+    if config.budgeted:  # a planned run: its measured MACs (what the budget bounds)
+        bound = stats.bound
 
     def speedup() -> float:
         return statistics.median(times["unpatched"]) / statistics.median(times["patched"])
@@ -168,6 +164,8 @@ def run(settings: BenchSettings) -> BenchResult:
         steps_full=full_steps,
         steps_pruned=stats.pruned_steps,
         steps_skipped=stats.reused_steps,
+        policy=policies.policy_label(config),
+        computed_steps=stats.plan.describe() if stats.plan is not None else None,
         load_average_before=load,
         busy=busy_note(load) if device.type == "cpu" else "",
     )

@@ -38,6 +38,8 @@ class BenchResult:
     steps_full: int = 0  # the patched loop's steps by mode: full (and recording), pruned, skipped
     steps_pruned: int = 0
     steps_skipped: int = 0
+    policy: str = ""  # what the patched side ran, in words ("planned steps (MACs 0.4)", ...)
+    computed_steps: str | None = None  # a budgeted run (--macs): its plan's, counted from 1
     catpatch_version: str = __version__
     load_average_before: float | None = None  # 1-minute load average when timing began
     busy: str = ""  # the warning when that load already filled every core
@@ -45,8 +47,19 @@ class BenchResult:
     def table(self) -> str:
         s = self.settings
         runs = runs_label(len(self.patched_s))
-        name = policies.label(s["selection"])
-        clusters = s["selection"] in cluster_selections()
+        name = self.policy or policies.label(s["selection"])
+        clusters = s["selection"] in cluster_selections() and s.get("macs") is None
+        if s.get("macs") is not None:
+            policy = (
+                f"{name} (--macs {s['macs']:g}, --forecast {s['forecast']}): computed steps "
+                f"{self.computed_steps}"
+            )
+        else:
+            policy = (
+                f"{name} (--selection {s['selection']}): keep_ratio {s['keep_ratio']} "
+                f"(S={self.budget}), warmup {s['warmup_steps']}"
+                + (f", {s['num_clusters']} clusters" if clusters else "")
+            )
         rows = [
             ("device", self.device_name),
             ("model", s["model"] or f"{s['shape']} (random weights)"),
@@ -56,12 +69,7 @@ class BenchResult:
                 f"batch {s['batch']}{' + CFG' if s['cfg'] else ''} ({self.rows} rows), "
                 f"{s['dtype']}, compile={s['compile']}",
             ),
-            (
-                "policy",
-                f"{name} (--selection {s['selection']}): keep_ratio {s['keep_ratio']} "
-                f"(S={self.budget}), warmup {s['warmup_steps']}"
-                + (f", {s['num_clusters']} clusters" if clusters else ""),
-            ),
+            ("policy", policy),
             ("catpatch", self.catpatch_version),
             (f"loop unpatched ({runs})", f"{statistics.median(self.unpatched_s) * 1e3:.1f} ms"),
             (f"loop {name} ({runs})", f"{statistics.median(self.patched_s) * 1e3:.1f} ms"),
@@ -80,7 +88,11 @@ class BenchResult:
                 "steps full / pruned / skipped",
                 f"{self.steps_full} / {self.steps_pruned} / {self.steps_skipped}",
             ),
-            ("MACs ratio", f"{self.macs_ratio:.3f}"),
+            (
+                "MACs ratio",
+                f"{self.macs_ratio:.3f}"
+                + (f" (budget {s['macs']:g})" if s.get("macs") is not None else ""),
+            ),
             ("full / pruned step", f"{self.full_step_ms:.1f} / {self.pruned_step_ms:.1f} ms"),
             (
                 "selection per pruned step",

@@ -17,6 +17,8 @@ from ...dtypes import torch_dtype
 from ..common import (
     CommandError,
     cat_config,
+    check_budget_steps,
+    check_calibration,
     check_device,
     check_image_size,
     cluster_selections,
@@ -41,6 +43,9 @@ class BenchSettings:
     warmup_steps: int = 8
     num_clusters: int = 20
     selection: str = CATConfig.selection  # the library's default policy
+    macs: float | None = None  # the budget (CATConfig.macs): replaces the three above
+    forecast: str = CATConfig.forecast  # with macs
+    calibration: str | None = None  # with macs: a calibration file (None: the model's own)
     dtype: str = "fp32"
     device: str = "cpu"
     compile: str = "none"  # none | default | reduce-overhead | max-autotune
@@ -159,13 +164,16 @@ def check_settings(
         config = transformer_config(settings.shape, settings.model)
     if isinstance(config, BenchError):
         raise config
-    cat_config(
-        keep_ratio=settings.keep_ratio, warmup_steps=settings.warmup_steps,
-        num_clusters=settings.num_clusters, selection=settings.selection,
-    )  # fmt: skip
+    bench_config(settings)
+    budgeted = settings.macs is not None
     clusters = settings.num_clusters if settings.selection in cluster_selections() else None
+    clusters = None if budgeted else clusters
     check_image_size(config, settings.height, settings.width, clusters, error=BenchError)
-    if settings.steps <= settings.warmup_steps:
+    if budgeted:
+        check_budget_steps(settings.macs, settings.steps)
+        if settings.calibration is not None:
+            check_calibration(settings.calibration)
+    elif settings.steps <= settings.warmup_steps:
         raise BenchError(
             f"--steps {settings.steps} must be more than --warmup-steps {settings.warmup_steps}:"
             f" a loop that short prunes nothing, so there is nothing to compare"
@@ -173,6 +181,21 @@ def check_settings(
     for name in ("batch", "text_tokens", "repeats"):
         if getattr(settings, name) is not None and getattr(settings, name) < 1:
             raise BenchError(f"--{name.replace('_', '-')} must be >= 1")
+
+
+def bench_config(settings: BenchSettings) -> CATConfig:
+    """The `CATConfig` of the patched side (CommandError naming the option if a value is
+    bad): the budget with --macs, else the manual knobs."""
+    budget = {}
+    if settings.macs is not None:
+        budget = dict(
+            macs=settings.macs, forecast=settings.forecast, calibration=settings.calibration
+        )
+    return cat_config(
+        keep_ratio=settings.keep_ratio, warmup_steps=settings.warmup_steps,
+        num_clusters=settings.num_clusters, selection=settings.selection, lean=settings.lean,
+        **budget,
+    )  # fmt: skip
 
 
 def load_transformer(settings: BenchSettings):

@@ -3,6 +3,7 @@
     catpatch generate --model stabilityai/stable-diffusion-3-medium-diffusers \\
         --prompts-file prompts.txt --out out/fast                # step reuse (α 0.3, t0 8)
     catpatch generate ... --selection cat --out out/cat          # CAT's token pruning
+    catpatch generate ... --macs 0.4 --out out/budget            # at most 40% of the MACs
     catpatch generate ... --no-cat --out out/base                # same seeds and file names
     accelerate launch --num_processes 8 -m catpatch generate ...  # one share per GPU
 

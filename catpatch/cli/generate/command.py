@@ -11,6 +11,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from ...config import CATConfig
 from ...dtypes import DTYPE_NAMES
 from ...toy import GUIDANCE_SCALE as TOY_GUIDANCE
 from ...trained import builtin_models
@@ -119,20 +120,26 @@ def command(args: argparse.Namespace) -> int:
         guidance = builtin.guidance_scale if builtin is not None else DEFAULT_GUIDANCE
     try:
         resolve_cat_options(args)
+        if not args.cat and args.macs is not None:
+            raise CommandError(
+                f"--macs {args.macs:g} with --no-cat: the unpatched baseline has no budget; "
+                f"drop one of them"
+            )
         prompts = args.prompt or read_prompts(args.prompts_file)
         prompts = prompts[: args.limit] if args.limit is not None else prompts
         settings = GenerateSettings(
             model=args.model, prompts=prompts, out=args.out, cat=args.cat,
             keep_ratio=args.keep_ratio, warmup_steps=args.warmup_steps,
             num_clusters=args.num_clusters, selection=args.selection, steps=args.steps,
-            guidance=guidance,
+            macs=args.macs, forecast=args.forecast or CATConfig.forecast,
+            calibration=args.calibration, guidance=guidance,
             size=args.size, seed=args.seed, images_per_prompt=args.images_per_prompt,
             batch_size=args.batch_size, dtype=args.dtype, device=args.device, lora=args.lora,
             lora_scale=args.lora_scale, compile=args.compile,
             progress=show_progress(args.progress),
         )  # fmt: skip
         check(settings)
-        if args.cat:
+        if args.cat and args.macs is None:
             warn_if_nothing_pruned("generate", args.steps, args.warmup_steps)
         result = run(settings)
     except CommandError as err:  # GenerateError and the shared option checks

@@ -75,6 +75,8 @@ def _cat_figures(pipe) -> dict[str, Any]:
         "T": s.text_tokens,
         "computed_fraction": s.computed_fraction,
         "macs_ratio": s.macs_ratio,
+        # a budgeted run (--macs): the steps its plan computed, counted from 1
+        "computed_steps": s.plan.describe() if s.plan is not None else None,
     }
 
 

@@ -21,8 +21,8 @@ MANIFEST = "manifest.jsonl"
 SHARD_GLOB = "manifest.rank*.jsonl"
 # Settings that change the pixels: a resumed run must match the images already in --out.
 GENERATION_KEYS = (
-    "model", "cat", "selection", "keep_ratio", "warmup_steps", "num_clusters", "steps", "guidance",
-    "height", "width", "seed", "dtype", "lora", "lora_scale",
+    "model", "cat", "selection", "keep_ratio", "warmup_steps", "num_clusters", "macs",
+    "forecast", "steps", "guidance", "height", "width", "seed", "dtype", "lora", "lora_scale",
 )  # fmt: skip
 
 
@@ -106,11 +106,18 @@ def _recorded(settings: GenerateSettings, device, world_size: int, loaded: bool)
         model = str(Path(model).expanduser().resolve())
     height, width = settings.size or (None, None)
     cat = settings.cat
+    budgeted = cat and settings.macs is not None  # the budget replaces the manual knobs
+    manual = cat and not budgeted
     return {
-        "model": model, "cat": cat, "selection": settings.selection if cat else None,
-        "keep_ratio": settings.keep_ratio if cat else None,
-        "warmup_steps": settings.warmup_steps if cat else None,
-        "num_clusters": settings.num_clusters if cat else None,
+        "model": model, "cat": cat,
+        "policy": _policy(settings) if cat else None,
+        "selection": settings.selection if manual else None,
+        "keep_ratio": settings.keep_ratio if manual else None,
+        "warmup_steps": settings.warmup_steps if manual else None,
+        "num_clusters": settings.num_clusters if manual else None,
+        "macs": settings.macs if budgeted else None,
+        "forecast": settings.forecast if budgeted else None,
+        "calibration": _path(settings.calibration) if budgeted else None,
         "steps": settings.steps, "guidance": settings.guidance, "height": height, "width": width,
         "seed": settings.seed, "images_per_prompt": settings.images_per_prompt,
         "batch_size": settings.batch_size,
@@ -119,3 +126,18 @@ def _recorded(settings: GenerateSettings, device, world_size: int, loaded: bool)
         "lora_scale": settings.lora_scale if settings.lora else None,
         "compile": settings.compile, "world_size": world_size,
     }  # fmt: skip
+
+
+def _policy(settings: GenerateSettings) -> str:
+    """What the run's policy is, in words ("planned steps (MACs 0.4)", "step reuse", ...)."""
+    from ... import policies
+    from .pipeline import _cat_config
+
+    return policies.policy_label(_cat_config(settings))
+
+
+def _path(path: str | None) -> str | None:
+    """A file's path as the manifest records it: absolute when it exists."""
+    if path is None or not Path(path).expanduser().exists():
+        return path
+    return str(Path(path).expanduser().resolve())

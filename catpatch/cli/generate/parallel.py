@@ -11,7 +11,14 @@ from collections.abc import Callable
 from typing import Any
 
 from ...dtypes import DTYPE_NAMES, torch_dtype
-from ..common import CommandError, check_device, check_output_folder, output_folder
+from ..common import (
+    CommandError,
+    check_budget_steps,
+    check_calibration,
+    check_device,
+    check_output_folder,
+    output_folder,
+)
 from .loop import _generate_share
 from .manifest import _completed, _recorded, merge_manifest
 from .pipeline import _as_text_to_image, _cat_config, _prepare, check_lora, load_pipeline
@@ -91,6 +98,12 @@ def check(settings: GenerateSettings) -> None:
         raise GenerateError(f"--dtype must be one of {', '.join(DTYPE_NAMES)}")
     if settings.cat:
         _cat_config(settings)
+        try:
+            check_budget_steps(settings.macs, settings.steps)
+            if settings.macs is not None and settings.calibration is not None:
+                check_calibration(settings.calibration)
+        except CommandError as err:
+            raise GenerateError(str(err)) from None
     if settings.lora:
         check_lora(settings.lora)
     try:

@@ -126,6 +126,11 @@ def check_lora(lora: str) -> None:
 
 
 def _cat_config(settings: GenerateSettings):
+    budget = {}
+    if settings.macs is not None:  # the budget: the manual knobs stay at their defaults
+        budget = dict(
+            macs=settings.macs, forecast=settings.forecast, calibration=settings.calibration
+        )
     try:
         return cat_config(
             keep_ratio=settings.keep_ratio,
@@ -133,6 +138,7 @@ def _cat_config(settings: GenerateSettings):
             num_clusters=settings.num_clusters,
             selection=settings.selection,
             compile="default" if settings.compile else None,
+            **budget,
         )
     except CommandError as err:
         raise GenerateError(str(err)) from None
@@ -140,7 +146,7 @@ def _cat_config(settings: GenerateSettings):
 
 def _prepare(pipe, settings: GenerateSettings, height: int, width: int):
     """LoRA, then CAT or torch.compile; returns (pipeline, extra call kwargs)."""
-    clusters = settings.cat and settings.selection in cluster_selections()
+    clusters = settings.cat and settings.macs is None and settings.selection in cluster_selections()
     check_size(pipe, height, width, settings.num_clusters if clusters else None)
     extra: dict[str, Any] = {}
     from ...trained import builtin_models

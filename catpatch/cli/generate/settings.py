@@ -30,6 +30,9 @@ class GenerateSettings:
     warmup_steps: int = 8
     num_clusters: int = 20
     selection: str = CATConfig.selection  # the library's default policy
+    macs: float | None = None  # the budget (CATConfig.macs): replaces the three above
+    forecast: str = CATConfig.forecast  # with macs
+    calibration: str | None = None  # with macs: a calibration file (None: the model's own)
     steps: int = 28
     guidance: float = DEFAULT_GUIDANCE
     size: tuple[int, int] | None = None  # (height, width); None: the model's native size

@@ -13,7 +13,10 @@ ratios 0.2 / 0.3 / 0.5:
   and first order); diffusers' `taylorseer` (attention forecast) and `taylorseer-lite`
   (whole steps forecast) at cache intervals 2-4, MACs measured with torch's FLOP counter
   (`catpatch.peers.taylorseer`), and MagCache (`catpatch.peers.magcache`);
-- warm-up t0 and the cluster count swept around the defaults (28 steps, α 0.3).
+- warm-up t0 and the cluster count swept around the defaults (28 steps, α 0.3);
+- with `catpatch study --macs B` (`planned_runs`), also `planned`: `CATConfig(macs=B)`, the
+  planner's steps with forecasts on the others, at every step count (its row: α 1, t0 the
+  plan's leading computed steps, setting the budget and forecast).
 
 Fidelity to the unpatched output: PSNR and SSIM in pixel space (torchmetrics), the relative L2
 error of the final latents; caption following: the toy detector's accuracy on the images
@@ -36,6 +39,7 @@ from .methods import (
     KEEP_RATIOS,
     LOW_STEP_KEEP_RATIOS,
     METHODS,
+    PLANNED,
     QUICK_METHODS,
     REUSE_MACS,
     STEP_METHODS,
@@ -45,6 +49,7 @@ from .methods import (
     WARMUP_SWEEP,
     Setting,
     configurations,
+    planned_runs,
 )
 from .plot import frontier, plot
 from .rows import Row
@@ -60,6 +65,7 @@ __all__ = [
     "KEEP_RATIOS",
     "LOW_STEP_KEEP_RATIOS",
     "METHODS",
+    "PLANNED",
     "QUICK_METHODS",
     "REUSE_MACS",
     "STEPS",
@@ -75,6 +81,7 @@ __all__ = [
     "frontier",
     "generate_images",
     "markdown_table",
+    "planned_runs",
     "plot",
     "run_study",
     "targets",

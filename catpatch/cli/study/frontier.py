@@ -28,7 +28,10 @@ from .runs import _reference, _run_peer, check_model, fidelity, generate_images
 
 BUDGETS = (0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.75)
 TUNED = ("step", "taylorseer-lite", "taylorseer", "cat")
-PLANNED = ("planned", "planned-reuse")
+PLANNED = ("planned", "planned-reuse", "planned+anchors")
+# 0.3.0's default (step reuse, α 0.3, t0 8, first-order forecast), spelt out: what a new
+# default must beat in every group by the rule (`examples/decide_defaults.py --budget`).
+DEFAULT_030 = CATConfig(keep_ratio=0.3, warmup_steps=8, selection="step", reuse_order=1)
 SLACK = 0.01  # a setting fits a budget when its MACs are at most budget + SLACK
 
 
@@ -59,11 +62,14 @@ def sweep_settings(steps: int, small: bool = False) -> list[tuple[str, object]]:
     return runs
 
 
-def planned_settings(budget: float) -> list[tuple[str, CATConfig]]:
-    return [
+def planned_settings(budget: float, methods=PLANNED) -> list[tuple[str, CATConfig]]:
+    """catpatch's budgeted runs at `budget`: the default forecast, plain reuse, anchors."""
+    runs = [
         ("planned", CATConfig(macs=budget)),
         ("planned-reuse", CATConfig(macs=budget, forecast="reuse")),
+        ("planned+anchors", CATConfig(macs=budget, anchors=1)),
     ]
+    return [r for r in runs if r[0] in methods]
 
 
 def key_of(steps: int, method: str, setting: object, images: int) -> str:
@@ -83,7 +89,8 @@ def run_frontier(
     tune: int = 16,
     budgets: tuple[float, ...] = BUDGETS,
     small: bool = False,
-    stages: tuple[str, ...] = ("sweep", "final", "planned"),
+    stages: tuple[str, ...] = ("sweep", "planned", "final"),
+    methods: tuple[str, ...] = PLANNED,
     log=print,
 ) -> list[dict]:
     """Run (or resume) the frontier study into `out`; returns every row."""
@@ -141,21 +148,22 @@ def run_frontier(
         _, refs = _reference(
             out, images, steps, lambda s=steps: generate_images(pipe, prompts, s, 16, trained)
         )
-        settings = sweep_settings(steps, small)
         if "sweep" in stages:
-            for method, setting in settings:
+            for method, setting in sweep_settings(steps, small):
                 measure(steps, method, setting, tune, refs)
-        if "final" in stages:
-            for budget in budgets:
-                for method in TUNED:
-                    best = best_tuned(done, steps, method, budget, tune, settings)
-                    if best is not None:
-                        measure(steps, method, best, images, refs)
         if "planned" in stages:
+            measure(steps, "default-0.3.0", DEFAULT_030, images, refs)
             for budget in budgets:
-                for method, setting in planned_settings(budget):
+                for method, setting in planned_settings(budget, methods):
                     if math.floor(budget * steps + 1e-9) >= 2:
                         measure(steps, method, setting, images, refs)
+        if "final" in stages:
+            everything = sweep_settings(steps)  # any setting tuned so far, either grid
+            for budget in budgets:
+                for method in TUNED:
+                    best = best_tuned(done, steps, method, budget, tune, everything)
+                    if best is not None:
+                        measure(steps, method, best, images, refs)
     return list(done.values())
 
 
@@ -179,7 +187,8 @@ def _describe(setting) -> str:
             f"warm-up {setting.warmup_steps}"
         )
     if setting.budgeted:
-        return f"macs {setting.macs:g} forecast {setting.forecast}"
+        anchors = f" anchors {setting.anchors}" if setting.anchors else ""
+        return f"macs {setting.macs:g} forecast {setting.forecast}{anchors}"
     return (
         f"{setting.selection} alpha {setting.keep_ratio:g} warm-up {setting.warmup_steps} "
         f"order {setting.reuse_order}"

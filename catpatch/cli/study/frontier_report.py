@@ -14,6 +14,7 @@ from .frontier import BUDGETS, PLANNED, SLACK, TUNED
 NAMES = {
     "planned": "catpatch `macs=B`",
     "planned-reuse": "`macs=B`, forecast reuse",
+    "planned+anchors": "`macs=B`, 1 anchor per cluster",
     "step": "step reuse 0.3.0 (tuned)",
     "taylorseer-lite": "TaylorSeer lite (tuned)",
     "taylorseer": "TaylorSeer attention (tuned)",
@@ -37,6 +38,8 @@ def pick(rows: list[dict], steps: int, images: int, method: str, budget: float) 
             if r["method"] == method and r["setting"].startswith(f"macs {budget:g} "):
                 return r
         return None
+    if method == "default-0.3.0":
+        return next((r for r in finals if r["method"] == method), None)
     tuning = {
         r["key"].replace(f"{steps} {r['images']} ", f"{steps} {images} ", 1): r
         for r in rows
@@ -159,3 +162,39 @@ def _plot(rows, path: Path, model: str, steps_list, images: int, budgets) -> Non
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def decide_budget(studies: dict[str, list[dict]], steps_list=(28, 50), budgets=BUDGETS):
+    """The defaults rule for a budget: the smallest budget B whose planned run beats 0.3.0's
+    default in every (model, steps) group by more than two paired standard errors at no more
+    MACs. -> (B or None, report lines)."""
+    lines = [
+        "| model | steps | budget | planned MACs | default MACs | planned − default | verdict |",
+        "|" + "---|" * 7,
+    ]
+    winners = []
+    for budget in sorted(budgets):
+        wins = True
+        for model, rows in studies.items():
+            images = max((r["images"] for r in rows), default=0)
+            for steps in steps_list:
+                planned = pick(rows, steps, images, "planned", budget)
+                default = pick(rows, steps, images, "default-0.3.0", budget)
+                if planned is None or default is None:
+                    verdict, diff = "not run", ""
+                else:
+                    mean, se = paired(planned, default)
+                    cheaper = planned["macs"] <= default["macs"] + 1e-9
+                    win = mean > 2 * se and cheaper
+                    verdict = "win" if win else ("loss" if cheaper else "costlier")
+                    diff = f"{mean:+.2f} ± {se:.2f}"
+                wins &= verdict == "win"
+                lines.append(
+                    f"| {model} | {steps} | {budget:g} | "
+                    + (f"{planned['macs']:.3f} | {default['macs']:.3f}" if diff else " | ")
+                    + f" | {diff} | {verdict} |"
+                )
+        if wins:
+            winners.append(budget)
+    chosen = min(winners) if winners else None
+    return chosen, lines

@@ -54,6 +54,7 @@ MAGCACHE_CALIBRATION_IMAGES = 8
 WARMUP_SWEEP = (4, 6, 10, 12)
 CLUSTER_SWEEP = (5, 10, 40)
 MODEL = "SD3Transformer2DModel"  # whose MACs are counted
+PLANNED = "planned"  # `catpatch study --macs B`: CATConfig(macs=B) (`planned_runs`)
 
 Setting = CATConfig | TaylorSeer | MagCache
 
@@ -91,6 +92,12 @@ def configurations(quick: bool = False) -> list[tuple[int, str, Setting]]:
     # an interrupted study (resumed later) already answers them in every (steps, α) group.
     first = [r for r in runs if r[1] in FIRST_METHODS and _in_grid(r[2])]
     return first + [r for r in runs if r not in first]
+
+
+def planned_runs(config: CATConfig, quick: bool = False) -> list[tuple[int, str, Setting]]:
+    """`catpatch study --macs B`: the budgeted method (`config`, a `CATConfig(macs=B)`) at
+    every step count of the study (28 only with `quick`), under the name `PLANNED`."""
+    return [(steps, PLANNED, config) for steps in ((28,) if quick else STEPS)]
 
 
 def _in_grid(config: Setting) -> bool:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .methods import CATPATCH_METHODS, METHODS, PEERS, in_sweep
+from .methods import CATPATCH_METHODS, METHODS, PEERS, PLANNED, in_sweep
 from .rows import Row
 
 
@@ -20,7 +20,7 @@ def plot(rows: list[Row], path: Path) -> None:
     fig, axes = plt.subplots(1, len(steps_list), figsize=(7 * len(steps_list), 5), squeeze=False)
     for ax, steps in zip(axes[0], steps_list, strict=True):
         shown = [r for r in rows if r.steps == steps and not in_sweep(r)]
-        for i, method in enumerate(METHODS):
+        for i, method in enumerate((*METHODS, PLANNED)):
             points = sorted((r.macs_ratio, r.psnr) for r in shown if r.method == method)
             if points:
                 x, y = zip(*points, strict=True)

@@ -83,13 +83,15 @@ def run_study(
     model: str = "toy",
     progress: bool = False,
     report: bool = False,
+    extra: list[tuple[int, str, Setting]] | None = None,
 ) -> list[Row]:
     """Run the study into folder `out` (see `catpatch.cli.study`); returns its rows.
 
     `runs` replaces the configurations of the study (`configurations(quick)`). `model`: `toy`
     or a folder written by `python -m catpatch.toy train`. `progress`: a bar over the
     configurations (log lines then print above it). `report`: run nothing, write the tables
-    of the runs an interrupted study in `out` has finished."""
+    of the runs an interrupted study in `out` has finished. `extra`: runs added to those
+    (`planned_runs`: `catpatch study --macs B`)."""
     from tqdm.auto import tqdm
 
     from ... import cat_stats
@@ -103,6 +105,7 @@ def run_study(
     prompts = trained.eval_prompts(images)
     labels = np.array([p.labels for p in prompts])
     runs = configurations(quick) if runs is None else runs
+    runs = [*runs, *(extra or [])]
     joint = "+".join(trained.data.JOINT[0])  # the detector's pair: colour+position on the toy
 
     def accuracy(imgs: np.ndarray) -> dict[str, float]:
@@ -123,7 +126,7 @@ def run_study(
                 f"{out}: no finished runs of a {images}-image study to report; run `catpatch "
                 f"study --out {out}` without --report first"
             )
-        log(f"{len(runs)} of {len(configurations(quick))} runs finished")
+        log(f"{len(runs)} of {len(configurations(quick)) + len(extra or [])} runs finished")
     bar = tqdm(total=len(step_counts) + len(runs), desc="study", unit="run", disable=not progress)
     if progress:
         log = tqdm.write
@@ -174,9 +177,12 @@ def run_study(
             else:
                 apply_cat(pipe, config)
                 latents, imgs = generate_images(pipe, prompts, steps, batch_size, trained)
-                macs = cat_stats(pipe).macs_ratio
+                stats = cat_stats(pipe)
+                macs = stats.macs_ratio
                 remove_cat(pipe)
                 keep, t0, clusters = config.keep_ratio, config.warmup_steps, config.num_clusters
+                if config.budgeted:  # no α, t0 or clusters: the plan's leading computed steps
+                    keep, t0, clusters = 1.0, _leading(stats.plan.computed), 0
             ref_latents, ref_images = references[steps]
             psnr, ssim = fidelity(imgs, ref_images)
             ref_norm = ref_latents.flatten(1).norm(dim=1)
@@ -235,9 +241,19 @@ def _describe(config: Setting) -> str:
         return f"interval {config.cache_interval}"
     if isinstance(config, MagCache):
         return f"threshold {config.threshold:g}"
+    if config.budgeted:
+        return f"MACs budget {config.macs:g}, forecast {config.forecast}"
     if config.selection == "cat+reuse":
         return f"MACs target {config.reuse_macs:g}"
     return ""
+
+
+def _leading(computed: tuple[int, ...]) -> int:
+    """How many steps a plan computes before its first forecast one."""
+    count = 0
+    while count in computed:
+        count += 1
+    return count
 
 
 def _key(steps: int, method: str, config: Setting) -> str:

@@ -13,7 +13,15 @@ import numpy as np
 from ... import __version__
 from ...config import CATConfig
 from ..common import plural
-from .methods import CATPATCH_METHODS, COMBINED_METHODS, KEEP_RATIOS, PEERS, STEP_METHODS, in_sweep
+from .methods import (
+    CATPATCH_METHODS,
+    COMBINED_METHODS,
+    KEEP_RATIOS,
+    PEERS,
+    PLANNED,
+    STEP_METHODS,
+    in_sweep,
+)
 from .plot import plot
 from .rows import Row
 
@@ -122,6 +130,28 @@ def targets(rows: list[Row]) -> str:
         lines,
         "no `cat+reuse` run (the full study has them; `--quick` does not)",
     )
+    planned = [r for r in main if r.method == PLANNED]
+    if planned:  # `catpatch study --macs B`
+        lines = []
+        for r in planned:
+            same = [s for s in main if s.steps == r.steps]
+            curves = [[s for s in same if s.method == m] for m in STEP_METHODS]
+            peers = [v for v in (_interpolate(c, r.macs_ratio) for c in curves) if v is not None]
+            peer = max(peers) if peers else None
+            margin = "-" if peer is None else f"{r.psnr - peer:+.2f}"
+            shown = "-" if peer is None else f"{peer:.2f}"
+            lines.append(
+                f"| {r.steps} | {r.setting} | {r.macs_ratio:.3f} | {r.psnr:.2f} | {shown} | "
+                f"{margin} |"
+            )
+        table(
+            "The budgeted policy (`--macs`) against step reuse (the better of `step` / "
+            "`step+forecast`, interpolated at the same MACs; `-`: no step reuse runs around "
+            "these MACs):",
+            ["steps", "planned", "MACs", "PSNR", "step reuse at these MACs", "margin"],
+            lines,
+            "no `planned` run",
+        )
     lines = []
     for r in (r for r in main if r.method in PEERS):
         ours = [c for c in main if c.steps == r.steps and c.method in CATPATCH_METHODS]
