@@ -193,9 +193,9 @@ def test_a_file_that_is_no_calibration(tmp_path, capsys):
 def test_budget_too_small_when_the_run_starts_is_one_line(tmp_path, monkeypatch, capsys):
     """The planner's own error (raised at the run's first step) reads as the command line's,
     in one line, should a run start that the early check let through."""
-    from catpatch.cli import common
+    from catpatch.cli import budget
 
-    monkeypatch.setattr(common, "check_budget_steps", lambda *args, **kwargs: None)
+    monkeypatch.setattr(budget, "check_budget_steps", lambda *args, **kwargs: None)
     argv = ["demo", "--macs", "0.05", "--steps", "10", "--repeats", "0", "--no-progress",
             "--prompt", "a", "--out", str(tmp_path / "demo")]  # fmt: skip
     assert run_cli(argv) == 2

@@ -16,15 +16,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .. import __version__, policies
+from .budget import add_budget_options, budget_config_error
 from .common import (
     MODEL_HELP,
     PROGRESS_HELP,
     CommandError,
     HelpFormatter,
     Parser,
-    add_budget_options,
     add_cat_options,
-    budget_config_error,
     check_output_folder,
     fail,
     nonnegative_int,
@@ -70,14 +69,8 @@ def _demo_parser(sub) -> None:
 
 
 def _demo(args) -> int:
-    from .common import (
-        budget_fields,
-        cat_config,
-        check_budget_steps,
-        check_device,
-        resolve_cat_options,
-        warn_if_nothing_pruned,
-    )
+    from .budget import budget_fields, check_budget_steps
+    from .common import cat_config, check_device, resolve_cat_options, warn_if_nothing_pruned
     from .demo import DEMO_PROMPTS, run_demo
     from .timing import bound_note, runs_label
 
@@ -169,7 +162,8 @@ def _study_parser(sub) -> None:
 
 
 def _study(args) -> int:
-    from .common import budget_fields, cat_config, check_budget_options, check_budget_steps
+    from .budget import budget_fields, check_budget_options, check_budget_steps
+    from .common import cat_config
     from .study import STEPS, check_model, planned_runs, run_study
 
     check_budget_options(args)
@@ -218,15 +212,20 @@ def _subcommand_parser(parser: argparse.ArgumentParser, command: str) -> argpars
     return parser
 
 
-def _one_line_warnings(command: str, show):
-    """`warnings.showwarning` that prints the library's warning about a budget planned
-    without the model's calibration (`--macs`) as one `catpatch COMMAND: warning:` line; any
-    other warning as `show` does (the commands say the others in their own words)."""
+def _one_line_warnings(command: str, show, budgeted: bool = False):
+    """`warnings.showwarning` that prints the library's warnings about a budget planned
+    without the model's calibration, or one that saves nothing (`--macs 1`), as one `catpatch
+    COMMAND: warning:` line; the run that saves nothing without a budget is said before it
+    starts, in the command's own words (`warn_if_nothing_pruned`); any other warning as
+    `show` does."""
 
     def showwarning(message, category, filename, lineno, file=None, line=None):
         text = str(message)
         if text.startswith("catpatch: ") and "calibration" in text:
             warn(command, text.removeprefix("catpatch: "))
+        elif text.startswith("catpatch: ") and "saves nothing" in text:
+            if budgeted:
+                warn(command, text.removeprefix("catpatch: "))
         else:
             show(message, category, filename, lineno, file, line)
 
@@ -247,7 +246,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             # every command's output folder, checked once before any work
             check_output_folder(args.out)
         with warnings.catch_warnings():
-            warnings.showwarning = _one_line_warnings(args.command, warnings.showwarning)
+            budgeted = getattr(args, "macs", None) is not None
+            warnings.showwarning = _one_line_warnings(
+                args.command, warnings.showwarning, budgeted
+            )
             status = args.func(args)
         sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
         return status

@@ -14,11 +14,10 @@ from typing import Any
 
 from ...config import CATConfig
 from ...dtypes import torch_dtype
+from ..budget import check_budget_steps, check_calibration
 from ..common import (
     CommandError,
     cat_config,
-    check_budget_steps,
-    check_calibration,
     check_device,
     check_image_size,
     cluster_selections,

@@ -11,10 +11,9 @@ from collections.abc import Callable
 from typing import Any
 
 from ...dtypes import DTYPE_NAMES, torch_dtype
+from ..budget import check_budget_steps, check_calibration
 from ..common import (
     CommandError,
-    check_budget_steps,
-    check_calibration,
     check_device,
     check_output_folder,
     output_folder,
