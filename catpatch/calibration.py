@@ -82,7 +82,7 @@ class Calibration:
         if not path.is_file():
             raise FileNotFoundError(
                 f"{path}: no calibration there; make one with catpatch.calibrate(pipe, "
-                f"prompts).save(path) or `catpatch calibrate`"
+                f"prompts).save(path) (see README, 'Budget')"
             )
         with safe_open(str(path), framework="np") as f:
             meta = f.metadata() or {}

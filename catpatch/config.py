@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+# The budget `CATConfig()` plans when none of the manual knobs (`MANUAL`) nor `macs` is
+# given; None: no budget by default (0.3.0's step reuse). Set by the defaults rule.
+DEFAULT_MACS: float | None = None
+MANUAL = ("keep_ratio", "warmup_steps", "selection", "reuse_order", "reuse_macs", "token_order")
 CFG_SELECTION_MODES = ("shared", "per_row")
 ANCHOR_CHOICES = ("score", "random")
 COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune")
@@ -148,6 +153,10 @@ class CATConfig:
     anchor_gain: float = 1.0
 
     def __post_init__(self) -> None:
+        given = getattr(self, "_given", None)  # the fields named in the call (see below)
+        if DEFAULT_MACS is not None and given is not None and not given & {"macs", *MANUAL}:
+            self.macs = DEFAULT_MACS
+
         def fail(field: str, why: str) -> None:
             raise ValueError(f"CATConfig.{field}={getattr(self, field)!r}: {why}")
 
@@ -297,6 +306,7 @@ class CATConfig:
             if getattr(self, f.name) != f.default
         ]
         if self.budgeted:
+            changed.sort(key=lambda c: not c.startswith("macs="))  # the budget first
             return f"CATConfig({', '.join(changed)})"
         core = [f"keep_ratio={self.keep_ratio!r}", f"warmup_steps={self.warmup_steps!r}"]
         rest = [c for c in changed if not c.startswith(("keep_ratio=", "warmup_steps="))]
@@ -304,3 +314,15 @@ class CATConfig:
 
 
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(CATConfig)}
+_FIELDS = tuple(_DEFAULTS)
+_dataclass_init = CATConfig.__init__
+
+
+def _init_naming_the_given(self, *args, **kwargs) -> None:
+    # Which fields the caller named: `CATConfig(keep_ratio=0.3)` sets a manual knob (no
+    # default budget) even though 0.3 is its default value; `replace` names every field.
+    self._given = frozenset(_FIELDS[: len(args)]) | frozenset(kwargs)
+    _dataclass_init(self, *args, **kwargs)
+
+
+CATConfig.__init__ = functools.wraps(_dataclass_init)(_init_naming_the_given)

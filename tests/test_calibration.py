@@ -53,20 +53,22 @@ def test_interpolation_reproduces_grid_points_exactly():
     assert np.array_equal(weights, np.eye(len(GRID))[::-1])
 
 
-def test_interpolation_rows_sum_to_one_and_are_linear_in_sigma():
+def test_interpolation_rows_sum_to_one_and_are_exact_for_cubics_in_sigma():
     at = np.array([1.2, 1.0, 0.9, 0.61, 0.3, 0.2, 0.1, 0.05, 0.0])
     weights = interpolation(GRID, at)
     assert weights.shape == (len(at), len(GRID))
     np.testing.assert_allclose(weights.sum(1), 1.0, atol=1e-12)
-    assert (weights >= 0).all()
-    assert (np.count_nonzero(weights, axis=1) <= 2).all()
-    # inside the grid, the weights reproduce σ itself (linear interpolation is exact on lines)
+    assert (np.count_nonzero(weights, axis=1) <= 4).all()  # the 4 nearest grid values
+    # inside the grid the weights reproduce any cubic in σ (cubic interpolation)
     inside = (at <= GRID.max()) & (at >= GRID.min())
-    np.testing.assert_allclose(weights[inside] @ GRID, at[inside], atol=1e-12)
+    for power in (1, 2, 3):
+        np.testing.assert_allclose(weights[inside] @ GRID**power, at[inside] ** power, atol=1e-12)
+    # linear interpolation (2 points) has non-negative weights, as before
+    assert (interpolation(GRID, at, points=2) >= -1e-15).all()
     # outside, the nearest end
     assert weights[0, 0] == 1.0 and weights[-1, -1] == 1.0 and weights[-2, -1] == 1.0
-    # 0.9 lies halfway between 1.0 and 0.8
-    np.testing.assert_allclose(weights[2, :2], [0.5, 0.5], atol=1e-12)
+    # 0.9 lies halfway between 1.0 and 0.8: linear interpolation weighs them equally
+    np.testing.assert_allclose(interpolation(GRID, at, points=2)[2, :2], [0.5, 0.5], atol=1e-12)
 
 
 def test_interpolation_on_an_increasing_grid_too():

@@ -17,6 +17,7 @@ from catpatch import CATConfig, apply_cat, cat_generation, cat_stats, remove_cat
 def test_every_default_names_the_same_policy():
     from catpatch.cli import build_parser
     from catpatch.cli.bench import BenchSettings
+    from catpatch.cli.common import resolve_cat_options
     from catpatch.cli.generate.settings import GenerateSettings
 
     default = CATConfig().selection
@@ -30,7 +31,10 @@ def test_every_default_names_the_same_policy():
         ["bench"],
         ["generate", "--model", "toy", "--prompt", "x", "--out", "o"],
     ):
-        assert parser.parse_args(command).selection == default, command
+        args = parser.parse_args(command)
+        assert args.selection is None, command  # unset: the commands can tell it was not given
+        resolve_cat_options(args)
+        assert args.selection == default and args.macs == CATConfig().macs, command
     assert CATConfig.paper().selection == "paper"  # the paper's token pruning: one call
 
 

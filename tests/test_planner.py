@@ -352,7 +352,8 @@ def test_policy_output_is_the_weighted_sum_of_each_calls_own_history():
         mine = per_call[call]
         expected = weighted(plan, step, mine)
         assert got.dtype == torch.float32 and got.shape == mine[0].shape
-        torch.testing.assert_close(got.double(), expected, rtol=1e-6, atol=1e-6)
+        # float32 arithmetic against a float64 reference: float32 rounding
+        torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
         if plan.weights[step] == (1.0,):  # reuse gives the very output again
             assert torch.equal(got, mine[plan.history[step][0]])
     # each call keeps at most HISTORY outputs, newest first

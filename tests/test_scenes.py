@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from catpatch.calibration import CALIBRATION_FILE
 from catpatch.scenes import MODEL, data
 from catpatch.trained import builtin_models
 from catpatch.trained import train as toy_train
@@ -133,7 +134,9 @@ def test_shipped_scenes_weights_are_compact_safetensors():
     assert (MODEL.weights_dir() / "model_index.json").is_file()
     assert sum(p.stat().st_size for p in files) <= 30 * 2**20
     weights = [p for p in files if p.suffix in (".safetensors", ".bin", ".pt", ".pth")]
-    assert len(weights) == 6 and all(p.suffix == ".safetensors" for p in weights)
+    # five pipeline components, the detector and the planner's calibration
+    assert len(weights) == 7 and all(p.suffix == ".safetensors" for p in weights)
+    assert any(p.name == CALIBRATION_FILE for p in weights)
 
 
 def test_shipped_scenes_pipeline_follows_its_captions(shipped):

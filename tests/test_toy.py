@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from catpatch import toy
+from catpatch.calibration import CALIBRATION_FILE
 from catpatch.toy import build, data
 from catpatch.trained.detector import accuracy
 
@@ -54,7 +55,9 @@ def test_weights_are_compact_safetensors():
     assert (toy.weights_dir() / "model_index.json").is_file()
     assert sum(p.stat().st_size for p in files) <= 25 * 2**20
     weights = [p for p in files if p.suffix in (".safetensors", ".bin", ".pt", ".pth")]
-    assert len(weights) == 6 and all(p.suffix == ".safetensors" for p in weights)
+    # five pipeline components, the detector and the planner's calibration
+    assert len(weights) == 7 and all(p.suffix == ".safetensors" for p in weights)
+    assert any(p.name == CALIBRATION_FILE for p in weights)
 
 
 def test_generates_offline_at_few_steps(pipe):

@@ -327,6 +327,9 @@ def resolve_cat_options(args: argparse.Namespace) -> None:
     from .budget import check_budget_options
 
     defaults = CATConfig()
+    manual = (args.keep_ratio, args.warmup_steps, args.selection, args.num_clusters)
+    if args.macs is None and defaults.budgeted and all(v is None for v in manual):
+        args.macs = defaults.macs  # the library's default is a budget: so is the command's
     check_budget_options(args)
     if args.macs is not None:
         given = [

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -164,13 +165,29 @@ def _plot(rows, path: Path, model: str, steps_list, images: int, budgets) -> Non
     plt.close(fig)
 
 
+def default_slope(rows: list[dict], steps: int) -> float:
+    """dB per unit of MACs on 0.3.0's default curve (step reuse, t0 8, first-order forecast,
+    α 0.2 / 0.3 / 0.5 on the tuning captions): its steepest segment, what extra MACs buy it
+    (as `decide.py` prices a win at more MACs)."""
+    curve = sorted(
+        (r["macs"], r["psnr"])
+        for r in rows
+        if r["steps"] == steps and r["method"] == "step"
+        and r["setting"] in {f"step alpha {a:g} warm-up 8 order 1" for a in (0.2, 0.3, 0.5)}
+    )  # fmt: skip
+    slopes = [(b[1] - a[1]) / (b[0] - a[0]) for a, b in pairwise(curve) if b[0] > a[0]]
+    return max(slopes, default=0.0)
+
+
 def decide_budget(studies: dict[str, list[dict]], steps_list=(28, 50), budgets=BUDGETS):
     """The defaults rule for a budget: the smallest budget B whose planned run beats 0.3.0's
-    default in every (model, steps) group by more than two paired standard errors at no more
-    MACs. -> (B or None, report lines)."""
+    default in every (model, steps) group by more than two paired standard errors, after
+    what any extra MACs would buy the default on its own curve (`default_slope`).
+    -> (B or None, report lines)."""
     lines = [
-        "| model | steps | budget | planned MACs | default MACs | planned − default | verdict |",
-        "|" + "---|" * 7,
+        "| model | steps | budget | planned MACs | default MACs | planned − default | "
+        "price of extra MACs | verdict |",
+        "|" + "---|" * 8,
     ]
     winners = []
     for budget in sorted(budgets):
@@ -181,18 +198,18 @@ def decide_budget(studies: dict[str, list[dict]], steps_list=(28, 50), budgets=B
                 planned = pick(rows, steps, images, "planned", budget)
                 default = pick(rows, steps, images, "default-0.3.0", budget)
                 if planned is None or default is None:
-                    verdict, diff = "not run", ""
-                else:
-                    mean, se = paired(planned, default)
-                    cheaper = planned["macs"] <= default["macs"] + 1e-9
-                    win = mean > 2 * se and cheaper
-                    verdict = "win" if win else ("loss" if cheaper else "costlier")
-                    diff = f"{mean:+.2f} ± {se:.2f}"
-                wins &= verdict == "win"
+                    wins = False
+                    lines.append(f"| {model} | {steps} | {budget:g} | | | | | not run |")
+                    continue
+                mean, se = paired(planned, default)
+                extra = max(0.0, planned["macs"] - default["macs"])
+                price = extra * default_slope(rows, steps)
+                win = mean - price > 2 * se
+                wins &= win
                 lines.append(
-                    f"| {model} | {steps} | {budget:g} | "
-                    + (f"{planned['macs']:.3f} | {default['macs']:.3f}" if diff else " | ")
-                    + f" | {diff} | {verdict} |"
+                    f"| {model} | {steps} | {budget:g} | {planned['macs']:.3f} | "
+                    f"{default['macs']:.3f} | {mean:+.2f} ± {se:.2f} | {price:.2f} | "
+                    f"{'win' if win else 'no win'} |"
                 )
         if wins:
             winners.append(budget)
