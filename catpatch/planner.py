@@ -40,6 +40,10 @@ RIDGE = 1e-3  # shrinkage of fitted weights toward reuse, relative to the histor
 # no longer change.
 EARLY = 10.0
 MIN_COMPUTED = 2  # the first step, and at least one more to learn the trajectory from
+# The first steps always computed (when the budget pays for more than these): a skipped step
+# at the very top of the schedule can move an image's layout, which the mean error the
+# search minimises underweights.
+MIN_WARMUP = 3  # TaylorSeer and ClusCa full-compute their first 3 steps too
 
 
 @dataclass(frozen=True)
@@ -221,7 +225,7 @@ class _Search:
         remaining steps densest early (exponent p < 1), evenly (1) or densest late (p > 1)."""
         candidates = set()
         n = self.steps
-        for warmup in range(1, count + 1):
+        for warmup in range(max(1, self.min_warmup(count)), count + 1):
             rest = count - warmup
             for power in (0.5, 0.7, 1.0, 1.4, 2.0):
                 picks = set(range(warmup))
@@ -234,6 +238,11 @@ class _Search:
                 candidates.add(tuple(sorted(picks)))
         return sorted(candidates)
 
+    @staticmethod
+    def min_warmup(count: int) -> int:
+        """Leading steps every plan of `count` computed steps keeps."""
+        return MIN_WARMUP if count > MIN_WARMUP else 1
+
     def refine(self, plan: tuple[int, ...]) -> tuple[int, ...]:
         """Local search: move one computed step (never the first) to another free step
         nearby while that lowers the error."""
@@ -241,7 +250,7 @@ class _Search:
         improved = True
         while improved:
             improved = False
-            for i in range(1, len(best)):
+            for i in range(max(1, self.min_warmup(len(best))), len(best)):
                 for move in (-3, -2, -1, 1, 2, 3):
                     target = best[i] + move
                     if not 0 < target < self.steps or target in best:

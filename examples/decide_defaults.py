@@ -64,7 +64,7 @@ def main() -> None:
 
 
 def decide_budget_default(args) -> None:
-    from catpatch.cli.study.frontier_report import decide_budget, load_rows
+    from catpatch.cli.study.frontier_report import decide_budget, load_rows, settings_table
 
     studies = {}
     for spec in args.studies:
@@ -80,7 +80,10 @@ def decide_budget_default(args) -> None:
         f"# A budget as the default (catpatch {__version__})\n\n"
         "Each budget's planned run against 0.3.0's default (step reuse, α 0.3, t0 8, "
         "first-order forecast) on the same images, paired; a win is more than two standard "
-        f"errors ahead at no more MACs. Result: {verdict}.\n\n" + "\n".join(lines) + "\n"
+        "errors ahead after what any extra MACs buy the default on its own curve. Result: "
+        f"{verdict}.\n\n" + "\n".join(lines) + "\n\n## Budget -> PSNR (worst image), "
+        "planned against the best tuned step reuse / TaylorSeer\n\n"
+        + settings_table(studies) + "\n"
     )
     print(text)
     if args.out:

@@ -2,7 +2,7 @@
 budget against the best tuned setting of step reuse (0.3.0), TaylorSeer and CAT.
 
     python examples/frontier_study.py --model toy --out examples/results/frontier-toy
-    python examples/frontier_study.py --model scenes --images 32 --tune 8 --small \\
+    python examples/frontier_study.py --model scenes --images 32 --tune 8 --small 2 \\
         --out examples/results/frontier-scenes
 
 Resumable: run the same command again after an interruption. `--stages` runs a part
@@ -26,7 +26,9 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=64)
     parser.add_argument("--tune", type=int, default=16)
     parser.add_argument("--budgets", type=float, nargs="+", default=list(BUDGETS))
-    parser.add_argument("--small", action="store_true", help="a coarser sweep (slow models)")
+    parser.add_argument(
+        "--small", type=int, default=0, choices=(0, 1, 2), help="coarser sweeps (slow models)"
+    )
     parser.add_argument("--stages", nargs="+", default=["sweep", "planned", "final"])
     parser.add_argument("--methods", nargs="+", default=list(PLANNED), help="budgeted runs")
     parser.add_argument("--report", action="store_true", help="only write the report")

@@ -46,8 +46,11 @@ BASE = BenchSettings(
     selection="cat",  # CAT's rows; the "step" rows time the default policy (0.3.0)
 )
 LARGE = replace(BASE, shape="sd3.5-large")
-STEP = replace(BASE, selection="step", lean=True)  # the default policy: step reuse
+STEP = replace(BASE, selection="step", lean=True)  # 0.3.0's default policy: step reuse
+BUDGET = replace(STEP, macs=0.4)  # the budget knob (0.4.0): planned steps, auto forecast
 ROWS = {  # most important first: a run cut short keeps what it measured
+    "medium-budget-0.4": BUDGET,
+    "medium-budget-0.4-graphs": replace(BUDGET, compile="reduce-overhead"),
     "medium-step": STEP,
     "medium-step-graphs": replace(STEP, compile="reduce-overhead"),
     "medium-eager": BASE,

@@ -219,7 +219,7 @@ def test_a_computed_step_does_not_repeat_the_last_anchors():
 @pytest.mark.parametrize(
     ("kwargs", "fix"),
     [
-        (dict(anchors=1), "give macs= too"),
+        (dict(anchors=1, macs=None), "give macs= too"),
         (dict(macs=0.4, anchors=-1), "anchors.*must be an int >= 0"),
         (dict(macs=0.4, anchors=1.0), "anchors.*must be an int >= 0"),
         (dict(macs=0.4, anchors=True), "anchors.*must be an int >= 0"),

@@ -79,7 +79,10 @@ def test_good_budgets_are_accepted():
     for macs in (1, 1.0, 0.4, 1e-3):
         config = CATConfig(macs=macs)
         assert config.budgeted and "macs=" in repr(config)
-    assert not CATConfig().budgeted
+    from catpatch.config import DEFAULT_MACS
+
+    assert CATConfig().budgeted == (DEFAULT_MACS is not None)
+    assert not CATConfig(keep_ratio=0.3).budgeted  # a manual knob named: no default budget
 
 
 # ---- tiny SD3 pipelines ----------------------------------------------------------------------

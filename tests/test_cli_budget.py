@@ -134,8 +134,10 @@ BAD = [
     (["--macs", "0.4", "--warmup-steps", "3"], "drop --warmup-steps, or drop --macs"),
     (["--macs", "0.4", "--selection", "cat"], "drop --selection, or drop --macs"),
     (["--macs", "0.4", "--num-clusters", "8"], "drop --num-clusters, or drop --macs"),
-    (["--forecast", "fit"], "--forecast fit: only with --macs"),
-    (["--calibration", "x.safetensors"], "add --macs B, e.g. --macs 0.4, or drop --calibration"),
+    # with a manual knob there is no budget (the default one is only for no knob at all)
+    (["--keep-ratio", "0.3", "--forecast", "fit"], "--forecast fit: only with --macs"),
+    (["--keep-ratio", "0.3", "--calibration", "x.safetensors"],
+     "add --macs B, e.g. --macs 0.4, or drop --calibration"),
     (["--macs", "0.4", "--calibration", "nope.safetensors"], "--calibration nope.safetensors: "
      "no such file"),
     (["--macs", "0.4", "--forecast", "guess"], "invalid choice: 'guess'"),

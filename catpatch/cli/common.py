@@ -328,7 +328,8 @@ def resolve_cat_options(args: argparse.Namespace) -> None:
 
     defaults = CATConfig()
     manual = (args.keep_ratio, args.warmup_steps, args.selection, args.num_clusters)
-    if args.macs is None and defaults.budgeted and all(v is None for v in manual):
+    patches = getattr(args, "cat", True)  # generate --no-cat: the unpatched baseline
+    if args.macs is None and defaults.budgeted and patches and all(v is None for v in manual):
         args.macs = defaults.macs  # the library's default is a budget: so is the command's
     check_budget_options(args)
     if args.macs is not None:

@@ -35,11 +35,18 @@ DEFAULT_030 = CATConfig(keep_ratio=0.3, warmup_steps=8, selection="step", reuse_
 SLACK = 0.01  # a setting fits a budget when its MACs are at most budget + SLACK
 
 
-def sweep_settings(steps: int, small: bool = False) -> list[tuple[str, object]]:
-    """(method, setting) of the sweep at `steps`; `small`: a coarser grid (slow models)."""
+GRIDS = {  # step reuse warm-ups, α; TaylorSeer-lite intervals, warm-ups; attention mode and CAT
+    0: ((2, 3, 4, 6, 8), (0.05, 0.1, 0.15, 0.2, 0.3, 0.5), (2, 3, 4, 5, 6, 8), (1, 2, 3, 5), True),
+    1: ((3, 4, 8), (0.05, 0.1, 0.2, 0.3, 0.5), (2, 3, 4, 6), (2, 3, 5), True),
+    2: ((3, 8), (0.1, 0.2, 0.3, 0.5), (2, 3, 4, 6), (3, 5), False),
+}
+
+
+def sweep_settings(steps: int, small: int = 0) -> list[tuple[str, object]]:
+    """(method, setting) of the sweep at `steps`; `small` 1 / 2: coarser grids for slow
+    models (2 leaves out TaylorSeer's attention mode and CAT, which no budget chose)."""
+    warmups, alphas, intervals, ts_warmups, others = GRIDS[int(small)]
     runs: list[tuple[str, object]] = []
-    warmups = (2, 3, 4, 6, 8) if not small else (3, 4, 8)
-    alphas = (0.05, 0.1, 0.15, 0.2, 0.3, 0.5) if not small else (0.05, 0.1, 0.2, 0.3, 0.5)
     for t0 in warmups:
         if t0 >= steps - 1:
             continue
@@ -47,15 +54,14 @@ def sweep_settings(steps: int, small: bool = False) -> list[tuple[str, object]]:
             for order in (0, 1):
                 config = CATConfig(keep_ratio=alpha, warmup_steps=t0, reuse_order=order)
                 runs.append(("step", config))
-    intervals = (2, 3, 4, 5, 6, 8) if not small else (2, 3, 4, 6)
-    ts_warmups = (1, 2, 3, 5) if not small else (2, 3, 5)
     for order in (1, 2):
         for interval in intervals:
             for t0 in ts_warmups:
                 runs.append(("taylorseer-lite", TaylorSeer(interval, t0, order, lite=True)))
-        for interval in (3, 6):
-            runs.append(("taylorseer", TaylorSeer(interval, 3, order, lite=False)))
-    for alpha in (0.1, 0.2, 0.3):
+        if others:
+            for interval in (3, 6):
+                runs.append(("taylorseer", TaylorSeer(interval, 3, order, lite=False)))
+    for alpha in (0.1, 0.2, 0.3) if others else ():
         for t0 in (4, 8):
             if t0 < steps - 1:
                 runs.append(("cat", CATConfig(keep_ratio=alpha, warmup_steps=t0, selection="cat")))
@@ -88,7 +94,7 @@ def run_frontier(
     images: int = 64,
     tune: int = 16,
     budgets: tuple[float, ...] = BUDGETS,
-    small: bool = False,
+    small: int = 0,
     stages: tuple[str, ...] = ("sweep", "planned", "final"),
     methods: tuple[str, ...] = PLANNED,
     log=print,

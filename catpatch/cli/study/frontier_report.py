@@ -215,3 +215,31 @@ def decide_budget(studies: dict[str, list[dict]], steps_list=(28, 50), budgets=B
             winners.append(budget)
     chosen = min(winners) if winners else None
     return chosen, lines
+
+
+def settings_table(studies: dict[str, list[dict]], steps_list=(28, 50), budgets=BUDGETS) -> str:
+    """README's "which settings" table: per budget, the bound speed-up and the planned run's
+    PSNR (worst image) on each model and step count, with the best tuned peer's beside it."""
+    head = ["budget `macs=`", "bound"]
+    for model in studies:
+        head += [f"{model} {steps} steps: planned / best tuned" for steps in steps_list]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for budget in budgets:
+        cells = [f"{budget:g}", f"{1 / budget:.2f}x"]
+        for rows in studies.values():
+            images = max((r["images"] for r in rows), default=0)
+            for steps in steps_list:
+                planned = pick(rows, steps, images, "planned", budget)
+                peers = [pick(rows, steps, images, m, budget) for m in PEERS]
+                peers = [p for p in peers if p is not None]
+                best = max(peers, key=lambda r: r["psnr"]) if peers else None
+                cell = (
+                    "–"
+                    if planned is None
+                    else f"**{planned['psnr']:.1f}** ({planned['psnr_min']:.1f})"
+                )
+                if best is not None:
+                    cell += f" / {best['psnr']:.1f} ({best['psnr_min']:.1f})"
+                cells.append(cell)
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
