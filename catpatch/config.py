@@ -11,7 +11,7 @@ from typing import Any
 
 # The budget `CATConfig()` plans when none of the manual knobs (`MANUAL`) nor `macs` is
 # given; None: no budget by default (0.3.0's step reuse). Set by the defaults rule.
-DEFAULT_MACS: float | None = 0.5
+DEFAULT_MACS: float | None = None
 MANUAL = ("keep_ratio", "warmup_steps", "selection", "reuse_order", "reuse_macs", "token_order")
 CFG_SELECTION_MODES = ("shared", "per_row")
 ANCHOR_CHOICES = ("score", "random")

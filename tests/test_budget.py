@@ -295,3 +295,21 @@ def test_flux_true_cfg_counts_both_calls_within_the_budget(tiny_calibration):
     with pytest.warns(UserWarning, match="saves nothing"):
         apply_cat(pipe, CATConfig(macs=1.0, calibration=tiny_calibration))
         assert np.array_equal(run(pipe, **TRUE_CFG), reference)
+
+
+def test_a_default_budget_applies_only_when_no_knob_is_named(monkeypatch):
+    """The machinery the defaults rule would switch on (`config.DEFAULT_MACS`): `CATConfig()`
+    becomes the budget, any manual knob named (even at its default value) keeps the manual
+    policy, and `replace` keeps whichever the config already is."""
+    from catpatch import config
+
+    monkeypatch.setattr(config, "DEFAULT_MACS", 0.5)
+    assert CATConfig().macs == 0.5 and repr(CATConfig()) == "CATConfig(macs=0.5)"
+    assert CATConfig(compile="default").macs == 0.5
+    for knob in ({"keep_ratio": 0.3}, {"warmup_steps": 8}, {"selection": "step"}):
+        assert not CATConfig(**knob).budgeted, knob
+    assert CATConfig(macs=None).macs is None
+    assert CATConfig().replace(seed=3).macs == 0.5
+    assert not CATConfig(keep_ratio=0.2).replace(seed=1).budgeted
+    monkeypatch.setattr(config, "DEFAULT_MACS", None)
+    assert not CATConfig().budgeted

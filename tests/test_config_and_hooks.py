@@ -36,9 +36,7 @@ def test_config_validation(field, value, message):
 
 
 def test_config_repr_presets_and_budget():
-    assert repr(CATConfig()) == "CATConfig(macs=0.5)"  # the default budget (0.4.0)
-    assert repr(CATConfig(keep_ratio=0.3)) == "CATConfig(keep_ratio=0.3, warmup_steps=8)"
-    assert repr(CATConfig(compile="default")) == "CATConfig(macs=0.5, compile='default')"
+    assert repr(CATConfig()) == "CATConfig(keep_ratio=0.3, warmup_steps=8)"
     assert repr(CATConfig(selection="cat")).endswith("warmup_steps=8, selection='cat')")
     assert repr(CATConfig(num_clusters=12, selection="stale")) == (
         "CATConfig(keep_ratio=0.3, warmup_steps=8, num_clusters=12, selection='stale')"

@@ -1,5 +1,4 @@
-"""The defaults as a user meets them: a budget (`CATConfig()` = `CATConfig(macs=0.5)`) since
-0.4.0; step reuse (`selection="step"`) with the manual knobs:
+"""The default policy since 0.3.0, step reuse (`selection="step"`), as a user meets it:
 `apply_cat(pipe)` with no config on each family's pipeline, the commands' defaults, what
 `cat_stats` says, and an own loop without the step count."""
 
@@ -50,29 +49,22 @@ def _family_call(family: str) -> tuple[object, dict]:
 
 
 @pytest.mark.parametrize("family", ["sd3", "flux", "pixart"])
-def test_apply_cat_with_no_config_plans_the_default_budget(family):
-    """The default since 0.4.0 is a budget (`CATConfig()` is `CATConfig(macs=0.5)`): every
-    family's pipeline runs the planner's steps within it (these tiny models carry no
-    calibration: the shipped one is used, with a warning), and 0.3.0's step reuse is the
-    manual knobs away."""
-    from catpatch.config import DEFAULT_MACS
-
+def test_apply_cat_with_no_config_reuses_whole_steps_at_cats_macs(family):
     pipe, call = _family_call(family)
     unpatched = generate(pipe, **call)
-    with pytest.warns(UserWarning, match="no calibration"):
-        apply_cat(pipe)  # the default
+    apply_cat(pipe, CATConfig(selection="cat"))
+    generate(pipe, **call)
+    cat = cat_stats(pipe)
+    apply_cat(pipe)  # the default
     default = generate(pipe, **call)
     stats = cat_stats(pipe)
-    assert stats.config.macs == DEFAULT_MACS == 0.5
-    assert stats.macs_ratio <= DEFAULT_MACS + 1e-9 and stats.macs_ratio >= DEFAULT_MACS - 1 / 14
-    assert stats.plan is not None and stats.plan.computed[:3] == (0, 1, 2)  # first 3 computed
-    modes = [mode for mode, _, _ in stats.per_step]
-    assert [i for i, m in enumerate(modes) if m == "full"] == list(stats.plan.computed)
-    assert "budget 0.5" in stats.summary() and "planned steps" in stats.summary()
+    assert stats.config.selection == "step"
+    assert stats.pruned_steps == 0 and stats.reused_steps > 0
+    assert [mode for mode, _, _ in stats.per_step[:8]] == ["full"] * 8  # the warm-up
+    one_step = stats.macs_unpatched / 14
+    assert abs(stats.macs - cat.macs) <= one_step / 2, "not CAT's MACs"
+    assert "selection='step'" in stats.summary() and "skipped" in stats.summary()
     assert np.abs(default - unpatched).max() > 1e-4
-    apply_cat(pipe, CATConfig(keep_ratio=0.3, warmup_steps=8))  # 0.3.0's default, by hand
-    generate(pipe, **call)
-    assert cat_stats(pipe).config.selection == "step" and not cat_stats(pipe).config.budgeted
     remove_cat(pipe)
     assert np.array_equal(generate(pipe, **call), unpatched)
 
