@@ -8,11 +8,13 @@ f_j = Σ_m w_jm·v_{h_m} of the last computed outputs h instead, so the final la
 linear combination of the outputs, so its expected squared size is a quadratic form in the
 Gram matrix G[a, b] = Σ <v_a, v_b> of the model's outputs over a few calibration captions
 (`calibration.Calibration`, measured once per model on a fine σ grid and interpolated to the
-run's σ). The planner searches the computed steps (any placement, not evenly spaced) and, for
-every other step, fits the forecast weights (constrained to sum to 1, shrunk toward reuse)
-that minimise that quadratic form, and keeps the plan with plain reuse instead where that
-scores better: never worse than reuse on the calibration captions; the fitted weights damp
-themselves over long gaps where extrapolation would diverge.
+run's σ). The planner searches the computed steps (the first `MIN_WARMUP`, then any placement,
+not evenly spaced) and, for every other step, its forecast: by default ("auto") the
+polynomial in σ of order 0, 1 or 2 through the last computed outputs whose error on the
+calibration is smallest at that step, so it extrapolates over short gaps and falls back to
+reuse over long ones where extrapolation diverges; "fit" instead fits free weights (summing to
+1, shrunk toward reuse). Either is also searched with plain reuse, and the better plan kept:
+never worse than reuse on the calibration captions.
 
 Pure Python and NumPy on the host, once per (budget, σ schedule, guidance) before a run's
 first step; the step loop only reads the plan's fixed weights (no host syncs).
@@ -26,8 +28,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 HISTORY = 3  # computed outputs a forecast may combine
-# Forecast families: "fit" (weights fitted on the calibration), or a fixed Taylor order in σ
-# over the last computed outputs ("reuse" = order 0).
+# Forecast families: "auto" (below), "fit" (weights fitted on the calibration), or a fixed
+# Taylor order in σ over the last computed outputs ("reuse" = order 0).
 FORECASTS = ("auto", "fit", "reuse", "taylor1", "taylor2")
 # "auto": each skipped step takes the order (0, 1 or 2, a polynomial in σ through the last
 # computed outputs) whose error on the calibration is the smallest at that step: a rule for
@@ -55,7 +57,7 @@ class Plan:
     computed: tuple[int, ...]
     history: dict[int, tuple[int, ...]] = field(default_factory=dict)
     weights: dict[int, tuple[float, ...]] = field(default_factory=dict)
-    forecast: str = "fit"
+    forecast: str = "auto"
     predicted_error: float = 0.0  # relative error of the final latent on the calibration
     budget: float = 1.0
     step_cost: float = 0.0  # MACs of a forecast step over a full one (anchors; else 0)
