@@ -1,4 +1,4 @@
-"""The frontier study (`catpatch.cli.study.frontier`): catpatch's planned run at each MACs
+"""The frontier study (`catpatch.cli.study.frontier_runs`): catpatch's planned run at each MACs
 budget against the best tuned setting of step reuse (0.3.0), TaylorSeer and CAT.
 
     python examples/frontier_study.py --model toy --out examples/results/frontier-toy
@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import argparse
 
-from catpatch.cli.study.frontier import BUDGETS, PLANNED, run_frontier
 from catpatch.cli.study.frontier_report import write_report
+from catpatch.cli.study.frontier_runs import BUDGETS, PLANNED, run_frontier
 
 
 def main() -> None:

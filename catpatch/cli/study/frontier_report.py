@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .frontier import BUDGETS, PLANNED, SLACK, TUNED
+from .frontier_runs import BUDGETS, PLANNED, SLACK, TUNED
 
 NAMES = {
     "planned": "catpatch `macs=B`",
