@@ -58,9 +58,7 @@ class Calibration:
         import torch
         from safetensors.torch import save_file
 
-        path = Path(path)
-        if path.is_dir():
-            path = path / CALIBRATION_FILE
+        path = calibration_file(path)
         tensors = {"sigmas": self.sigmas, "cond": self.cond}
         if self.uncond is not None:
             tensors |= {"uncond": self.uncond, "cross": self.cross}
@@ -76,9 +74,7 @@ class Calibration:
     def load(cls, path: str | Path) -> Calibration:
         from safetensors import safe_open
 
-        path = Path(path)
-        if path.is_dir():
-            path = path / CALIBRATION_FILE
+        path = calibration_file(path)
         if not path.is_file():
             raise FileNotFoundError(
                 f"{path}: no calibration there; make one with catpatch.calibrate(pipe, "
@@ -102,6 +98,12 @@ class Calibration:
             f"Calibration({self.model or 'model'}: {len(self.sigmas)} steps, "
             f"{self.captions} captions, {cfg})"
         )
+
+
+def calibration_file(path: str | Path) -> Path:
+    """The calibration file that `path` names: itself, or `CALIBRATION_FILE` in a folder."""
+    path = Path(path)
+    return path / CALIBRATION_FILE if path.is_dir() else path
 
 
 def interpolation(grid: np.ndarray, at: np.ndarray, points: int = 4) -> np.ndarray:

@@ -82,13 +82,18 @@ def computed_count(budget: float, steps: int, step_cost: float = 0.0) -> int:
     return max(0, min(steps, int(math.floor(fit + 1e-9))))
 
 
+def min_budget(steps: int, step_cost: float = 0.0) -> float:
+    """The smallest budget (to 3 decimals) that pays for `MIN_COMPUTED` of `steps` steps,
+    rounded up: a suggestion rounded down would be refused again."""
+    need = (MIN_COMPUTED + (steps - MIN_COMPUTED) * step_cost) / steps
+    return math.ceil(need * 1000) / 1000
+
+
 def check_budget(budget: float, steps: int, step_cost: float = 0.0) -> None:
     """Raise `ValueError` naming the fix when `budget` leaves too few computed steps."""
     count = computed_count(budget, steps, step_cost)
     if count < MIN_COMPUTED:
-        # rounded up: a suggestion rounded down would be refused again
-        need = math.ceil((MIN_COMPUTED + (steps - MIN_COMPUTED) * step_cost) / steps * 1000)
-        need /= 1000
+        need = min_budget(steps, step_cost)
         raise ValueError(
             f"CATConfig.macs={budget!r} at {steps} steps leaves {count} computed step(s); the "
             f"planner needs at least {MIN_COMPUTED} (the first step and one to forecast "

@@ -4,7 +4,6 @@ checks (`CATConfig(macs=B)`)."""
 from __future__ import annotations
 
 import argparse
-import math
 import re
 from pathlib import Path
 from typing import Any
@@ -79,10 +78,9 @@ def check_budget_options(args: argparse.Namespace) -> None:
 
 def check_calibration(path: str) -> None:
     """CommandError unless `path` is a calibration file (or a folder holding one)."""
-    from ..calibration import CALIBRATION_FILE, Calibration
+    from ..calibration import Calibration, calibration_file
 
-    file = Path(path).expanduser()
-    file = file / CALIBRATION_FILE if file.is_dir() else file
+    file = calibration_file(Path(path).expanduser())
     if not file.is_file():
         raise CommandError(
             f"--calibration {path}: no such file; pass a file written by catpatch.calibrate(pipe, "
@@ -110,7 +108,7 @@ def check_budget_steps(
     count = planner.computed_count(macs, steps)
     if count >= planner.MIN_COMPUTED:
         return
-    need = math.ceil(planner.MIN_COMPUTED / steps * 1000) / 1000
+    need = planner.min_budget(steps)
     raise CommandError(
         f"--macs {macs:g} at {steps} steps leaves {plural(count, 'computed step')}; the planner "
         f"needs at least {planner.MIN_COMPUTED} (the first step and one to forecast from): use "
