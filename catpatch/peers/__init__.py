@@ -1,2 +1,3 @@
 """Other methods' wrappers, run on SD3 pipelines for comparison (not catpatch's own data path):
-diffusers' TaylorSeerCache (`taylorseer`) and MagCache (`magcache`)."""
+diffusers' TaylorSeerCache (`taylorseer`), MagCache (`magcache`) and FirstBlockCache
+(`firstblock`)."""

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .frontier_runs import BUDGETS, PLANNED, SLACK, TUNED
+from .frontier_runs import BUDGETS, PLANNED, SLACK, TUNED, row_key
 
 NAMES = {
     "planned": "catpatch `macs=B`",
@@ -19,15 +19,18 @@ NAMES = {
     "step": "step reuse 0.3.0 (tuned)",
     "taylorseer-lite": "TaylorSeer lite (tuned)",
     "taylorseer": "TaylorSeer attention (tuned)",
+    "magcache": "MagCache (calibrated, tuned)",
+    "firstblock": "FirstBlockCache (tuned)",
     "cat": "CAT (tuned)",
 }
-PEERS = ("step", "taylorseer-lite", "taylorseer")  # what the planned run must beat
+# what the planned run must beat (CAT is reported, never the best)
+PEERS = ("step", "taylorseer-lite", "taylorseer", "magcache", "firstblock")
 
 
 def load_rows(out: Path) -> list[dict]:
     path = Path(out) / "rows.jsonl"
     lines = path.read_text().splitlines() if path.exists() else []
-    return list({r["key"]: r for r in map(json.loads, filter(None, lines))}.values())
+    return list({row_key(r): r for r in map(json.loads, filter(None, lines))}.values())
 
 
 def pick(rows: list[dict], steps: int, images: int, method: str, budget: float) -> dict | None:
@@ -123,8 +126,8 @@ def write_report(
         f"{images} captions; the tuned methods' settings were chosen on the first captions "
         "of the same list (their best mean PSNR among the settings within the budget + "
         f"{SLACK}); 'planned − this' pairs the images. Verdict: the planned run at least 1 dB "
-        "and more than 2 SE above the best tuned step reuse / TaylorSeer, with a worst image "
-        "no worse.",
+        "and more than 2 SE above the best tuned peer (step reuse, TaylorSeer, MagCache, "
+        "FirstBlockCache), with a worst image no worse.",
     ]
     for steps in steps_list:
         parts += ["", f"## {steps} steps", "", *table(rows, steps, images, budgets)]

@@ -4,7 +4,9 @@ user tuning the other methods would find (`run_frontier`).
 Two stages per step count, resumable from `rows.jsonl`:
 1. **sweep**: every setting of the tunable methods (0.3.0's step reuse: warm-up, α and reuse
    order; diffusers' TaylorSeer lite and attention: order, interval, warm-up, whose warm-up
-   also sets the phase of the interval; CAT) runs on the first `tune` captions;
+   also sets the phase of the interval; diffusers' MagCache, calibrated on 8 captions the study
+   does not score: threshold, longest skip, retention; diffusers' FirstBlockCache: threshold;
+   CAT) runs on the first `tune` captions;
 2. **final**: at each budget, the setting of each method with the best mean PSNR on those
    captions among those that fit the budget (MACs at most budget + 0.01) runs on all the
    captions, and so does `CATConfig(macs=budget)` (fitted forecast and plain reuse).
@@ -23,11 +25,15 @@ from pathlib import Path
 import numpy as np
 
 from ...config import CATConfig
+from ...peers.firstblock import FirstBlockCache, apply_firstblock, remove_firstblock
+from ...peers.magcache import MagCache, apply_magcache, remove_magcache
 from ...peers.taylorseer import TaylorSeer, apply_taylorseer, remove_taylorseer
-from .runs import _reference, _run_peer, check_model, fidelity, generate_images
+from ...stats import measured_macs
+from .methods import MAGCACHE_CALIBRATION_IMAGES, MODEL
+from .runs import _calibrate, _reference, _run_peer, check_model, fidelity, generate_images
 
 BUDGETS = (0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.75)
-TUNED = ("step", "taylorseer-lite", "taylorseer", "cat")
+TUNED = ("step", "taylorseer-lite", "taylorseer", "magcache", "firstblock", "cat")
 PLANNED = ("planned", "planned-reuse", "planned+anchors")
 # 0.3.0's default (step reuse, α 0.3, t0 8, first-order forecast), spelt out: what a new
 # default must beat in every group by the rule (`examples/decide_defaults.py --budget`).
@@ -40,6 +46,11 @@ GRIDS = {  # step reuse warm-ups, α; TaylorSeer-lite intervals, warm-ups; atten
     1: ((3, 4, 8), (0.05, 0.1, 0.2, 0.3, 0.5), (2, 3, 4, 6), (2, 3, 5), True),
     2: ((3, 8), (0.1, 0.2, 0.3, 0.5), (2, 3, 4, 6), (3, 5), False),
 }
+# MagCache: thresholds (diffusers' default 0.06), longest skips (default 3), retention ratios
+# (default 0.2; 0.1 leaves room for the smallest budgets); the coarsest sweep has fewer
+MAGCACHE_GRID = ((0.06, 0.12, 0.24, 0.5, 1.0), (3, 6, 12), (0.1, 0.2))
+MAGCACHE_SMALL = ((0.12, 0.24, 0.5, 1.0), (3, 12), (0.1, 0.2))
+FIRSTBLOCK_THRESHOLDS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.8)  # diffusers' docs suggest 0.05-0.2
 
 
 def sweep_settings(steps: int, small: int = 0) -> list[tuple[str, object]]:
@@ -61,6 +72,13 @@ def sweep_settings(steps: int, small: int = 0) -> list[tuple[str, object]]:
         if others:
             for interval in (3, 6):
                 runs.append(("taylorseer", TaylorSeer(interval, 3, order, lite=False)))
+    thresholds, skips, retentions = MAGCACHE_SMALL if small == 2 else MAGCACHE_GRID
+    for threshold in thresholds:
+        for skip in skips:
+            for retention in retentions:
+                runs.append(("magcache", MagCache(threshold, skip, retention, steps)))
+    for threshold in FIRSTBLOCK_THRESHOLDS:
+        runs.append(("firstblock", FirstBlockCache(threshold)))
     for alpha in (0.1, 0.2, 0.3) if others else ():
         for t0 in (4, 8):
             if t0 < steps - 1:
@@ -79,12 +97,13 @@ def planned_settings(budget: float, methods=PLANNED) -> list[tuple[str, CATConfi
 
 
 def key_of(steps: int, method: str, setting: object, images: int) -> str:
-    fields = ", ".join(
-        f"{f.name}={getattr(setting, f.name)!r}"
-        for f in dataclasses.fields(setting)
-        if f.name != "calibration"
-    )
-    return f"{steps} {images} {method} {type(setting).__name__}({fields})"
+    """A run's key in `rows.jsonl`: what the study varies, as the report names it (stable when
+    the settings classes gain fields)."""
+    return row_key(dict(steps=steps, images=images, method=method, setting=_describe(setting)))
+
+
+def row_key(row: dict) -> str:
+    return f"{row['steps']} {row['images']} {row['method']} {row['setting']}"
 
 
 def run_frontier(
@@ -115,6 +134,7 @@ def run_frontier(
     labels = np.array([p.labels for p in prompts])
     joint = "+".join(trained.data.JOINT[0])
     unpatched_macs: dict[int, int] = {}
+    ratios: dict[int, list[float]] = {}  # MagCache's, per step count
 
     def measure(steps: int, method: str, setting, count: int, refs) -> dict:
         key = key_of(steps, method, setting, count)
@@ -126,6 +146,20 @@ def run_frontier(
             _, imgs, macs = _run_peer(
                 pipe, part, steps, 16, unpatched_macs, trained,
                 lambda: apply_taylorseer(pipe, setting), lambda: remove_taylorseer(pipe),
+            )  # fmt: skip
+        elif isinstance(setting, MagCache):
+            if steps not in ratios:  # calibrated on captions the study does not score
+                extra = trained.eval_prompts(images + MAGCACHE_CALIBRATION_IMAGES)[images:]
+                ratios[steps] = _calibrate(pipe, extra, steps, trained)
+            calibrated = dataclasses.replace(setting, mag_ratios=ratios[steps])
+            imgs, macs = _run_adaptive(
+                pipe, part, steps, trained, unpatched_macs,
+                lambda: apply_magcache(pipe, calibrated), lambda: remove_magcache(pipe),
+            )  # fmt: skip
+        elif isinstance(setting, FirstBlockCache):
+            imgs, macs = _run_adaptive(
+                pipe, part, steps, trained, unpatched_macs,
+                lambda: apply_firstblock(pipe, setting), lambda: remove_firstblock(pipe),
             )  # fmt: skip
         else:
             apply_cat(pipe, setting)
@@ -173,6 +207,25 @@ def run_frontier(
     return list(done.values())
 
 
+def _run_adaptive(pipe, part, steps, trained, unpatched: dict, apply, remove):
+    """Images and MACs ratio of a peer that decides per batch what to skip (MagCache,
+    FirstBlockCache): the MACs are counted over the whole run, not on one caption."""
+    if steps not in unpatched:
+        unpatched[steps] = measured_macs(
+            lambda: generate_images(pipe, part[:1], steps, model=trained), MODEL
+        )
+    out = {}
+    apply()
+    try:
+        total = measured_macs(
+            lambda: out.setdefault("imgs", generate_images(pipe, part, steps, 16, trained)[1]),
+            MODEL,
+        )
+    finally:
+        remove()
+    return out["imgs"], total / (unpatched[steps] * len(part))
+
+
 def best_tuned(done: dict, steps: int, method: str, budget: float, tune: int, settings):
     """The setting of `method` with the best tuning PSNR among those within `budget`."""
     best, best_psnr = None, -math.inf
@@ -186,6 +239,13 @@ def best_tuned(done: dict, steps: int, method: str, budget: float, tune: int, se
 
 
 def _describe(setting) -> str:
+    if isinstance(setting, MagCache):
+        return (
+            f"threshold {setting.threshold:g} max skip {setting.max_skip_steps} "
+            f"retention {setting.retention_ratio:g}"
+        )
+    if isinstance(setting, FirstBlockCache):
+        return f"threshold {setting.threshold:g}"
     if isinstance(setting, TaylorSeer):
         kind = "lite" if setting.lite else "attention"
         return (
@@ -205,4 +265,4 @@ def _load(path: Path) -> dict[str, dict]:
     if not path.exists():
         return {}
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return {r["key"]: r for r in rows}
+    return {row_key(r): r for r in rows}
