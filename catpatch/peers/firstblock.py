@@ -19,10 +19,11 @@ number per call: under classifier-free guidance, of the batched [uncond, cond] r
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from ..hooks import PatchSet, wrap_denoising_loops
+from ..hooks import wrap_denoising_loops
+from .hooks import CacheRecord, registry_of, remove_cache_hooks, skipped_steps, start_record, watch
 
 _PATCHES = "_catpatch_firstblock"
 # diffusers' hook names (diffusers/hooks/first_block_cache.py)
@@ -43,16 +44,6 @@ class FirstBlockCache:
             raise ValueError(f"threshold must be >= 0 (0 skips nothing), got {self.threshold}")
 
 
-@dataclass
-class _Record:
-    """`apply_firstblock`'s patches, the modules it gave a hook registry, the skipped steps."""
-
-    patches: PatchSet
-    new_registries: list[tuple[Any, bool]]  # (module, had an instance `forward`)
-    skipped: list[int] = field(default_factory=list)
-    steps: int = 0
-
-
 def apply_firstblock(pipe: Any, settings: FirstBlockCache = FirstBlockCache()) -> None:
     """Hook diffusers' FirstBlockCache into `pipe.transformer`, run on SD3 (see the module doc)."""
     from diffusers.hooks import FirstBlockCacheConfig, apply_first_block_cache
@@ -63,31 +54,16 @@ def apply_firstblock(pipe: Any, settings: FirstBlockCache = FirstBlockCache()) -
     blocks = transformer.transformer_blocks
     if len(blocks) < 2:
         raise ValueError(f"FirstBlockCache needs at least 2 transformer blocks, got {len(blocks)}")
-    modules = [transformer, *blocks]
-    new = [(m, "forward" in vars(m)) for m in modules if not hasattr(m, "_diffusers_hook")]
-    record = _Record(PatchSet(), new)
+    record = start_record(transformer)
     # before FBC's hooks: they wrap whatever `forward` the instance has, so this one sits below
     record.patches.set_attribute(blocks[-1], "forward", _with_text_states(blocks[-1].forward))
     apply_first_block_cache(transformer, FirstBlockCacheConfig(threshold=settings.threshold))
-    _registry(transformer).invalidate_child_registries_cache()  # it lists hooked modules
-    head = blocks[0]._diffusers_hook.get_hook(_HEAD_HOOK)
-
-    def count(module, args, kwargs, output) -> None:
-        if not head.state_manager.get_state().should_compute:
-            record.skipped.append(record.steps)
-        record.steps += 1
-
-    def refuse_skip_layers(module, args, kwargs) -> None:
-        if kwargs.get("skip_layers") is not None:
-            raise ValueError(
-                "FirstBlockCache cannot run with skip-layer guidance (a second call per step, "
-                "another batch); call the pipeline without skip_guidance_layers"
-            )
-
-    record.patches.add_handle(blocks[0].register_forward_hook(count, with_kwargs=True))
-    record.patches.add_handle(
-        transformer.register_forward_pre_hook(refuse_skip_layers, with_kwargs=True)
+    registry_of(transformer).invalidate_child_registries_cache()  # it lists hooked modules
+    refusal = (
+        "FirstBlockCache cannot run with skip-layer guidance (a second call per step, "
+        "another batch); call the pipeline without skip_guidance_layers"
     )
+    watch(record, transformer, _HEAD_HOOK, refusal)
     wrap_denoising_loops(record.patches, pipe, lambda kwargs: _generation(transformer, record))
     setattr(pipe, _PATCHES, record)
 
@@ -97,27 +73,14 @@ def remove_firstblock(pipe: Any) -> None:
     record = vars(pipe).pop(_PATCHES, None)
     if record is None:
         return
-    transformer = pipe.transformer
-    registry = _registry(transformer)
-    for name in (_HEAD_HOOK, _BLOCK_HOOK):
-        registry.remove_hook(name)  # puts back the forward they wrapped: the last block's wrapper
-    for module, had_forward in record.new_registries:
-        if not module._diffusers_hook.hooks:
-            # diffusers leaves its registry and the original bound `forward` on the instance
-            del module._diffusers_hook
-            if not had_forward:
-                vars(module).pop("forward", None)
+    # puts back the forward the hooks wrapped: the last block's wrapper
+    remove_cache_hooks(pipe.transformer, (_HEAD_HOOK, _BLOCK_HOOK), record)
     record.patches.undo()  # after the hooks: restores the last block's own `forward`
-    if hasattr(transformer, "_diffusers_hook"):
-        registry.invalidate_child_registries_cache()
 
 
 def firstblock_skipped_steps(pipe: Any) -> list[int]:
     """Indices of the steps whose remaining blocks were skipped in the last generation."""
-    record = vars(pipe).get(_PATCHES)
-    if record is None:
-        raise ValueError("FirstBlockCache is not applied to this pipeline")
-    return list(record.skipped)
+    return skipped_steps(pipe, _PATCHES, "FirstBlockCache")
 
 
 def _with_text_states(forward: Any) -> Any:
@@ -132,19 +95,13 @@ def _with_text_states(forward: Any) -> Any:
     return text_states_kept
 
 
-def _generation(transformer: Any, record: _Record):
+def _generation(transformer: Any, record: CacheRecord):
     """(enter, exit) of one generation: fresh hook state, a cache context while it runs."""
     from diffusers.hooks.hooks import CacheContext, _set_cache_context
 
     def enter() -> None:
-        _registry(transformer).reset_stateful_hooks()
+        registry_of(transformer).reset_stateful_hooks()
         _set_cache_context(transformer, CacheContext("cond"))  # one batched call per step
         record.skipped, record.steps = [], 0
 
     return enter, lambda: _set_cache_context(transformer, None)
-
-
-def _registry(model: Any) -> Any:
-    from diffusers.hooks import HookRegistry
-
-    return HookRegistry.check_if_exists_or_initialize(model)

@@ -37,7 +37,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..hooks import PatchSet, wrap_denoising_loops
+from ..hooks import wrap_denoising_loops
+from .hooks import CacheRecord, registry_of, remove_cache_hooks, skipped_steps, start_record, watch
 
 _PATCHES = "_catpatch_magcache"
 # diffusers' hook names (diffusers/hooks/mag_cache.py)
@@ -126,37 +127,12 @@ def remove_magcache(pipe: Any) -> None:
     if record is None:
         return
     record.patches.undo()
-    transformer = pipe.transformer
-    registry = _registry(transformer)
-    for name in (_HEAD_HOOK, _BLOCK_HOOK):
-        registry.remove_hook(name)
-    for module, had_forward in record.new_registries:
-        if not module._diffusers_hook.hooks:
-            # diffusers leaves its registry and the original bound `forward` on the instance
-            del module._diffusers_hook
-            if not had_forward:
-                vars(module).pop("forward", None)
-    if hasattr(transformer, "_diffusers_hook"):
-        registry.invalidate_child_registries_cache()
+    remove_cache_hooks(pipe.transformer, (_HEAD_HOOK, _BLOCK_HOOK), record)
 
 
 def magcache_skipped_steps(pipe: Any) -> list[int]:
     """Indices of the steps whose blocks MagCache skipped in the pipeline's last generation."""
-    record = vars(pipe).get(_PATCHES)
-    if record is None:
-        raise ValueError("MagCache is not applied to this pipeline")
-    return list(record.skipped)
-
-
-class _Record:
-    """What `apply_magcache` leaves on a pipeline: its patches, the modules that got a hook
-    registry from it, and the skipped steps of the last generation."""
-
-    def __init__(self, patches: PatchSet, new_registries: list[tuple[Any, bool]]) -> None:
-        self.patches = patches
-        self.new_registries = new_registries
-        self.skipped: list[int] = []
-        self.steps = 0
+    return skipped_steps(pipe, _PATCHES, "MagCache")
 
 
 def _apply(pipe: Any, config: Any) -> None:
@@ -165,33 +141,15 @@ def _apply(pipe: Any, config: Any) -> None:
     if hasattr(pipe, _PATCHES):
         raise ValueError("MagCache is already applied to this pipeline; remove_magcache first")
     transformer = pipe.transformer
-    blocks = transformer.transformer_blocks
-    modules = [transformer, *blocks]
-    new_registries = [
-        (m, "forward" in vars(m)) for m in modules if not hasattr(m, "_diffusers_hook")
-    ]
+    record = start_record(transformer)
     apply_mag_cache(transformer, config)
-    _registry(transformer).invalidate_child_registries_cache()  # it lists hooked modules
-    head = blocks[0]._diffusers_hook.get_hook(_HEAD_HOOK)
-    record = _Record(PatchSet(), new_registries)
-
-    def count(module, args, kwargs, output) -> None:
-        if not head.state_manager.get_state().should_compute:
-            record.skipped.append(record.steps)
-        record.steps += 1
-
-    def refuse_skip_layers(module, args, kwargs) -> None:
-        if kwargs.get("skip_layers") is not None:
-            raise ValueError(
-                "MagCache cannot run with skip-layer guidance: its second transformer call per "
-                "step advances MagCache's step counter and has another batch than the cached "
-                "residual; call the pipeline without skip_guidance_layers"
-            )
-
-    record.patches.add_handle(blocks[0].register_forward_hook(count, with_kwargs=True))
-    record.patches.add_handle(
-        transformer.register_forward_pre_hook(refuse_skip_layers, with_kwargs=True)
+    registry_of(transformer).invalidate_child_registries_cache()  # it lists hooked modules
+    refusal = (
+        "MagCache cannot run with skip-layer guidance: its second transformer call per "
+        "step advances MagCache's step counter and has another batch than the cached "
+        "residual; call the pipeline without skip_guidance_layers"
     )
+    watch(record, transformer, _HEAD_HOOK, refusal)
     wrap_denoising_loops(
         record.patches, pipe, lambda kwargs: _generation(transformer, config, record, kwargs)
     )
@@ -199,7 +157,7 @@ def _apply(pipe: Any, config: Any) -> None:
 
 
 def _generation(
-    transformer: Any, config: Any, record: _Record, bar_kwargs: dict
+    transformer: Any, config: Any, record: CacheRecord, bar_kwargs: dict
 ) -> tuple[Callable[[], None], Callable[[], None]]:
     """(enter, exit) of one MagCache generation: fresh hook state, after checking that the
     denoising loop has the step count the ratios are for."""
@@ -213,7 +171,7 @@ def _generation(
 
     def enter() -> None:
         # MagCache's hooks set their own cache context once the reset has cleared it
-        _registry(transformer).reset_stateful_hooks()
+        registry_of(transformer).reset_stateful_hooks()
         record.skipped, record.steps = [], 0
 
     return enter, lambda: None
@@ -231,9 +189,3 @@ def _printed_ratios(text: str) -> list[float]:
         "diffusers printed no MagCache calibration ratios: did the denoising loop run all "
         f"its steps? Output was: {text[-500:]!r}"
     )
-
-
-def _registry(model: Any) -> Any:
-    from diffusers.hooks import HookRegistry
-
-    return HookRegistry.check_if_exists_or_initialize(model)

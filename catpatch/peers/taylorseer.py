@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..hooks import PatchSet, wrap_denoising_loops
+from .hooks import registry_of
 
 _PATCHES = "_catpatch_taylorseer"
 
@@ -68,7 +69,7 @@ def apply_taylorseer(pipe: Any, settings: TaylorSeer = TaylorSeer()) -> None:
         **modules,
     )
     apply_taylorseer_cache(transformer, config)
-    _registry(transformer).invalidate_child_registries_cache()  # it lists hooked modules
+    registry_of(transformer).invalidate_child_registries_cache()  # it lists hooked modules
     patches = PatchSet()
     wrap_denoising_loops(patches, pipe, lambda kwargs: _generation(transformer))
     setattr(pipe, _PATCHES, patches)
@@ -80,15 +81,9 @@ def remove_taylorseer(pipe: Any) -> None:
     if patches is None:
         return
     patches.undo()
-    registry = _registry(pipe.transformer)
+    registry = registry_of(pipe.transformer)
     registry.remove_hook("taylorseer_cache")
     registry.invalidate_child_registries_cache()
-
-
-def _registry(model):
-    from diffusers.hooks import HookRegistry
-
-    return HookRegistry.check_if_exists_or_initialize(model)
 
 
 def _generation(transformer):
@@ -97,7 +92,7 @@ def _generation(transformer):
     from diffusers.hooks.hooks import CacheContext, _set_cache_context
 
     def enter() -> None:
-        _registry(transformer).reset_stateful_hooks()
+        registry_of(transformer).reset_stateful_hooks()
         _set_cache_context(transformer, CacheContext("cond"))  # one batched call per step
 
     return enter, lambda: _set_cache_context(transformer, None)
