@@ -81,6 +81,17 @@ def test_verdict_needs_a_dB_two_errors_and_no_worse_worst_image(planned, peer, e
     assert ("met**" in text) == (expected == "**met**")
 
 
+def test_verdict_needs_a_worst_image_no_worse_than_any_chosen_peer():
+    planned = row("planned", "x", 0.3, [34, 35, 34, 35])
+    best = row("step", "y", 0.3, [30, 31, 30, 31])  # best mean, worst image 30
+    other = row("taylorseer-lite", "z", 0.3, [33.5, 33.5, 20, 20])  # worst image 20
+    assert verdict(planned, best, [other]) == "**met**"
+    sturdy = row("magcache", "w", 0.3, [34.5, 34.5, 34.5, 20])  # lower mean, worst 20
+    sturdier = row("firstblock", "v", 0.3, [34.2, 34.2, 34.2, 34.2])  # worst 34.2 > 34
+    assert verdict(planned, best, [sturdy]) == "**met**"
+    assert "worse worst image" in verdict(planned, best, [sturdy, sturdier])
+
+
 def _default_curve(steps, points):
     """Tuning rows of 0.3.0's default curve (t0 8, order 1) at α 0.2 / 0.3 / 0.5."""
     return [
