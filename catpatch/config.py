@@ -106,7 +106,8 @@ class CATConfig:
             error). At least two steps must fit (B >= 2/N for N steps).
         forecast (str, default "auto"): with `macs`: how a skipped step is forecast from the
             last computed outputs: "auto" (per step, the order 0, 1 or 2 polynomial in σ
-            whose error on the calibration is smallest there: extrapolates over short gaps,
+            whose error on the calibration is smallest there, a higher order only when 15%
+            below the lower: extrapolates over short gaps,
             damps to reuse over long ones, never worse than reuse on the calibration),
             "fit" (weights fitted on the calibration; closer on it, but it generalised
             less well in the frontier study), "reuse" (the last output again), "taylor1" /

@@ -9,7 +9,7 @@ Two stages per step count, resumable from `rows.jsonl`:
    CAT) runs on the first `tune` captions;
 2. **final**: at each budget, the setting of each method with the best mean PSNR on those
    captions among those that fit the budget (MACs at most budget + 0.01) runs on all the
-   captions, and so does `CATConfig(macs=budget)` (fitted forecast and plain reuse).
+   captions, and so does `CATConfig(macs=budget)` (the default forecast, plain reuse, anchors).
 The tuning captions are a subset of the evaluation captions: that favours the tuned methods.
 The report pairs the planned run with the better of the tuned ones, image by image.
 """
