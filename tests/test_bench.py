@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 from catpatch.cli import main
 
@@ -48,7 +49,9 @@ def test_bench_table(capsys):
     assert "speed-up" in table and "arithmetic bound" in table and "batch 1 (1 rows)" in table
     # the default policy, named where the table says what ran and what it timed; no clusters
     assert "policy  " in table and "step reuse (--selection step)" in table
-    assert "loop step reuse (1 run)" in table and "clusters" not in table and "CAT" not in table
+    # one timed run, or 1 + 3 when a busy machine made the first look faster than the bound
+    assert re.search(r"loop step reuse \(\d+ runs?\)", table)
+    assert "clusters" not in table and "CAT" not in table
 
 
 def test_bench_compiled_reports_the_eager_baseline(capsys):
