@@ -428,3 +428,17 @@ def test_every_plan_that_can_keeps_the_first_min_warmup_steps(steps, budget):
     plan = plan_run(gram, sigmas, budget)
     assert len(plan.computed) > MIN_WARMUP
     assert plan.computed[:MIN_WARMUP] == tuple(range(MIN_WARMUP))
+
+
+@pytest.mark.parametrize("steps, budget", [(8, 0.5), (12, 0.4), (20, 0.2)])
+def test_a_budget_of_exactly_min_warmup_steps_keeps_all_but_one_leading(steps, budget):
+    """A free search spreads such a plan (on the toy's calibration: 1, 3, 6, 9 at 12 steps;
+    predicted best, measured 2.5-5 dB worse); the planner keeps MIN_WARMUP - 1 leading steps
+    and places the last one."""
+    from catpatch.planner import MIN_WARMUP
+    from catpatch.toy import weights_dir
+
+    sigmas = default_sigmas(steps)
+    plan = plan_run(Calibration.load(weights_dir()).gram(sigmas, 5.0), sigmas, budget)
+    assert len(plan.computed) == MIN_WARMUP
+    assert plan.computed[: MIN_WARMUP - 1] == tuple(range(MIN_WARMUP - 1)), plan.describe()
