@@ -18,7 +18,7 @@ from .config import CATConfig
 from .patching import apply_cat, cat_generation, is_patched, remove_cat
 from .stats import CATStats
 
-__version__ = "0.4.1"
+__version__ = "0.5.0"
 __all__ = [
     "CATConfig",
     "Calibration",

@@ -10,8 +10,10 @@ from pathlib import Path
 from typing import Any
 
 # The budget `CATConfig()` plans when none of the manual knobs (`MANUAL`) nor `macs` is
-# given; None: no budget by default (0.3.0's step reuse). Set by the defaults rule.
-DEFAULT_MACS: float | None = None
+# given; None: no budget by default (0.3.0's step reuse). Set by the defaults rule
+# (`examples/decide_defaults.py --budget`): 0.5 since 0.5.0, the smallest budget ahead of
+# 0.3.0's default in every group of the frontier study (README, "Which settings").
+DEFAULT_MACS: float | None = 0.5
 MANUAL = ("keep_ratio", "warmup_steps", "selection", "reuse_order", "reuse_macs", "token_order")
 CFG_SELECTION_MODES = ("shared", "per_row")
 ANCHOR_CHOICES = ("score", "random")
@@ -21,9 +23,12 @@ COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune")
 @dataclass
 class CATConfig:
     """Settings of CAT pruning (cluster-aware token pruning with feature caching) and of the
-    policies beside it. The default `selection` is step reuse, which the quality study found
-    closer to the unpatched images than CAT's token selection at equal MACs; `selection="cat"`
-    (or `CATConfig.paper()`) prunes tokens as the paper does.
+    policies beside it. `CATConfig()` is a MACs budget, `macs=0.5` (the planner chooses which
+    steps run the model and how the others are forecast; ahead of every tuned peer in the
+    frontier study); naming any manual knob (`keep_ratio`, `warmup_steps`, `selection`, ...)
+    gives the manual policies instead, whose default `selection` is step reuse, closer to the
+    unpatched images than CAT's token selection at equal MACs; `selection="cat"` (or
+    `CATConfig.paper()`) prunes tokens as the paper does.
 
     Attributes:
         keep_ratio (float, default 0.3): α, the fraction of image tokens recomputed on each pruned
@@ -97,13 +102,15 @@ class CATConfig:
         token_order (int, default 0): what a pruned step gives for the tokens it does not
             compute: 0 their last computed output, 1 a first-order forecast from their last two
             computed outputs (per token, linear in the timestep; `catpatch.forecast`).
-        macs (float or None, default None): the budget knob. B in (0, 1]: the run's
+        macs (float or None, default 0.5 when no manual knob is given, else None): the
+            budget knob. B in (0, 1]: the run's
             transformer MACs are at most B of the unpatched run's (rounded down to whole
             steps), and catpatch plans the rest (`catpatch.planner`): which steps run the model
             (warm-up included, not evenly spaced) and how every other step is forecast from
             the computed ones, measured on the model's calibration. The bound speed-up is
             1/B. Replaces `keep_ratio`, `warmup_steps` and `selection` (giving them too is an
-            error). At least two steps must fit (B >= 2/N for N steps).
+            error). At least two steps must fit (B >= 2/N for N steps); the default budget
+            computes a shorter run in full, with a warning, instead of failing.
         forecast (str, default "auto"): with `macs`: how a skipped step is forecast from the
             last computed outputs: "auto" (per step, the order 0, 1 or 2 polynomial in σ
             whose error on the calibration is smallest there, a higher order only when 15%
@@ -157,6 +164,7 @@ class CATConfig:
         given = getattr(self, "_given", None)  # the fields named in the call (see below)
         if DEFAULT_MACS is not None and given is not None and not given & {"macs", *MANUAL}:
             self.macs = DEFAULT_MACS
+            self._default_budget = True
 
         def fail(field: str, why: str) -> None:
             raise ValueError(f"CATConfig.{field}={getattr(self, field)!r}: {why}")
@@ -270,6 +278,12 @@ class CATConfig:
         return self.macs is not None
 
     @property
+    def default_budget(self) -> bool:
+        """Whether `macs` is the default budget (no knob named): a run too short for it
+        computes every step with a warning instead of failing, as 0.3.0's default did."""
+        return getattr(self, "_default_budget", False)
+
+    @property
     def keeps_buffers(self) -> bool:
         """Whether state tensors outlive a generation (persistent_buffers, or compile)."""
         return self.persistent_buffers or self.compile is not None
@@ -289,8 +303,12 @@ class CATConfig:
         return cls(**{**settings, **overrides})
 
     def replace(self, **changes) -> CATConfig:
-        """A copy with some fields changed (validated again)."""
-        return dataclasses.replace(self, **changes)
+        """A copy with some fields changed (validated again); the default budget stays the
+        default unless `macs` or a manual knob is changed."""
+        copy = dataclasses.replace(self, **changes)
+        if self.default_budget and not set(changes) & {"macs", *MANUAL}:
+            copy._default_budget = True
+        return copy
 
     def budget(self, num_tokens: int) -> int:
         """S, the tokens recomputed per pruned step for L = `num_tokens` (at least 1); with

@@ -159,7 +159,10 @@ class CATState:
             return
         self._warned_nothing_saved = True
         fix = (
-            f"macs={self.config.macs:g} pays for every step: lower it"
+            f"the default budget (macs={self.config.macs:g}) needs more steps to skip any: "
+            "use more steps or name a larger macs="
+            if self.config.default_budget
+            else f"macs={self.config.macs:g} pays for every step: lower it"
             if self.config.budgeted
             else f"use fewer warm-up steps (warmup_steps={self.config.warmup_steps}) or a "
             "budget: CATConfig(macs=0.5) plans short schedules too"

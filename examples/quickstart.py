@@ -3,9 +3,11 @@
 python examples/quickstart.py                      # the toy pipeline shipped in catpatch, offline
 python examples/quickstart.py --model scenes       # any model of `catpatch.models.names()`
 python examples/quickstart.py --model stabilityai/stable-diffusion-3-medium-diffusers
-python examples/quickstart.py --selection cat      # CAT's token pruning instead of step reuse
+python examples/quickstart.py --macs 0.3           # a smaller budget: at most 30% of the MACs
+python examples/quickstart.py --selection cat      # CAT's token pruning (manual knobs)
 
-The default policy is step reuse (`CATConfig().selection == "step"`). Writes
+The default is `CATConfig()`, a MACs budget of 0.5 planned from the model's calibration;
+`--selection` / `--warmup-steps` switch to the manual policies (step reuse, CAT, ...). Writes
 out/quickstart/patched.png and out/quickstart/base.png (--out to change).
 """
 
@@ -35,9 +37,15 @@ def main(argv: list[str] | None = None) -> None:
         help="what to draw",
     )
     parser.add_argument("--steps", type=int, default=28, help="denoising steps")
-    parser.add_argument("--warmup-steps", type=int, default=8, help="t0: full steps first")
     parser.add_argument(
-        "--selection", default=CATConfig().selection, help="the policy: 'step', 'cat', ..."
+        "--macs", type=float, default=None,
+        help="the budget: at most this share of the unpatched MACs (default: CATConfig()'s, 0.5)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--selection", default=None, help="a manual policy: 'step', 'cat', ... (not with --macs)"
+    )
+    parser.add_argument(
+        "--warmup-steps", type=int, default=None, help="t0 of a manual policy (default: 8)"
     )
     parser.add_argument("--out", default="out/quickstart", help="output folder")
     args = parser.parse_args(argv)
@@ -56,7 +64,11 @@ def main(argv: list[str] | None = None) -> None:
         call = dict(guidance_scale=7.0)
     call["num_inference_steps"] = args.steps
 
-    config = CATConfig(keep_ratio=0.3, warmup_steps=args.warmup_steps, selection=args.selection)
+    knobs = (("selection", args.selection), ("warmup_steps", args.warmup_steps))
+    manual = {name: value for name, value in knobs if value is not None}
+    if args.macs is not None and manual:
+        parser.error("--macs plans the steps itself: drop --selection / --warmup-steps")
+    config = CATConfig(macs=args.macs) if args.macs is not None else CATConfig(**manual)
     apply_cat(pipe, config)
     image = pipe(args.prompt, generator=torch.Generator().manual_seed(0), **call).images[0]
     print(cat_stats(pipe).summary())
@@ -67,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     image.save(out / "patched.png")
     base.save(out / "base.png")
-    print(f"wrote {out / 'patched.png'} ({config.selection}) and {out / 'base.png'}")
+    print(f"wrote {out / 'patched.png'} ({config!r}) and {out / 'base.png'}")
 
 
 if __name__ == "__main__":

@@ -59,5 +59,6 @@ def test_bench_compiled_reports_the_eager_baseline(capsys):
           "2", "--num-clusters", "4", "--repeats", "1", "--text-tokens", "8", "--compile",
           "default", "--json", "--selection", "cat"])  # fmt: skip
     result = json.loads(capsys.readouterr().out)
-    assert len(result["eager_unpatched_s"]) == 1 and result["speedup_vs_eager"] > 0
+    runs = 4 if result["remeasured"] else 1  # re-measured if a busy machine disturbed it
+    assert len(result["eager_unpatched_s"]) == runs and result["speedup_vs_eager"] > 0
     assert result["settings"]["compile"] == "default"

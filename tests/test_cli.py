@@ -273,6 +273,7 @@ def test_study_takes_model_toy(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     "script, argv",
     [
+        ("quickstart.py", ["--steps", "6"]),
         ("quickstart.py", ["--steps", "5", "--warmup-steps", "2"]),
         ("own_loop.py", ["--steps", "6"]),
         ("gpu_checks.py", ["--device", "cpu", "--rows", "sync", "medium-step", "medium-eager",
@@ -293,7 +294,10 @@ def test_examples_run(script, argv, tmp_path, monkeypatch, capsys):
     if script == "quickstart.py":
         assert sorted(p.name for p in (tmp_path / "out" / "quickstart").iterdir()) == [
             "base.png", "patched.png"]  # fmt: skip
-        assert "2 skipped" in out and "selection='step'" in out  # the default
+        if "--warmup-steps" in argv:  # a manual knob: step reuse
+            assert "2 skipped" in out and "step reuse" in out, out
+        else:  # the default budget: 3 of 6 steps computed
+            assert "CATConfig(macs=0.5)" in out and "3 computed" in out, out
     elif script == "own_loop.py":
         assert "2 pruned" in out
     elif script.endswith("_study.py"):

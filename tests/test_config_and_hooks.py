@@ -36,7 +36,8 @@ def test_config_validation(field, value, message):
 
 
 def test_config_repr_presets_and_budget():
-    assert repr(CATConfig()) == "CATConfig(keep_ratio=0.3, warmup_steps=8)"
+    assert repr(CATConfig()) == "CATConfig(macs=0.5)"  # the default budget
+    assert repr(CATConfig(warmup_steps=8)) == "CATConfig(keep_ratio=0.3, warmup_steps=8)"
     assert repr(CATConfig(selection="cat")).endswith("warmup_steps=8, selection='cat')")
     assert repr(CATConfig(num_clusters=12, selection="stale")) == (
         "CATConfig(keep_ratio=0.3, warmup_steps=8, num_clusters=12, selection='stale')"

@@ -1,10 +1,9 @@
-"""The default policy since 0.3.0, step reuse (`selection="step"`), as a user meets it:
-`apply_cat(pipe)` with no config on each family's pipeline, the commands' defaults, what
-`cat_stats` says, and an own loop without the step count."""
+"""The default since 0.5.0, a MACs budget (`CATConfig()` is `CATConfig(macs=0.5)`, chosen by
+the defaults rule over the frontier study), as a user meets it: `apply_cat(pipe)` with no config
+on each family's pipeline, the commands' defaults, what `cat_stats` says, a schedule too short
+for the budget, and an own loop without the step count."""
 
 from __future__ import annotations
-
-import dataclasses
 
 import numpy as np
 import pytest
@@ -14,17 +13,14 @@ from conftest import generate, make_pipe
 from catpatch import CATConfig, apply_cat, cat_generation, cat_stats, remove_cat
 
 
-def test_every_default_names_the_same_policy():
+def test_every_default_names_the_same_budget():
     from catpatch.cli import build_parser
-    from catpatch.cli.bench import BenchSettings
     from catpatch.cli.common import resolve_cat_options
-    from catpatch.cli.generate.settings import GenerateSettings
+    from catpatch.config import DEFAULT_MACS
 
-    default = CATConfig().selection
-    assert default == "step"
-    fields = {f.name: f.default for f in dataclasses.fields(GenerateSettings)}
-    assert fields["selection"] == default
-    assert {f.name: f.default for f in dataclasses.fields(BenchSettings)}["selection"] == default
+    assert DEFAULT_MACS == 0.5 and CATConfig().macs == DEFAULT_MACS
+    assert CATConfig().default_budget and repr(CATConfig()) == "CATConfig(macs=0.5)"
+    assert not CATConfig(macs=0.5).default_budget  # named: a run too short for it fails
     parser = build_parser()
     for command in (
         ["demo"],
@@ -32,9 +28,14 @@ def test_every_default_names_the_same_policy():
         ["generate", "--model", "toy", "--prompt", "x", "--out", "o"],
     ):
         args = parser.parse_args(command)
-        assert args.selection is None, command  # unset: the commands can tell it was not given
+        assert args.macs is None and args.selection is None, command  # unset: tell it apart
         resolve_cat_options(args)
-        assert args.selection == default and args.macs == CATConfig().macs, command
+        assert args.macs == DEFAULT_MACS, command
+    # any manual knob named keeps 0.3.0's manual policy (step reuse), in the library and the CLI
+    assert not CATConfig(keep_ratio=0.3).budgeted and CATConfig(keep_ratio=0.3).selection == "step"
+    args = parser.parse_args(["demo", "--keep-ratio", "0.3"])
+    resolve_cat_options(args)
+    assert args.macs is None and args.selection == "step"
     assert CATConfig.paper().selection == "paper"  # the paper's token pruning: one call
 
 
@@ -49,24 +50,39 @@ def _family_call(family: str) -> tuple[object, dict]:
 
 
 @pytest.mark.parametrize("family", ["sd3", "flux", "pixart"])
-def test_apply_cat_with_no_config_reuses_whole_steps_at_cats_macs(family):
+def test_apply_cat_with_no_config_plans_the_default_budget(family):
     pipe, call = _family_call(family)
     unpatched = generate(pipe, **call)
-    apply_cat(pipe, CATConfig(selection="cat"))
-    generate(pipe, **call)
-    cat = cat_stats(pipe)
-    apply_cat(pipe)  # the default
+    with pytest.warns(UserWarning, match="no calibration"):  # a tiny model: the shipped one
+        apply_cat(pipe)  # the default
     default = generate(pipe, **call)
     stats = cat_stats(pipe)
-    assert stats.config.selection == "step"
-    assert stats.pruned_steps == 0 and stats.reused_steps > 0
-    assert [mode for mode, _, _ in stats.per_step[:8]] == ["full"] * 8  # the warm-up
-    one_step = stats.macs_unpatched / 14
-    assert abs(stats.macs - cat.macs) <= one_step / 2, "not CAT's MACs"
-    assert "selection='step'" in stats.summary() and "skipped" in stats.summary()
+    assert stats.config.budgeted and stats.config.macs == 0.5
+    assert stats.pruned_steps == 0 and stats.reused_steps == 7  # 14 steps, half computed
+    assert [mode for mode, _, _ in stats.per_step[:4]] == ["full"] * 4  # the leading steps
+    assert stats.macs <= (0.5 + 0.01) * stats.macs_unpatched
+    assert "macs=0.5" in stats.summary() and "2.00x" in stats.summary()
     assert np.abs(default - unpatched).max() > 1e-4
     remove_cat(pipe)
     assert np.array_equal(generate(pipe, **call), unpatched)
+
+
+def test_the_default_budget_computes_a_too_short_run_in_full_and_says_so():
+    """3 steps at 0.5 pay for one computed step: the default budget warns and computes every
+    step (as 0.3.0's default did within its warm-up); the same budget named is an error."""
+    pipe = make_pipe("tiny-sd3")
+    unpatched = generate(pipe, num_inference_steps=3)
+    with pytest.warns(UserWarning, match="no calibration"):
+        apply_cat(pipe)
+    with pytest.warns(UserWarning, match=r"saves nothing; the default budget \(macs=0.5\)"):
+        full = generate(pipe, num_inference_steps=3)
+    assert np.array_equal(full, unpatched)
+    assert cat_stats(pipe).reused_steps == 0
+    with pytest.warns(UserWarning, match="no calibration"):
+        apply_cat(pipe, CATConfig(macs=0.5))
+    with pytest.raises(ValueError, match="leaves 1 computed step"):
+        generate(pipe, num_inference_steps=3)
+    remove_cat(pipe)
 
 
 def test_own_loop_with_the_default_names_the_missing_step_count():
@@ -89,7 +105,7 @@ def test_own_loop_with_the_default_names_the_missing_step_count():
 
 
 def test_compiled_default_matches_eager_and_compiles_once():
-    """`CATConfig(compile="default")` with the default policy: the full steps run the compiled
+    """`CATConfig(compile="default")` with step reuse: the full steps run the compiled
     model, the skipped steps compile nothing, a warm generation recompiles nothing, and the
     images equal eager ones."""
     from torch._dynamo.utils import counters
@@ -112,3 +128,14 @@ def test_compiled_default_matches_eager_and_compiles_once():
     np.testing.assert_array_equal(first, second)
     remove_cat(pipe)
     assert get_patch(pipe) is None
+
+
+def test_the_commands_name_the_default_budget_when_a_run_is_too_short_for_it():
+    from catpatch.cli.budget import check_budget_steps
+    from catpatch.cli.common import CommandError
+
+    with pytest.raises(CommandError, match=r"--macs 0.5 \(the default budget\) at 3 steps"):
+        check_budget_steps(CATConfig().macs, 3)
+    with pytest.raises(CommandError, match=r"--macs 0.4 at 3 steps"):
+        check_budget_steps(0.4, 3)
+    check_budget_steps(CATConfig().macs, 4)  # 2 computed steps: enough

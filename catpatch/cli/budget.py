@@ -108,11 +108,14 @@ def check_budget_steps(
     count = planner.computed_count(macs, steps)
     if count >= planner.MIN_COMPUTED:
         return
+    from ..config import DEFAULT_MACS
+
     need = planner.min_budget(steps)
+    default = " (the default budget)" if macs == DEFAULT_MACS else ""
     raise CommandError(
-        f"--macs {macs:g} at {steps} steps leaves {plural(count, 'computed step')}; the planner "
-        f"needs at least {planner.MIN_COMPUTED} (the first step and one to forecast from): use "
-        f"--macs {need:g} or more{more}"
+        f"--macs {macs:g}{default} at {steps} steps leaves {plural(count, 'computed step')}; "
+        f"the planner needs at least {planner.MIN_COMPUTED} (the first step and one to forecast "
+        f"from): use --macs {need:g} or more{more}"
     )
 
 

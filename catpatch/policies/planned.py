@@ -58,9 +58,11 @@ class PlannedSteps(StepPolicy):
         if key not in self._plans:
             gram = self.calibration.gram(sigmas, guidance)
             cost = step_cost_ratio if self.config.anchors else 0.0
-            self._plans[key] = planner.plan_run(
-                gram, sigmas, self.config.macs, self.config.forecast, cost
-            )
+            budget = self.config.macs
+            short = planner.computed_count(budget, planned_steps, cost) < planner.MIN_COMPUTED
+            if short and self.config.default_budget:  # a named budget fails instead
+                budget = 1.0  # every step; the state warns that it saves nothing
+            self._plans[key] = planner.plan_run(gram, sigmas, budget, self.config.forecast, cost)
         self.plan_of_run = self._plans[key]
         self.computed = frozenset(self.plan_of_run.computed)
 

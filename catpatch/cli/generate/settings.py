@@ -30,7 +30,8 @@ class GenerateSettings:
     warmup_steps: int = 8
     num_clusters: int = 20
     selection: str = CATConfig.selection  # the library's default policy
-    macs: float | None = None  # the budget (CATConfig.macs): replaces the three above
+    macs: float | None = None  # the budget (CATConfig.macs), replaces the three above; the
+    # command fills in the library's default budget when no knob is given (resolve_cat_options)
     forecast: str = CATConfig.forecast  # with macs
     calibration: str | None = None  # with macs: a calibration file (None: the model's own)
     steps: int = 28
