@@ -38,9 +38,11 @@ def _demo_parser(sub) -> None:
     p = sub.add_parser(
         "demo",
         formatter_class=HelpFormatter,
-        help="the default policy (or --selection) on the embedded offline pipeline, with pictures",
-        description="Generate the same prompts unpatched and patched with the policy --selection "
-        "names (step reuse by default) on the toy pipeline shipped in catpatch (or --model); "
+        help="the default budget (or --macs, --selection) on the embedded offline pipeline, with "
+        "pictures",
+        description="Generate the same prompts unpatched and patched (the default: a MACs "
+        "budget of 0.5, --macs; or the policy --selection names) on the toy pipeline shipped "
+        "in catpatch (or --model); "
         "write compare.png (side by side, with the difference) and summary.json; with a token "
         "policy (--selection cat, random, ...) also the tokens recomputed per pruned step "
         "(tokens.png, tokens.gif), and with CAT's clusters (cat, paper, cat+reuse) the cluster "
@@ -184,7 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="catpatch",
         description="Faster diffusers DiT pipelines (SD3, FLUX.1, PixArt-Σ): late steps "
-        "reused and forecast (the default policy) or image tokens pruned (CAT, --selection cat).",
+        "planned from a MACs budget and forecast (the default, --macs) or image tokens pruned "
+        "(CAT, --selection cat).",
     )
     parser.add_argument("--version", action="version", version=f"catpatch {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -280,8 +280,10 @@ def add_cat_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--selection", default=None, choices=list(policies.names()),
         help="what pruned steps compute: 'cat' (CAT's token selection), its ablations, 'step' "
-        "(whole steps skipped at CAT's MACs; the default, closest to unpatched in the study) "
-        f"or 'cat+reuse' (default: {defaults.selection}; not with --macs)",
+        "(whole steps skipped at CAT's MACs; the manual default, closest to unpatched in the "
+        "0.3.0 study) "
+        "or 'cat+reuse' (default: none, the budget --macs; with --keep-ratio or --warmup-steps: "
+        "step; not with --macs)",
     )  # fmt: skip
     p.add_argument(
         "--keep-ratio", type=float, default=None,

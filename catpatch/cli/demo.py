@@ -1,6 +1,6 @@
 """`catpatch demo`: catpatch on the embedded offline pipeline, with pictures of what it did.
 
-Generates the same prompts unpatched and patched (the default policy, step reuse, or any
+Generates the same prompts unpatched and patched (the default budget, `--macs`, or any
 `--selection`) and writes, each picture with its title, headings, legend and caption:
 - `compare.png`: one row per prompt: unpatched | patched | |difference| x4, with the PSNR of
   the patched image against the unpatched one;

@@ -1,5 +1,5 @@
-"""`catpatch bench`: the denoising loop unpatched vs patched (the policy `--selection` names,
-step reuse by default), side by side in one process.
+"""`catpatch bench`: the denoising loop unpatched vs patched (the default budget, `--macs`,
+or the policy `--selection` names), side by side in one process.
 
 Builds an SD3-family, FLUX.1 or PixArt-Σ transformer from a named shape with random weights
 (speed does not depend on weight values) or loads a user's transformer, and times whole

@@ -37,7 +37,7 @@ def add_parser(sub) -> None:
         formatter_class=HelpFormatter,
         help="time the denoising loop unpatched vs patched (the --selection policy)",
         description="Time whole denoising loops of an SD3-family, FLUX.1 or PixArt-Σ transformer "
-        "unpatched and patched with the policy --selection names (step reuse by default), "
+        "unpatched and patched (the default budget, --macs, or the policy --selection names), "
         "alternating in one process after warm-up; print medians, "
         "the speed-up checked against the arithmetic bound of the run (timed again, then "
         "flagged, when above it), MACs, cache memory and selection overhead.",

@@ -101,7 +101,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         formatter_class=HelpFormatter,
         help="generate images of a prompt list, patched or not (resumable, data-parallel)",
         description="Generate one PNG per prompt and image with an SD3-family, FLUX.1 or "
-        "PixArt-Σ pipeline, patched with the policy --selection names (step reuse by default) "
+        "PixArt-Σ pipeline, patched (the default budget, --macs, or the policy --selection names) "
         "or unpatched (--no-cat), plus manifest.jsonl. Re-running into the same --out makes "
         "only missing images; under `accelerate launch`/`torchrun` each process takes a share.",
         epilog=f"Image j of prompt i is {{i:05d}}_{{j:03d}}.png from seed + {SEED_STRIDE}*i + j, "
