@@ -1,4 +1,5 @@
-"""Quality regression on the trained models: CAT and the default policy stay close to unpatched.
+"""Quality regression on the trained models: CAT, step reuse and the default budget stay close
+to unpatched.
 
 The floors come from the quality study (`catpatch study`, README "Quality"): on these four
 evaluation captions CAT measured 29.5-41.3 dB PSNR against the unpatched images (mean 34.5;
@@ -105,7 +106,7 @@ def test_scenes_cat_stays_close_and_beats_random(scenes_runs):
     assert psnr.mean() > random_db + SCENES_RANDOM_MARGIN_DB, (psnr.mean(), random_db)
 
 
-# ---- the default policy (step reuse with the forecast) on both models --------------------------
+# ---- 0.3.0-0.4.x default policy (step reuse with the forecast) on both models ----------------
 # On the same four captions each, at α 0.3 and 28 steps (catpatch 0.3.0): toy 39.1-47.7 dB (mean
 # 42.1) against CAT's 29.5-41.4 (34.7); scenes 49.6-53.8 (51.6) against CAT's 40.5-45.5 (42.8).
 # The full study put it 8.3 (toy) and 8.7 dB (scenes) ahead of CAT on 64 captions. Floors leave 3
@@ -121,7 +122,7 @@ def test_default_policy_stays_close_and_ahead_of_cat(name, runs, scenes_runs):
     model = {"toy": toy.MODEL, "scenes": SCENES}[name]
     base, cat = (runs if name == "toy" else scenes_runs)[:2]
     pipe = model.load_pipeline()
-    apply_cat(pipe, CATConfig(keep_ratio=0.3))  # the default policy
+    apply_cat(pipe, CATConfig(keep_ratio=0.3))  # step reuse, the default until 0.5.0
     default = model.generate(pipe, model.eval_prompts(4), batch_size=4)
     stats = cat_stats(pipe)
     remove_cat(pipe)
@@ -132,3 +133,28 @@ def test_default_policy_stays_close_and_ahead_of_cat(name, runs, scenes_runs):
     assert np.all(psnr < 80), "the default changed nothing: no step was skipped"
     cat_db = fidelity(cat, base)[0].mean()
     assert psnr.mean() > cat_db + DEFAULT_OVER_CAT_DB, (psnr.mean(), cat_db)
+
+
+# ---- the default since 0.5.0: the budget macs=0.5 on both models ---------------------------------
+# On the same four captions each, 28 steps, with the shipped calibrations (frontier study,
+# catpatch 0.5.0): toy 35.8-48.6 dB (mean 42.3), scenes 55.3-62.6 (59.2). Floors leave 3 dB.
+BUDGET_FLOORS = {"toy": (32.5, 39.0), "scenes": (52.0, 56.0)}  # each image, mean (dB)
+
+
+@pytest.mark.parametrize("name", ["toy", "scenes"])
+def test_default_budget_stays_close_within_half_the_macs(name, runs, scenes_runs):
+    from catpatch.scenes import MODEL as SCENES
+
+    model = {"toy": toy.MODEL, "scenes": SCENES}[name]
+    base = (runs if name == "toy" else scenes_runs)[0]
+    pipe = model.load_pipeline()
+    apply_cat(pipe)  # the default: CATConfig(macs=0.5), planned from the model's calibration
+    budget = model.generate(pipe, model.eval_prompts(4), batch_size=4)
+    stats = cat_stats(pipe)
+    remove_cat(pipe)
+    assert stats.config.macs == 0.5 and stats.steps == 28 and stats.reused_steps == 14
+    assert stats.macs <= 0.5 * stats.macs_unpatched * (1 + 1e-9)
+    psnr = fidelity(budget, base)[0]
+    each, mean = BUDGET_FLOORS[name]
+    assert np.all(psnr >= each) and psnr.mean() >= mean, psnr
+    assert np.all(psnr < 80), "the budget changed nothing: no step was skipped"
