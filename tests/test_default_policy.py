@@ -21,6 +21,8 @@ def test_every_default_names_the_same_budget():
     assert DEFAULT_MACS == 0.5 and CATConfig().macs == DEFAULT_MACS
     assert CATConfig().default_budget and repr(CATConfig()) == "CATConfig(macs=0.5)"
     assert not CATConfig(macs=0.5).default_budget  # named: a run too short for it fails
+    assert CATConfig().replace(seed=3).default_budget  # a copy stays the default ...
+    assert not CATConfig().replace(macs=0.5).default_budget  # ... unless the budget is named
     parser = build_parser()
     for command in (
         ["demo"],
